@@ -1,0 +1,294 @@
+"""Matmul kernels for quantized weights, chosen explicitly.
+
+Every kernel converts the canonical stored tensors (``qdata`` packed row by row, ``scale``,
+``zero_point``; see :mod:`llmopt.quant.packing`) into a *runtime layout* it can multiply with fast,
+and converts that layout back exactly. A ``QuantLinear`` keeps only the runtime layout in memory,
+so a fast kernel never costs a second copy of the weights; ``state_dict`` and ``llmopt.save`` always
+see the canonical form, which is portable across machines and kernels.
+
+Kernels:
+
+* ``reference``: dequantize then ``F.linear``; pure torch, any device, any format. The oracle.
+* ``int4pack_cpu``: ``aten._weight_int4pack_mm_for_cpu`` (affine formats of 2-4 bits, group sizes
+  that are multiples of 32). Activations are cast to bfloat16, the only dtype it is fast with.
+* ``int8pack_cpu``: ``aten._weight_int8pack_mm`` (8-bit affine, one scale per output row).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..quant.formats import AffineFormat
+from ..quant.packing import pack_codes, unpack_codes
+from ..quant.primitives import dequantize_weight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..nn.quant_linear import QuantLinear
+
+__all__ = ["Kernel", "get_kernel", "list_kernels", "select_kernel", "KERNELS"]
+
+logger = logging.getLogger("llmopt")
+
+Tensors = Dict[str, Tensor]
+
+
+@functools.lru_cache(maxsize=None)
+def log_once(message: str) -> None:
+    """Log a kernel fallback the first time it happens (per distinct message)."""
+    logger.warning(message)
+
+
+class Kernel:
+    """One way of computing ``x @ W.T`` for a ``QuantLinear``. Stateless: all data lives in the layer."""
+
+    name = "base"
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        """``None`` if this kernel can serve ``layer`` on ``device``, else a short reason."""
+        raise NotImplementedError
+
+    def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
+        """Canonical tensors -> this kernel's runtime tensors (may reuse the inputs)."""
+        return dict(canonical)
+
+    def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
+        """Exact inverse of :meth:`to_runtime`."""
+        return dict(runtime)
+
+    def codes(self, layer: "QuantLinear", runtime: Tensors) -> Tensor:
+        """Unpacked uint8 codes ``[N, K]``."""
+        canonical = self.to_canonical(layer, runtime)
+        return unpack_codes(canonical["qdata"], layer.format.bits, layer.in_features)
+
+    def dequantize(self, layer: "QuantLinear", runtime: Tensors, dtype: torch.dtype) -> Tensor:
+        """The float weight ``[N, K]`` this layer represents."""
+        canonical = self.to_canonical(layer, runtime)
+        codes = unpack_codes(canonical["qdata"], layer.format.bits, layer.in_features)
+        return dequantize_weight(
+            codes, canonical["scale"], canonical.get("zero_point"), layer.format, layer.group_size, dtype
+        )
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ReferenceKernel(Kernel):
+    """Dequantize the whole weight in the activation dtype, then a dense matmul."""
+
+    name = "reference"
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        return None
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        weight = self.dequantize(layer, runtime, x.dtype)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return F.linear(x, weight, bias)
+
+
+def _is_cpu(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _int4_kernel_group(group_size: int) -> Optional[int]:
+    """Largest group size the int4 CPU kernel accepts that divides ``group_size``."""
+    for candidate in (256, 128, 64, 32):
+        if group_size % candidate == 0:
+            return candidate
+    return None
+
+
+def _int4_nibble_sources(n: int, k: int, device: torch.device) -> Tensor:
+    """For each nibble of PyTorch's packed int4 CPU layout of an ``[n, k]`` matrix, its source index.
+
+    The layout is an implementation detail of PyTorch that differs between CPU capabilities
+    (AVX-512, AVX2, scalar). Rather than hard-code one, we ask the packing op itself: pack the
+    source index four bits at a time and read where each nibble lands.
+    """
+    total = n * k
+    index = torch.arange(total, dtype=torch.int64, device=device).view(n, k)
+    sources = torch.zeros(total, dtype=torch.int64, device=device)
+    shift = 0
+    while (1 << shift) < total:
+        probe = ((index >> shift) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
+        sources |= nibbles.to(torch.int64) << shift
+        shift += 4
+    return sources
+
+
+class Int4PackCPUKernel(Kernel):
+    """PyTorch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``) with bf16 activations.
+
+    It computes ``(code - 8) * scale + zero`` per group: our affine convention with mid code 8,
+    so 4-bit parameters feed it unchanged. 2- and 3-bit codes are re-centred onto the 4-bit grid
+    (``code - mid + 8``), which is exact; they then take 4 bits each in memory (the report says so).
+    """
+
+    name = "int4pack_cpu"
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        if not _is_cpu(device):
+            return "needs a CPU device"
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this PyTorch has no aten._weight_int4pack_mm_for_cpu"
+        fmt = layer.format
+        if not isinstance(fmt, AffineFormat) or fmt.bits > 4:
+            return f"format {fmt.name!r} is not an affine format of at most 4 bits"
+        if layer.out_features % 16:
+            return f"out_features={layer.out_features} is not a multiple of 16"
+        if _int4_kernel_group(layer.group_size) is None:
+            return f"group_size={layer.group_size} is not a multiple of 32"
+        return None
+
+    @staticmethod
+    def _padded_k(layer: "QuantLinear") -> int:
+        return layer.num_groups * layer.group_size
+
+    def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
+        fmt = layer.format
+        k_pad = self._padded_k(layer)
+        codes = unpack_codes(canonical["qdata"], fmt.bits, layer.in_features).to(torch.int32)
+        codes = codes + (8 - fmt.mid)
+        # Padded columns get code 8 (value = zero_point) and meet zero-padded activations.
+        codes = F.pad(codes, (0, k_pad - layer.in_features), value=8)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        repeat = layer.group_size // _int4_kernel_group(layer.group_size)
+        scale = canonical["scale"].to(torch.bfloat16)
+        zero = canonical.get("zero_point")
+        zero = torch.zeros_like(scale) if zero is None else zero.to(torch.bfloat16)
+        scale_and_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)
+        return {"qdata": packed, "scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
+
+    def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
+        fmt = layer.format
+        n, k_pad = layer.out_features, self._padded_k(layer)
+        packed = runtime["qdata"].reshape(-1)
+        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
+        codes = torch.empty(n * k_pad, dtype=torch.uint8, device=packed.device)
+        codes[_int4_nibble_sources(n, k_pad, packed.device)] = nibbles
+        codes = codes.view(n, k_pad)[:, : layer.in_features].to(torch.int16) - (8 - fmt.mid)
+        repeat = layer.group_size // _int4_kernel_group(layer.group_size)
+        sz = runtime["scale_and_zero"].transpose(0, 1)[:, ::repeat]
+        out = {
+            "qdata": pack_codes(codes.to(torch.uint8), fmt.bits),
+            "scale": sz[..., 0].to(layer.scale_dtype).contiguous(),
+        }
+        if fmt.has_zero_point:
+            out["zero_point"] = sz[..., 1].to(layer.scale_dtype).contiguous()
+        return out
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        k_pad = self._padded_k(layer)
+        if k_pad != layer.in_features:
+            x2 = F.pad(x2, (0, k_pad - layer.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.contiguous(), runtime["qdata"], _int4_kernel_group(layer.group_size), runtime["scale_and_zero"]
+        )
+        y = y.to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        return y.reshape(*lead, layer.out_features)
+
+
+class Int8PackCPUKernel(Kernel):
+    """PyTorch's int8 weight-only kernel (``aten._weight_int8pack_mm``) with bf16 activations.
+
+    Codes are stored signed (``code - 128``, a bit flip of the top bit). An asymmetric layer adds
+    ``sum(x) * zero_point`` per output row, since ``w = q * scale + zero_point``.
+    """
+
+    name = "int8pack_cpu"
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        if not _is_cpu(device):
+            return "needs a CPU device"
+        fmt = layer.format
+        if not isinstance(fmt, AffineFormat) or fmt.bits != 8:
+            return f"format {fmt.name!r} is not 8-bit affine"
+        if layer.num_groups != 1:
+            return "needs one scale per output row (group_size=None); groupwise int8 has no CPU kernel"
+        return None
+
+    def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
+        signed = (canonical["qdata"] ^ 0x80).view(torch.int8)
+        out = {"qdata": signed, "scale": canonical["scale"].reshape(-1).to(torch.bfloat16)}
+        if "zero_point" in canonical:
+            out["zero_point"] = canonical["zero_point"].reshape(-1).to(torch.float32)
+        return out
+
+    def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
+        out = {
+            "qdata": runtime["qdata"].view(torch.uint8) ^ 0x80,
+            "scale": runtime["scale"].reshape(-1, 1).to(layer.scale_dtype),
+        }
+        if "zero_point" in runtime:
+            out["zero_point"] = runtime["zero_point"].reshape(-1, 1).to(layer.scale_dtype)
+        return out
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, runtime["qdata"], runtime["scale"])
+        if "zero_point" in runtime:
+            y = y.to(torch.float32) + x2.to(torch.float32).sum(-1, keepdim=True) * runtime["zero_point"]
+        y = y.to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        return y.reshape(*lead, layer.out_features)
+
+
+KERNELS: Dict[str, Kernel] = {
+    k.name: k for k in (ReferenceKernel(), Int4PackCPUKernel(), Int8PackCPUKernel())
+}
+
+# Tried in order by kernel="auto"; the reference kernel always serves as the last resort.
+_AUTO_ORDER = ("int8pack_cpu", "int4pack_cpu")
+
+
+def list_kernels() -> list:
+    """Names of the available kernels."""
+    return list(KERNELS)
+
+
+def get_kernel(name: str) -> Kernel:
+    """Kernel by name."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; available: {', '.join(KERNELS)}")
+    return KERNELS[name]
+
+
+def select_kernel(layer: "QuantLinear", requested: str, device: torch.device) -> Kernel:
+    """Resolve ``requested`` (``"auto"`` or a kernel name) for ``layer`` on ``device``.
+
+    An explicitly requested kernel that cannot serve the layer is an error; ``"auto"`` falls back to
+    the reference kernel and logs why once.
+    """
+    if requested != "auto":
+        kernel = get_kernel(requested)
+        reason = kernel.unsupported_reason(layer, device)
+        if reason is not None:
+            raise ValueError(f"kernel {requested!r} cannot serve this layer: {reason}")
+        return kernel
+    reasons = []
+    for name in _AUTO_ORDER:
+        reason = KERNELS[name].unsupported_reason(layer, device)
+        if reason is None:
+            return KERNELS[name]
+        reasons.append(f"{name}: {reason}")
+    if _is_cpu(device) or torch.device(device).type == "cuda":
+        log_once(
+            f"llmopt: no fast kernel for format={layer.format.name!r} group_size={layer.group_size} "
+            f"shape=({layer.out_features}, {layer.in_features}) on {torch.device(device).type}; "
+            f"using the reference kernel (dequantize + matmul). Reasons: {'; '.join(reasons)}"
+        )
+    return KERNELS["reference"]

@@ -1,0 +1,340 @@
+"""``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding packed quantized weights."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..kernels import Kernel, select_kernel
+from ..quant.formats import WeightFormat, get_format
+from ..quant.packing import pack_codes, packed_row_bytes
+from ..quant.primitives import num_groups, quantize_weight, resolve_group_size
+
+__all__ = ["QuantLinear", "check_linear_weight", "parse_dtype"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+_CANONICAL_KEYS = ("qdata", "scale", "zero_point")
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (float dtypes only)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _FLOAT_DTYPES:
+            return dtype
+    elif isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.replace("torch.", "")]
+    raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_linear_weight(weight: Tensor) -> None:
+    """Raise a clear error for weights that cannot be quantized (meta, non-float, non-finite)."""
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device (no data to quantize); materialize the model first")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"unsupported weight dtype {weight.dtype}; expected a floating dtype")
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError("weight is empty")
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"weight has {bad} NaN/Inf values")
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with weights stored as packed codes plus per-group ``scale``/``zero_point``.
+
+    The stored (canonical) form is ``qdata`` uint8 ``[out, ceil(in * bits / 8)]``, ``scale`` and
+    ``zero_point`` ``[out, groups]``. In memory the tensors are kept in the layout of the selected
+    kernel (see :mod:`llmopt.kernels`); ``state_dict()`` always returns the canonical form.
+    Input of any float dtype is accepted; the output has the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        format: Union[str, WeightFormat, Dict[str, Any]] = "int4",
+        group_size: Optional[int] = 128,
+        scale_dtype: Union[str, torch.dtype] = torch.bfloat16,
+        dtype: Union[str, torch.dtype] = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.format = get_format(format)
+        self.group_size = resolve_group_size(group_size, self.in_features)
+        self.scale_dtype = parse_dtype(scale_dtype)
+        self.requested_kernel = kernel
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        param_dtype = parse_dtype(dtype)
+        # dtype of the float layer this one replaces: what dequantize_weight()/to_linear() return.
+        self.weight_dtype = param_dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=param_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        g = self.num_groups
+        canonical = {
+            "qdata": torch.zeros(out_features, packed_row_bytes(in_features, self.format.bits),
+                                 dtype=torch.uint8, device=device),
+            "scale": torch.ones(out_features, g, dtype=self.scale_dtype, device=device),
+        }
+        if self.format.has_zero_point:
+            canonical["zero_point"] = torch.zeros(out_features, g, dtype=self.scale_dtype, device=device)
+        self._runtime_names: tuple = ()
+        self.kernel: Kernel = select_kernel(self, "reference", device)
+        self.set_canonical(canonical)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        format: Union[str, WeightFormat, Dict[str, Any]] = "int4",
+        group_size: Optional[int] = 128,
+        *,
+        symmetric: Optional[bool] = None,
+        scale_dtype: Union[str, torch.dtype] = torch.bfloat16,
+        kernel: str = "auto",
+    ) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (or any subclass with ``weight``/``bias``) by round to nearest."""
+        fmt = get_format(format, **({"symmetric": symmetric} if symmetric is not None else {}))
+        weight = linear.weight
+        check_linear_weight(weight)
+        scale_dtype = parse_dtype(scale_dtype)
+        q = quantize_weight(weight.detach(), fmt, group_size, scale_dtype)
+        return cls.from_codes(
+            q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
+            bias=linear.bias.detach() if linear.bias is not None else None,
+            dtype=weight.dtype, kernel=kernel,
+        )
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Tensor,
+        scale: Tensor,
+        zero_point: Optional[Tensor],
+        *,
+        format: Union[str, WeightFormat, Dict[str, Any]],
+        group_size: Optional[int],
+        bias: Optional[Tensor] = None,
+        dtype: Union[str, torch.dtype] = torch.float32,
+        kernel: str = "auto",
+    ) -> "QuantLinear":
+        """Build a layer from unpacked codes ``[N, K]`` and parameters ``[N, G]`` (used by GPTQ & co)."""
+        fmt = get_format(format)
+        n, k = codes.shape
+        layer = cls(k, n, bias=bias is not None, format=fmt, group_size=group_size,
+                    scale_dtype=scale.dtype, dtype=dtype, device="meta", kernel="reference")
+        if fmt.has_zero_point != (zero_point is not None):
+            raise ValueError(f"format {fmt.name!r} {'needs' if fmt.has_zero_point else 'takes no'} zero_point")
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(parse_dtype(dtype)).clone(), requires_grad=False)
+        canonical = {"qdata": pack_codes(codes, fmt.bits), "scale": scale}
+        if zero_point is not None:
+            canonical["zero_point"] = zero_point
+        layer.requested_kernel = kernel
+        layer.set_canonical(canonical)
+        return layer
+
+    # ------------------------------------------------------------------ storage
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.in_features, self.group_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self._buffers["qdata"].device
+
+    def _runtime(self) -> Dict[str, Tensor]:
+        return {name: self._buffers[name] for name in self._runtime_names}
+
+    def canonical_state(self) -> Dict[str, Tensor]:
+        """The portable stored form: ``qdata`` (row-packed codes), ``scale`` and ``zero_point``."""
+        return self.kernel.to_canonical(self, self._runtime())
+
+    def _expected_shapes(self) -> Dict[str, tuple]:
+        shapes = {
+            "qdata": (self.out_features, packed_row_bytes(self.in_features, self.format.bits)),
+            "scale": (self.out_features, self.num_groups),
+        }
+        if self.format.has_zero_point:
+            shapes["zero_point"] = (self.out_features, self.num_groups)
+        return shapes
+
+    def set_canonical(self, canonical: Dict[str, Tensor], kernel: Optional[str] = None) -> None:
+        """Install canonical tensors, converting them into the layout of the selected kernel."""
+        expected = self._expected_shapes()
+        if set(canonical) != set(expected):
+            raise ValueError(f"expected tensors {sorted(expected)}, got {sorted(canonical)}")
+        for name, shape in expected.items():
+            if tuple(canonical[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(canonical[name].shape)}, expected {shape}")
+        if canonical["qdata"].dtype != torch.uint8:
+            raise TypeError(f"qdata must be uint8, got {canonical['qdata'].dtype}")
+        canonical = dict(canonical)
+        for name in ("scale", "zero_point"):
+            if name in canonical:
+                canonical[name] = canonical[name].to(self.scale_dtype)
+        if kernel is not None:
+            self.requested_kernel = kernel
+        device = canonical["qdata"].device
+        if device.type == "meta":
+            chosen = select_kernel(self, "reference", device)
+        else:
+            chosen = select_kernel(self, self.requested_kernel, device)
+        runtime = chosen.to_runtime(self, canonical)
+        for name in self._runtime_names:
+            del self._buffers[name]
+        for name, tensor in runtime.items():
+            self.register_buffer(name, tensor)
+        self._runtime_names = tuple(runtime)
+        self.kernel = chosen
+
+    def set_kernel(self, kernel: str) -> "QuantLinear":
+        """Switch kernel (``"auto"``, ``"reference"``, ``"int4pack_cpu"``, ...); returns self."""
+        self.set_canonical(self.canonical_state(), kernel=kernel)
+        return self
+
+    def stored_bytes(self) -> int:
+        """Bytes of the canonical stored form (codes, parameters, bias), as written by ``save``."""
+        total = sum(t.numel() * t.element_size() for t in self.canonical_state().values())
+        if self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        return total
+
+    def runtime_bytes(self) -> int:
+        """Bytes this layer actually holds in memory (kernel layout, padding and bias included)."""
+        total = sum(t.numel() * t.element_size() for t in self._runtime().values())
+        if self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        return total
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, parameters included (bias excluded)."""
+        weights = sum(t.numel() * t.element_size() for t in self.canonical_state().values())
+        return 8.0 * weights / (self.in_features * self.out_features)
+
+    # ------------------------------------------------------------------ state dict: always canonical
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for name, tensor in self.canonical_state().items():
+            destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        expected = list(self._expected_shapes())
+        canonical = {}
+        for name in expected:
+            key = prefix + name
+            if key in state_dict:
+                canonical[name] = state_dict[key]
+            else:
+                missing_keys.append(key)
+        if self.bias is not None:
+            key = prefix + "bias"
+            if key in state_dict:
+                value = state_dict[key]
+                if tuple(value.shape) != (self.out_features,):
+                    error_msgs.append(f"{key}: shape {tuple(value.shape)}, expected ({self.out_features},)")
+                elif local_metadata.get("assign_to_params_buffers", False) or self.bias.device.type == "meta":
+                    self.bias = nn.Parameter(value.detach().clone(), requires_grad=False)
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(value)
+            else:
+                missing_keys.append(key)
+        known = set(expected) | {"bias"}
+        for key in state_dict:
+            if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in known:
+                unexpected_keys.append(key)
+        if len(canonical) == len(expected):
+            try:
+                self.set_canonical({k: v.detach() for k, v in canonical.items()})
+            except (ValueError, TypeError) as exc:
+                error_msgs.append(f"{prefix or 'QuantLinear'}: {exc}")
+
+    # ------------------------------------------------------------------ device moves
+    def _apply(self, fn, recurse=True):
+        device = self.device
+        probe = fn(torch.zeros((), dtype=self.weight_dtype, device=device))
+        if probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        quant_names = self._runtime_names
+        if probe.device == device:
+            # A dtype cast or a no-op: quantized tensors keep their dtype and layout; bias follows.
+            hidden = {name: self._buffers.pop(name) for name in quant_names}
+            try:
+                return super()._apply(fn, recurse)
+            finally:
+                self._buffers.update(hidden)
+        # Device change: go through the canonical form and pick the kernel for the new device.
+        canonical = self.canonical_state()
+        for name in quant_names:
+            del self._buffers[name]
+        self._runtime_names = ()
+        super()._apply(fn, recurse)
+        moved = {name: fn(t) if t.is_floating_point() else t.to(probe.device) for name, t in canonical.items()}
+        self.set_canonical(moved)
+        return self
+
+    # ------------------------------------------------------------------ maths
+    def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The float weight ``[out, in]`` this layer multiplies by (default: the bias/param dtype)."""
+        dtype = dtype or self.weight_dtype
+        return self.kernel.dequantize(self, self._runtime(), dtype)
+
+    def codes(self) -> Tensor:
+        """Unpacked integer codes ``[out, in]`` (uint8)."""
+        return self.kernel.codes(self, self._runtime())
+
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight."""
+        weight = self.dequantize_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias.to(weight.dtype))
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got shape "
+                             f"{tuple(x.shape)}")
+        return self.kernel.forward(self, self._runtime(), x)
+
+    def config(self) -> Dict[str, Any]:
+        """JSON-serialisable constructor arguments (used by ``llmopt.save``)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "format": self.format.to_dict(),
+            "group_size": self.group_size,
+            "scale_dtype": dtype_name(self.scale_dtype),
+            "dtype": dtype_name(self.weight_dtype),
+            "kernel": self.requested_kernel,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format.name}, group_size={self.group_size}, "
+                f"kernel={self.kernel.name}")

@@ -1,0 +1,142 @@
+"""Pure quantization maths on weight matrices: tensors in, tensors out.
+
+A weight ``[N, K]`` is split along K into groups of ``group_size`` columns (``None`` means one
+group per row, i.e. per-channel). When ``group_size`` does not divide ``K`` the last group is padded
+internally by repeating the row's last column: padding never moves a group's min, max or absmax,
+so the parameters and codes of the real columns are exactly those of an unpadded layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .formats import WeightFormat
+
+__all__ = [
+    "QuantizedWeight",
+    "resolve_group_size",
+    "num_groups",
+    "to_groups",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quantize",
+]
+
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked result of quantizing a ``[N, K]`` weight: codes ``[N, K]`` and per-group parameters."""
+
+    codes: Tensor  # uint8 [N, K]
+    scale: Tensor  # [N, G] in the chosen scale dtype
+    zero_point: Optional[Tensor]  # [N, G] or None
+    group_size: int
+
+
+def resolve_group_size(group_size: Optional[int], in_features: int) -> int:
+    """Validate ``group_size`` and turn ``None``/``-1`` (per-channel) into ``in_features``."""
+    if group_size is None or (isinstance(group_size, int) and group_size == -1):
+        return in_features
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, -1 or None (per-channel), got {group_size!r}")
+    return min(group_size, in_features)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of groups per row, counting a padded last group."""
+    return -(-in_features // group_size)
+
+
+def to_groups(weight: Tensor, group_size: int) -> Tensor:
+    """``[N, K]`` -> float32 ``[N, G, group_size]``, the last group padded by replication."""
+    n, k = weight.shape
+    g = num_groups(k, group_size)
+    w = weight.to(torch.float32)
+    pad = g * group_size - k
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    return w.reshape(n, g, group_size)
+
+
+def quantize_weight(
+    weight: Tensor,
+    fmt: WeightFormat,
+    group_size: Optional[int],
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight with per-group parameters.
+
+    Parameters are rounded to ``scale_dtype`` *before* the codes are chosen, so the codes are the
+    nearest ones for the parameters that are actually stored.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {scale_dtype}")
+    n, k = weight.shape
+    gs = resolve_group_size(group_size, k)
+    groups = to_groups(weight, gs)
+    scale, zero_point = fmt.choose_params(groups)
+    scale = scale.to(scale_dtype)
+    zero_point = zero_point.to(scale_dtype) if zero_point is not None else None
+    codes = fmt.quantize(
+        groups, scale.to(torch.float32), zero_point.to(torch.float32) if zero_point is not None else None
+    )
+    codes = codes.reshape(n, -1)[:, :k].contiguous()
+    return QuantizedWeight(
+        codes=codes,
+        scale=scale.squeeze(-1).contiguous(),
+        zero_point=zero_point.squeeze(-1).contiguous() if zero_point is not None else None,
+        group_size=gs,
+    )
+
+
+def dequantize_weight(
+    codes: Tensor,
+    scale: Tensor,
+    zero_point: Optional[Tensor],
+    fmt: WeightFormat,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Codes ``[N, K]`` and parameters ``[N, G]`` back to a float ``[N, K]`` weight."""
+    n, k = codes.shape
+    g = scale.shape[-1]
+    pad = g * group_size - k
+    if pad < 0 or pad >= group_size:
+        raise ValueError(f"{g} groups of {group_size} do not cover {k} columns")
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    grouped = codes.reshape(n, g, group_size)
+    zp = zero_point.unsqueeze(-1) if zero_point is not None else None
+    values = fmt.dequantize(grouped, scale.unsqueeze(-1), zp)
+    return values.reshape(n, g * group_size)[:, :k].to(dtype)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, fmt, group_size, scale_dtype):  # type: ignore[override]
+        q = quantize_weight(weight.detach(), fmt, group_size, scale_dtype)
+        return dequantize_weight(q.codes, q.scale, q.zero_point, fmt, q.group_size, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        # Straight-through estimator: the rounding is treated as identity for gradients.
+        return grad, None, None, None
+
+
+def fake_quantize(
+    weight: Tensor,
+    fmt: WeightFormat,
+    group_size: Optional[int],
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Quantize then dequantize, differentiable through a straight-through estimator."""
+    return _FakeQuantizeSTE.apply(weight, fmt, group_size, scale_dtype)
