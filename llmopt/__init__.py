@@ -1,0 +1,23 @@
+"""llmopt: composable compression primitives for PyTorch models.
+
+Public surface: :func:`compress_`, :func:`save`, :func:`load`, :func:`memory_report`, the method
+configs (:class:`RTN`), :mod:`llmopt.nn` wrappers, :func:`register_format` / :class:`WeightFormat`,
+:func:`register_method`.
+"""
+
+__version__ = "0.1.0"
+
+from . import nn  # noqa: E402  (registers wrapper types for save/load)
+from .analysis import memory_report, sqnr  # noqa: E402
+from .api import CompressionError, CompressionReport, compress_  # noqa: E402
+from .config import MethodConfig  # noqa: E402
+from .io import load, save  # noqa: E402
+from .quant.formats import WeightFormat, get_format, list_formats, register_format  # noqa: E402
+from .quant.rtn import RTN  # noqa: E402
+from .registry import list_methods, register_method  # noqa: E402
+
+__all__ = [
+    "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
+    "memory_report", "sqnr", "MethodConfig", "RTN", "register_method", "list_methods",
+    "WeightFormat", "register_format", "get_format", "list_formats", "nn",
+]

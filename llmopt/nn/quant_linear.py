@@ -59,6 +59,8 @@ class QuantLinear(nn.Module):
     Input of any float dtype is accepted; the output has the input's dtype.
     """
 
+    is_llmopt_compressed = True
+
     def __init__(
         self,
         in_features: int,
@@ -333,6 +335,15 @@ class QuantLinear(nn.Module):
             "dtype": dtype_name(self.weight_dtype),
             "kernel": self.requested_kernel,
         }
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any], device: Optional[Union[str, torch.device]] = None) -> "QuantLinear":
+        """Empty layer from :meth:`config` output (values come later from a state dict)."""
+        return cls(**config, device=device)
+
+    def describe(self) -> str:
+        """Short summary for reports: ``"int4 g64 [int4pack_cpu]"``."""
+        return f"{self.format.name} g{self.group_size} [{self.kernel.name}]"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

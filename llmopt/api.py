@@ -1,0 +1,134 @@
+"""One-call entry points: ``compress_``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from .config import MethodConfig
+from .registry import get_method
+from .targets import Patterns, get_submodule, replace_modules, restore_modules, select_linears
+
+__all__ = ["compress_", "CompressionReport", "CompressionError"]
+
+
+class CompressionError(RuntimeError):
+    """A layer could not be compressed; the model was left exactly as it was."""
+
+
+def _module_bytes(module: nn.Module) -> int:
+    if hasattr(module, "stored_bytes"):
+        return int(module.stored_bytes())
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class CompressionReport:
+    """What ``compress_`` did: replaced layers, bytes before/after, time."""
+
+    replaced: Dict[str, str] = field(default_factory=dict)  # name -> repr of the new module
+    skipped: Dict[str, str] = field(default_factory=dict)  # name -> reason
+    notes: List[str] = field(default_factory=list)  # things the user should know (tied weights, ...)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    methods: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "replaced": dict(self.replaced), "skipped": dict(self.skipped), "notes": list(self.notes),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "compression_ratio": self.compression_ratio, "seconds": self.seconds, "methods": self.methods,
+        }
+
+    def __str__(self) -> str:
+        return (f"compressed {len(self.replaced)} layer(s), skipped {len(self.skipped)}: "
+                f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
+                f"({self.compression_ratio:.2f}x) in {self.seconds:.2f} s")
+
+
+def _tied_weight_notes(model: nn.Module, swapped: Dict[str, nn.Module]) -> List[str]:
+    """Warn when a replaced layer's weight was shared with a module that still uses it (tied head)."""
+    owners: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    notes = []
+    for name, original in swapped.items():
+        for pname, param in original.named_parameters(recurse=False):
+            still_used = owners.get(id(param), [])
+            if still_used:
+                notes.append(f"{name}.{pname} was shared with {', '.join(still_used)}; that module keeps the "
+                             f"float tensor, so memory grows by the compressed copy (exclude {name!r} to avoid it)")
+    return notes
+
+
+def compress_(
+    model: nn.Module,
+    config: Union[MethodConfig, Sequence[MethodConfig]],
+    *,
+    calibration: Optional[Sequence[Any]] = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+) -> CompressionReport:
+    """Compress the targeted ``nn.Linear`` layers of ``model`` in place; all or nothing.
+
+    ``config`` is one method config or a list applied in order. ``include``/``exclude`` are glob
+    patterns on module names. If any layer fails, every replacement made by this call is undone
+    and a :class:`CompressionError` names the layer and the problem.
+    """
+    configs = [config] if isinstance(config, MethodConfig) else list(config)
+    if not configs:
+        raise ValueError("compress_ needs at least one method config")
+    for cfg in configs:
+        if not isinstance(cfg, MethodConfig):
+            raise TypeError(f"expected a method config (e.g. llmopt.RTN(...)), got {cfg!r}")
+        get_method(cfg)
+        if cfg.needs_calibration and not calibration:
+            raise ValueError(f"method {cfg.name!r} needs calibration data; pass calibration=[...]")
+
+    report = CompressionReport()
+    start = time.perf_counter()
+    swapped: Dict[str, nn.Module] = {}  # name -> original module, for rollback across configs
+    try:
+        for cfg in configs:
+            entry = get_method(cfg)
+            targets, skipped = select_linears(model, include, exclude)
+            for name, reason in skipped.items():
+                if name not in swapped:
+                    report.skipped[name] = reason
+            if not targets and not skipped:
+                raise ValueError(f"method {cfg.name!r}: no uncompressed nn.Linear matches include={include!r} "
+                                 f"exclude={exclude!r}")
+            new_modules: Dict[str, nn.Module] = {}
+            for name, module in targets.items():
+                try:
+                    new_modules[name] = entry.handler(module, cfg, name=name)
+                except Exception as exc:
+                    raise CompressionError(f"layer {name!r} ({cfg.name}): {exc}") from exc
+            for name, old in replace_modules(model, new_modules).items():
+                swapped.setdefault(name, old)
+            report.methods.append(cfg.to_dict())
+    except BaseException:
+        restore_modules(model, swapped)
+        raise
+    report.seconds = time.perf_counter() - start
+    report.notes.extend(_tied_weight_notes(model, swapped))
+    for name, original in swapped.items():
+        new = get_submodule(model, name)
+        report.replaced[name] = repr(new)
+        report.bytes_before += _module_bytes(original)
+        report.bytes_after += _module_bytes(new)
+    return report

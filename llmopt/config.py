@@ -1,0 +1,38 @@
+"""Method configurations: frozen dataclasses that validate themselves and round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Dict
+
+__all__ = ["MethodConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config.
+
+    Subclasses are frozen dataclasses that set ``name`` (the registry key) and
+    ``needs_calibration``, and validate their fields in ``__post_init__``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"method": name, **fields}``, JSON-serialisable."""
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: Dict[str, Any]) -> "MethodConfig":
+        """Rebuild a config from :meth:`to_dict` output (looks the method up in the registry)."""
+        from .registry import get_method
+
+        data = dict(data)
+        method = data.pop("method", None)
+        config_cls = get_method(method).config_cls
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"method {method!r} has no option(s) {unknown}; known: {sorted(known)}")
+        return config_cls(**data)

@@ -1,0 +1,54 @@
+"""RTN: round-to-nearest weight quantization, no calibration data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch.nn as nn
+
+from ..config import MethodConfig
+from ..nn.quant_linear import QuantLinear, parse_dtype
+from ..quant.formats import get_format
+from ..quant.primitives import resolve_group_size
+from ..registry import register_method
+
+__all__ = ["RTN"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RTN(MethodConfig):
+    """Round-to-nearest quantization of every targeted ``nn.Linear``.
+
+    Args:
+        format: a registered format name (``"int4"``, ``"int8"``, ``"nf4"``, ...).
+        group_size: columns sharing one scale; ``None`` for one scale per output row.
+        symmetric: affine formats only; ``None`` keeps the format's default (asymmetric).
+        scale_dtype: dtype of stored scales/zero points (``"bfloat16"`` by default).
+        kernel: ``"auto"`` or a kernel name from ``llmopt.kernels.list_kernels()``.
+    """
+
+    name = "rtn"
+
+    format: str = "int4"
+    group_size: Optional[int] = 128
+    symmetric: Optional[bool] = None
+    scale_dtype: str = "bfloat16"
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.weight_format()  # unknown format / bad options fail here, before any layer is touched
+        resolve_group_size(self.group_size, 1 << 30)
+        parse_dtype(self.scale_dtype)
+
+    def weight_format(self):
+        """The :class:`~llmopt.quant.formats.WeightFormat` this config asks for."""
+        return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
+
+
+@register_method(RTN)
+def _apply_rtn(linear: nn.Linear, config: RTN, *, name: str = "") -> QuantLinear:
+    return QuantLinear.from_linear(
+        linear, config.weight_format(), config.group_size,
+        scale_dtype=config.scale_dtype, kernel=config.kernel,
+    )
