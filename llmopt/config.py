@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict
+from typing import Any, ClassVar, Dict, List
 
 __all__ = ["MethodConfig"]
 
@@ -22,6 +22,11 @@ class MethodConfig:
     def to_dict(self) -> Dict[str, Any]:
         """``{"method": name, **fields}``, JSON-serialisable."""
         return {"method": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def examples(cls) -> List["MethodConfig"]:
+        """A few representative configs; the contract test suite runs every registered method on them."""
+        return [cls()]
 
     @staticmethod
     def from_dict(data: Dict[str, Any]) -> "MethodConfig":

@@ -204,8 +204,15 @@ class Int8PackCPUKernel(Kernel):
     """PyTorch's int8 weight-only kernel (``aten._weight_int8pack_mm``) with bf16 activations.
 
     Codes are stored signed (``code - 128``, a bit flip of the top bit). An asymmetric layer adds
-    ``sum(x) * zero_point`` per output row, since ``w = q * scale + zero_point``.
+    ``sum(x) * zero_point`` per output row, since ``w = q * scale + zero_point``. The op returns
+    wrong results when K is not a multiple of 16 (seen with torch 2.13), so the runtime layout pads
+    K with zero columns and the activations with zeros.
     """
+
+    _K_ALIGN = 16
+
+    def _padded_k(self, layer: "QuantLinear") -> int:
+        return -(-layer.in_features // self._K_ALIGN) * self._K_ALIGN
 
     name = "int8pack_cpu"
 
@@ -221,6 +228,7 @@ class Int8PackCPUKernel(Kernel):
 
     def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
         signed = (canonical["qdata"] ^ 0x80).view(torch.int8)
+        signed = F.pad(signed, (0, self._padded_k(layer) - layer.in_features)).contiguous()
         out = {"qdata": signed, "scale": canonical["scale"].reshape(-1).to(torch.bfloat16)}
         if "zero_point" in canonical:
             out["zero_point"] = canonical["zero_point"].reshape(-1).to(torch.float32)
@@ -228,7 +236,7 @@ class Int8PackCPUKernel(Kernel):
 
     def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
         out = {
-            "qdata": runtime["qdata"].view(torch.uint8) ^ 0x80,
+            "qdata": (runtime["qdata"][:, : layer.in_features].view(torch.uint8) ^ 0x80).contiguous(),
             "scale": runtime["scale"].reshape(-1, 1).to(layer.scale_dtype),
         }
         if "zero_point" in runtime:
@@ -237,7 +245,11 @@ class Int8PackCPUKernel(Kernel):
 
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        k_pad = self._padded_k(layer)
+        if k_pad != layer.in_features:
+            x2 = F.pad(x2, (0, k_pad - layer.in_features))
+        x2 = x2.contiguous()
         y = torch.ops.aten._weight_int8pack_mm(x2, runtime["qdata"], runtime["scale"])
         if "zero_point" in runtime:
             y = y.to(torch.float32) + x2.to(torch.float32).sum(-1, keepdim=True) * runtime["zero_point"]
@@ -287,8 +299,8 @@ def select_kernel(layer: "QuantLinear", requested: str, device: torch.device) ->
         reasons.append(f"{name}: {reason}")
     if _is_cpu(device) or torch.device(device).type == "cuda":
         log_once(
-            f"llmopt: no fast kernel for format={layer.format.name!r} group_size={layer.group_size} "
-            f"shape=({layer.out_features}, {layer.in_features}) on {torch.device(device).type}; "
-            f"using the reference kernel (dequantize + matmul). Reasons: {'; '.join(reasons)}"
+            f"llmopt: no fast kernel for format={layer.format.name!r} group_size={layer.group_size} on "
+            f"{torch.device(device).type}; using the reference kernel (dequantize + matmul). "
+            f"Reasons: {'; '.join(reasons)}"
         )
     return KERNELS["reference"]

@@ -41,6 +41,11 @@ class RTN(MethodConfig):
         resolve_group_size(self.group_size, 1 << 30)
         parse_dtype(self.scale_dtype)
 
+    @classmethod
+    def examples(cls):
+        return [cls("int4", 32), cls("int4", 64, symmetric=True), cls("int8", None), cls("int3", 64),
+                cls("int2", 32), cls("nf4", 64), cls("fp4_e2m1", 32), cls("fp8_e4m3", 128)]
+
     def weight_format(self):
         """The :class:`~llmopt.quant.formats.WeightFormat` this config asks for."""
         return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))

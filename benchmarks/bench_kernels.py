@@ -1,0 +1,505 @@
+#!/usr/bin/env python
+"""Kernel benchmark: ``QuantLinear`` CPU kernels against dense ``nn.Linear`` (fp32 and bf16).
+
+For every weight shape (Llama-7B and SmolLM2-135M projections) and every batch size M it times
+
+* ``fp32_dense``  ``nn.Linear`` with fp32 weights, fp32 input;
+* ``bf16_dense``  ``nn.Linear`` with bf16 weights, bf16 input;
+* ``int8_pc``     ``QuantLinear`` int8, one scale per output channel (``int8pack_cpu``);
+* ``int4_g32`` / ``int4_g64`` / ``int4_g128``  ``QuantLinear`` int4 with that group size (``int4pack_cpu``);
+* ``nf4_g64``     ``QuantLinear`` nf4 g64 -- no fast CPU kernel, so the ``reference`` path
+  (dequantize the whole weight + dense matmul); reported with its overhead, never judged;
+* ``int4_g64_fp32in``  the int4 g64 layer fed fp32 activations (shows the bf16 cast cost).
+
+``QuantLinear`` rows get **bf16 activations** unless the contender name says ``fp32in``.
+
+Each row reports the median and IQR of per-call wall time, the bytes of weights the kernel reads
+(``runtime_bytes()`` for ``QuantLinear``, ``numel * element_size`` for dense), the achieved GB/s and
+its percentage of the machine's read bandwidth (measured in the same process), and the speedup
+against the fp32 and bf16 dense layers. By default the benchmark is *cold-cache*: it cycles through
+enough copies of each layer that the weights come from DRAM, as they do when a model runs layer
+after layer (``--warm`` reuses one copy, which lets small layers run from the last-level cache).
+
+Usage::
+
+    python benchmarks/bench_kernels.py            # full run (~5-10 min on 2 cores)
+    python benchmarks/bench_kernels.py --quick    # ~1 min smoke run
+    python benchmarks/bench_kernels.py --shapes llama7b.attn,576x576 --m 1,16
+
+Outputs ``benchmarks/results/kernels.jsonl`` (``--out``) and ``kernels.md`` next to it, and prints
+the table plus PASS/MISS lines for the performance targets (benchmark checks, not unit tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from llmopt.nn import QuantLinear  # noqa: E402
+from timing import (  # noqa: E402
+    MiB,
+    Rotator,
+    gbps,
+    last_level_cache_bytes,
+    machine_info,
+    measure_copy_bandwidth,
+    measure_read_bandwidth,
+    rotation_count,
+    time_fn,
+)
+
+# ----------------------------------------------------------------------------------------- config
+# (name, out_features N, in_features K)
+SHAPES: List[Tuple[str, int, int]] = [
+    ("llama7b.attn", 4096, 4096),        # q/k/v/o projections
+    ("llama7b.gate_up", 11008, 4096),    # gate/up projections
+    ("llama7b.down", 4096, 11008),       # down projection
+    ("smollm2.q_o", 576, 576),
+    ("smollm2.k_v", 192, 576),
+    ("smollm2.gate_up", 1536, 576),
+    ("smollm2.down", 576, 1536),
+    ("smollm2.lm_head", 49152, 576),
+]
+QUICK_SHAPES = ["llama7b.attn", "smollm2.q_o", "smollm2.gate_up"]
+M_VALUES = [1, 4, 16, 64, 256]
+QUICK_M_VALUES = [1, 16]
+
+TARGET_SHAPE = "llama7b.attn"  # 4096x4096, where the issue's headline targets are set
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str                    # "dense" or "quant"
+    dtype: torch.dtype           # dense weight dtype (dense only)
+    input_dtype: torch.dtype     # activation dtype fed to the layer
+    format: Optional[str] = None
+    group_size: Optional[int] = None
+    judged: bool = False         # counts for the "not slower than fp32" target
+    layer_key: str = ""          # contenders with the same key share the same layers
+
+    @property
+    def key(self) -> str:
+        return self.layer_key or self.name
+
+
+CONTENDERS: List[Contender] = [
+    Contender("fp32_dense", "dense", torch.float32, torch.float32),
+    Contender("bf16_dense", "dense", torch.bfloat16, torch.bfloat16),
+    Contender("int8_pc", "quant", torch.float32, torch.bfloat16, "int8", None, judged=True),
+    Contender("int4_g32", "quant", torch.float32, torch.bfloat16, "int4", 32, judged=True),
+    Contender("int4_g64", "quant", torch.float32, torch.bfloat16, "int4", 64, judged=True),
+    Contender("int4_g128", "quant", torch.float32, torch.bfloat16, "int4", 128, judged=True),
+    Contender("nf4_g64", "quant", torch.float32, torch.bfloat16, "nf4", 64),
+    Contender("int4_g64_fp32in", "quant", torch.float32, torch.float32, "int4", 64, judged=True,
+              layer_key="int4_g64"),
+]
+CONTENDER_BY_NAME = {c.name: c for c in CONTENDERS}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- args
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: shapes {','.join(QUICK_SHAPES)}, M in {QUICK_M_VALUES}, fewer repeats")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated shape names or NxK (out x in), e.g. llama7b.attn,576x576; "
+                        "'all' for every shape. Known: " + ", ".join(f"{n} ({a}x{b})" for n, a, b in SHAPES))
+    p.add_argument("--m", default=None, help=f"comma-separated batch rows M (default {M_VALUES})")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated subset of: " + ", ".join(CONTENDER_BY_NAME))
+    p.add_argument("--no-fp32-input", action="store_true", help="skip the int4_g64_fp32in rows")
+    p.add_argument("--out", default=os.path.join(_HERE, "results", "kernels.jsonl"),
+                   help="JSONL output path (the markdown table goes next to it with a .md suffix)")
+    p.add_argument("--md", default=None, help="markdown output path (default: --out with .md)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--warm", action="store_true",
+                   help="reuse one copy of each layer (weights may stay in cache) instead of rotating copies")
+    p.add_argument("--working-set-mib", type=float, default=None,
+                   help="cold mode: rotate layer copies until this much weight memory is touched "
+                        "(default: 2x the last-level cache)")
+    p.add_argument("--bw-mib", type=int, default=None, help="size of the bandwidth probe tensor (MiB)")
+    p.add_argument("--target-s", type=float, default=None, help="timed seconds per measurement")
+    p.add_argument("--min-repeats", type=int, default=None)
+    p.add_argument("--max-repeats", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    # Defaults that depend on --quick.
+    if args.target_s is None:
+        args.target_s = 0.12 if args.quick else 0.35
+    if args.min_repeats is None:
+        args.min_repeats = 5 if args.quick else 7
+    if args.max_repeats is None:
+        args.max_repeats = 150 if args.quick else 400
+    if args.bw_mib is None:
+        args.bw_mib = 512 if args.quick else 1024
+    return args
+
+
+def select_shapes(spec: Optional[str], quick: bool) -> List[Tuple[str, int, int]]:
+    if spec is None:
+        names = QUICK_SHAPES if quick else [s[0] for s in SHAPES]
+        return [s for s in SHAPES if s[0] in names]
+    if spec.strip().lower() == "all":
+        return list(SHAPES)
+    chosen: List[Tuple[str, int, int]] = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        matches = [s for s in SHAPES if s[0] == token or f"{s[1]}x{s[2]}" == token.lower()]
+        if not matches:
+            # A prefix such as "smollm2" selects a whole model; otherwise an ad-hoc NxK shape.
+            matches = [s for s in SHAPES if s[0].startswith(token + ".")]
+        if not matches and "x" in token.lower():
+            n, k = token.lower().split("x", 1)
+            if n.isdigit() and k.isdigit():
+                matches = [(f"custom.{n}x{k}", int(n), int(k))]
+        if not matches:
+            raise SystemExit(f"unknown shape {token!r}; known: {', '.join(s[0] for s in SHAPES)} or NxK")
+        for s in matches:
+            if s not in chosen:
+                chosen.append(s)
+    return chosen
+
+
+def select_m(spec: Optional[str], quick: bool) -> List[int]:
+    if spec is None:
+        return list(QUICK_M_VALUES if quick else M_VALUES)
+    values = [int(v) for v in spec.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise SystemExit(f"--m needs positive integers, got {spec!r}")
+    return values
+
+
+def select_contenders(spec: Optional[str], no_fp32_input: bool) -> List[Contender]:
+    if spec is None:
+        chosen = list(CONTENDERS)
+    else:
+        names = [t.strip() for t in spec.split(",") if t.strip()]
+        unknown = [n for n in names if n not in CONTENDER_BY_NAME]
+        if unknown:
+            raise SystemExit(f"unknown contender(s) {unknown}; known: {', '.join(CONTENDER_BY_NAME)}")
+        chosen = [c for c in CONTENDERS if c.name in names]
+    if no_fp32_input:
+        chosen = [c for c in chosen if not (c.kind == "quant" and c.input_dtype == torch.float32)]
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------- layers
+@dataclass
+class LayerSet:
+    """Independent copies of one layer (to rotate through) plus facts about it."""
+
+    copies: List[nn.Module]
+    kernel: str
+    weight_bytes: int            # bytes one forward reads for the weights
+    stored_bytes: Optional[int]
+    bits_per_weight: float
+    build_s: float
+
+
+def build_layers(contender: Contender, base: nn.Linear, working_set: int) -> LayerSet:
+    t0 = time.perf_counter()
+    n, k = base.out_features, base.in_features
+    if contender.kind == "dense":
+        layer = nn.Linear(k, n, bias=False, dtype=contender.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(base.weight)
+        layer.requires_grad_(False)
+        weight_bytes = layer.weight.numel() * layer.weight.element_size()
+        stored, bpw, kernel = weight_bytes, 8.0 * layer.weight.element_size(), "dense"
+    else:
+        # Build on the reference kernel first: there the canonical and runtime forms coincide, so
+        # stored_bytes()/bits_per_weight() are cheap; then let "auto" pick the fast kernel.
+        layer = QuantLinear.from_linear(base, format=contender.format, group_size=contender.group_size,
+                                        kernel="reference")
+        stored, bpw = layer.stored_bytes(), layer.bits_per_weight()
+        layer.set_kernel("auto")
+        weight_bytes = layer.runtime_bytes()
+        kernel = layer.kernel.name
+    copies = [layer]
+    for _ in range(rotation_count(weight_bytes, working_set) - 1):
+        copies.append(copy.deepcopy(layer))
+    return LayerSet(copies, kernel, weight_bytes, stored, bpw, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------- run
+def fmt_ms(v: Optional[float]) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    if v < 0.1:
+        return f"{v:.4f}"
+    if v < 10:
+        return f"{v:.3f}"
+    return f"{v:.1f}"
+
+
+def fmt_x(v: Optional[float]) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.2f}x"
+
+
+def fmt_f(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = select_shapes(args.shapes, args.quick)
+    m_values = select_m(args.m, args.quick)
+    contenders = select_contenders(args.contenders, args.no_fp32_input)
+    llc = last_level_cache_bytes()
+    if args.warm:
+        working_set = 0
+    elif args.working_set_mib is not None:
+        working_set = int(args.working_set_mib * MiB)
+    else:
+        working_set = 2 * llc
+    timing_kw = dict(target_s=args.target_s, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                     warmup=3, warmup_s=0.03 if args.quick else 0.05)
+
+    out_path = os.path.abspath(args.out)
+    md_path = os.path.abspath(args.md) if args.md else os.path.splitext(out_path)[0] + ".md"
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    os.makedirs(os.path.dirname(md_path), exist_ok=True)
+
+    info = machine_info()
+    log(f"# torch {info['torch_version']}  cpu={info['cpu_capability']}  threads={info['num_threads']}  "
+        f"llc={llc / MiB:.0f} MiB  mode={'warm' if args.warm else 'cold'}")
+    log(f"# measuring read bandwidth ({args.bw_mib} MiB sum) ...")
+    bw = measure_read_bandwidth(args.bw_mib)
+    copy_bw = measure_copy_bandwidth(max(args.bw_mib // 2, 64))
+    bw_gbps = bw["gbps"]
+    log(f"# read bandwidth {bw_gbps:.1f} GB/s (IQR {bw['iqr_gbps']:.1f}); copy {copy_bw['gbps']:.1f} GB/s")
+
+    header = {
+        "type": "header",
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        **info,
+        "bandwidth_gbps": bw_gbps,
+        "bandwidth": bw,
+        "copy_bandwidth": copy_bw,
+        "mode": "warm" if args.warm else "cold",
+        "working_set_bytes": working_set,
+        "activation_dtype_quant": "bfloat16 (except *_fp32in rows: float32)",
+        "shapes": [{"name": s[0], "N": s[1], "K": s[2]} for s in shapes],
+        "m_values": m_values,
+        "contenders": [c.name for c in contenders],
+        "timing": {"statistic": "median of per-call wall times", **timing_kw},
+        "seed": args.seed,
+        "quick": bool(args.quick),
+    }
+    records: List[Dict[str, Any]] = []
+    jsonl = open(out_path, "w")
+    jsonl.write(json.dumps(header) + "\n")
+    jsonl.flush()
+
+    for shape_idx, (shape_name, n, k) in enumerate(shapes):
+        torch.manual_seed(args.seed + shape_idx)
+        base = nn.Linear(k, n, bias=False, dtype=torch.float32)
+        base.requires_grad_(False)
+        layer_sets: Dict[str, LayerSet] = {}
+        for c in contenders:
+            if c.key in layer_sets:
+                continue
+            spec = CONTENDER_BY_NAME[c.key]
+            layer_sets[c.key] = build_layers(spec, base, working_set)
+            ls = layer_sets[c.key]
+            log(f"  built {shape_name} {c.key:<10} kernel={ls.kernel:<13} {ls.weight_bytes / MiB:8.2f} MiB "
+                f"x{len(ls.copies)} copies in {ls.build_s:.1f}s")
+        del base
+        gc.collect()
+
+        for m in m_values:
+            torch.manual_seed(args.seed * 1000 + shape_idx * 100 + m)
+            x32 = torch.randn(m, k, dtype=torch.float32)
+            inputs = {torch.float32: x32, torch.bfloat16: x32.to(torch.bfloat16)}
+            dense_ms: Dict[str, float] = {}
+            for c in contenders:
+                ls = layer_sets[c.key]
+                x = inputs[c.input_dtype]
+                fn: Callable[[], Any] = Rotator(ls.copies, lambda layer, x=x: layer(x))
+                res = time_fn(fn, **timing_kw)
+                if c.kind == "dense":
+                    dense_ms[c.name] = res.median_ms
+                achieved = gbps(ls.weight_bytes, res.median_ms)
+                fp32_ms, bf16_ms = dense_ms.get("fp32_dense"), dense_ms.get("bf16_dense")
+                rec = {
+                    "type": "measurement",
+                    "shape": shape_name, "N": n, "K": k, "M": m,
+                    "contender": c.name,
+                    "format": c.format or _dtype_name(c.dtype),
+                    "group_size": c.group_size,
+                    "input_dtype": _dtype_name(c.input_dtype),
+                    "kernel": ls.kernel,
+                    "median_ms": res.median_ms, "iqr_ms": res.iqr_ms,
+                    "p25_ms": res.p25_ms, "p75_ms": res.p75_ms, "min_ms": res.min_ms,
+                    "repeats": res.repeats, "copies": len(ls.copies),
+                    "weight_bytes": ls.weight_bytes, "stored_bytes": ls.stored_bytes,
+                    "bits_per_weight": ls.bits_per_weight,
+                    "gbps": achieved, "pct_bw": 100.0 * achieved / bw_gbps,
+                    "speedup_vs_fp32": fp32_ms / res.median_ms if fp32_ms else None,
+                    "speedup_vs_bf16": bf16_ms / res.median_ms if bf16_ms else None,
+                    "gflops": 2.0 * m * n * k / (res.median_ms * 1e-3) / 1e9,
+                }
+                records.append(rec)
+                jsonl.write(json.dumps(rec) + "\n")
+                jsonl.flush()
+                log(f"  {shape_name:<16} M={m:<4} {c.name:<16} {ls.kernel:<13} {fmt_ms(res.median_ms):>9} ms "
+                    f"(IQR {fmt_ms(res.iqr_ms)}, n={res.repeats})  {achieved:6.1f} GB/s  "
+                    f"x{fmt_x(rec['speedup_vs_fp32'])} fp32  x{fmt_x(rec['speedup_vs_bf16'])} bf16")
+            del inputs, x32
+        del layer_sets
+        gc.collect()
+
+    log("# re-measuring read bandwidth ...")
+    bw_end = measure_read_bandwidth(args.bw_mib)
+    checks = evaluate_checks(records, bw_gbps, m_values)
+    elapsed = time.perf_counter() - t_start
+    summary = {"type": "summary", "bandwidth_end_gbps": bw_end["gbps"], "bandwidth_end": bw_end,
+               "elapsed_s": elapsed, "checks": checks}
+    jsonl.write(json.dumps(summary) + "\n")
+    jsonl.close()
+
+    md = render_markdown(header, records, checks, bw_end["gbps"], elapsed)
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(md)
+    log(f"# wrote {out_path}\n# wrote {md_path}\n# elapsed {elapsed:.0f}s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- checks
+def _find(records: List[Dict[str, Any]], shape: str, m: int, contender: str) -> Optional[Dict[str, Any]]:
+    for r in records:
+        if r["shape"] == shape and r["M"] == m and r["contender"] == contender:
+            return r
+    return None
+
+
+def evaluate_checks(records: List[Dict[str, Any]], bw_gbps: float, m_values: List[int]) -> List[Dict[str, Any]]:
+    """The issue's performance targets -> list of {status: PASS|MISS|SKIP|INFO, name, detail}."""
+    checks: List[Dict[str, Any]] = []
+
+    def add(status: str, name: str, detail: str) -> None:
+        checks.append({"status": status, "name": name, "detail": detail})
+
+    def judge(name: str, rec: Optional[Dict[str, Any]], field: str, threshold: float, unit: str) -> None:
+        value = rec.get(field) if rec else None
+        if value is None:
+            add("SKIP", name, "not measured in this run")
+        else:
+            add("PASS" if value >= threshold else "MISS", name,
+                f"{value:.2f}{unit} (target >= {threshold:g}{unit}; {rec['median_ms']:.4f} ms, "
+                f"kernel {rec['kernel']})")
+
+    tgt = f"{TARGET_SHAPE} 4096x4096 M=1"
+    r4 = _find(records, TARGET_SHAPE, 1, "int4_g64")
+    judge(f"{tgt}: int4_g64 vs bf16 dense >= 3x", r4, "speedup_vs_bf16", 3.0, "x")
+    judge(f"{tgt}: int4_g64 vs fp32 dense >= 8x", r4, "speedup_vs_fp32", 8.0, "x")
+    judge(f"{tgt}: int4_g64 >= 60% of read bandwidth ({bw_gbps:.1f} GB/s)", r4, "pct_bw", 60.0, "%")
+    r8 = _find(records, TARGET_SHAPE, 1, "int8_pc")
+    judge(f"{tgt}: int8_pc vs bf16 dense >= 1.8x", r8, "speedup_vs_bf16", 1.8, "x")
+
+    # int8 at M=1 on the other shapes, judged one line per shape.
+    for r in records:
+        if r["contender"] == "int8_pc" and r["M"] == 1 and r["shape"] != TARGET_SHAPE:
+            judge(f"{r['shape']} {r['N']}x{r['K']} M=1: int8_pc vs bf16 dense >= 1.8x", r,
+                  "speedup_vs_bf16", 1.8, "x")
+
+    # No int8/int4 path slower than fp32 dense at M <= 16, any shape.
+    judged = [r for r in records if r["M"] <= 16 and CONTENDER_BY_NAME[r["contender"]].judged
+              and r["speedup_vs_fp32"] is not None]
+    name = "no int8/int4 path slower than fp32 dense at M <= 16 (any shape)"
+    if not judged:
+        add("SKIP", name, "no int8/int4 row with an fp32 baseline at M <= 16 in this run")
+    else:
+        slow = [r for r in judged if r["speedup_vs_fp32"] < 1.0]
+        worst = min(judged, key=lambda r: r["speedup_vs_fp32"])
+        if slow:
+            add("MISS", name, "; ".join(f"{r['shape']} M={r['M']} {r['contender']} "
+                                        f"{r['speedup_vs_fp32']:.2f}x" for r in slow))
+        else:
+            add("PASS", name, f"{len(judged)} rows; slowest {worst['shape']} M={worst['M']} "
+                              f"{worst['contender']} at {worst['speedup_vs_fp32']:.2f}x fp32")
+
+    # Formats without a fast CPU kernel: overhead only, not judged.
+    for r in records:
+        if r["kernel"] == "reference" and r["M"] == min(m_values):
+            ratio = r["speedup_vs_bf16"]
+            add("INFO", f"{r['shape']} M={r['M']}: {r['contender']} (reference kernel, not judged)",
+                f"{r['median_ms']:.3f} ms = " + (f"{1.0 / ratio:.1f}x the bf16 dense time" if ratio else "-"))
+    return checks
+
+
+# ----------------------------------------------------------------------------------------- markdown
+def render_markdown(header: Dict[str, Any], records: List[Dict[str, Any]], checks: List[Dict[str, Any]],
+                    bw_end: float, elapsed: float) -> str:
+    lines = [
+        "# llmopt kernel benchmark",
+        "",
+        f"- torch {header['torch_version']}, CPU capability `{header['cpu_capability']}`, "
+        f"{header['num_threads']} threads, {header['cpu_model']} ({header['cpu_count']} CPUs, "
+        f"LLC {header['llc_bytes'] / MiB:.0f} MiB)",
+        f"- Read bandwidth (median `x.sum()` over {header['bandwidth']['size_mib']} MiB): "
+        f"**{header['bandwidth_gbps']:.1f} GB/s** at start, {bw_end:.1f} GB/s at end; "
+        f"copy {header['copy_bandwidth']['gbps']:.1f} GB/s (read+write)",
+        f"- Mode: **{header['mode']}** cache"
+        + (f" (each layer rotated over copies totalling >= {header['working_set_bytes'] / MiB:.0f} MiB)"
+           if header["mode"] == "cold" else " (one copy reused; small layers may run from cache)"),
+        "- QuantLinear input: **bf16 activations** (rows `*_fp32in`: fp32 in, cast to bf16 inside); "
+        "dense rows: fp32 layer with fp32 input, bf16 layer with bf16 input. No bias.",
+        "- Time: median (IQR) of per-call wall time in ms under `torch.inference_mode()`; "
+        "GB/s = weight bytes read (QuantLinear `runtime_bytes()`, dense `numel*element_size`) / median; "
+        "%BW = GB/s / read bandwidth.",
+        f"- Elapsed {elapsed:.0f} s{' (quick run)' if header['quick'] else ''}.",
+        "",
+        "| shape | N x K | M | contender | kernel | median ms | IQR ms | weight MiB | GB/s | %BW "
+        "| vs fp32 | vs bf16 |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['contender']} | {r['kernel']} "
+            f"| {fmt_ms(r['median_ms'])} | {fmt_ms(r['iqr_ms'])} | {r['weight_bytes'] / MiB:.2f} "
+            f"| {fmt_f(r['gbps'])} | {fmt_f(r['pct_bw'], 0)} | {fmt_x(r['speedup_vs_fp32'])} "
+            f"| {fmt_x(r['speedup_vs_bf16'])} |"
+        )
+    lines += ["", "## Targets (benchmark checks, not unit tests)", "", "```"]
+    lines += [f"{c['status']:<4} {c['name']}: {c['detail']}" for c in checks]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Shared timing and memory-bandwidth helpers for the ``llmopt`` benchmarks.
+
+Everything here is plain PyTorch + the standard library so that any benchmark script can do::
+
+    from timing import time_fn, measure_read_bandwidth, gbps
+
+Methodology (used by every benchmark that imports this module):
+
+* ``time_fn`` runs the callable under ``torch.inference_mode()`` with the garbage collector paused.
+  It first warms up (at least ``warmup`` calls *and* at least ``warmup_s`` seconds, so lazy
+  initialisation, allocator growth and oneDNN primitive caching are out of the way), estimates the
+  cost of one call from the warm-up, then picks the number of timed calls so the timed phase lasts
+  about ``target_s`` seconds, clamped to ``[min_repeats, max_repeats]``. Every call is timed on its
+  own with ``time.perf_counter``; the result reports the median and the inter-quartile range
+  (IQR = p75 - p25) in milliseconds. Median/IQR are robust to the occasional preemption of a
+  shared machine, which a mean/stddev are not.
+* ``measure_read_bandwidth`` streams a tensor much larger than the last-level cache through a
+  reduction (``x.sum()``): this reads every byte once and writes nothing, so ``bytes / time`` is the
+  sustained DRAM *read* bandwidth the machine actually gives to PyTorch with the current thread
+  count. It is the roofline a weight-streaming (memory-bound) kernel can hope to reach.
+* Caches: a small weight matrix fits in the last-level cache and would be timed from cache, not
+  from DRAM, if the same tensor is reused call after call. ``rotation_count`` tells how many
+  independent copies of an object to cycle through so the working set exceeds the cache;
+  ``Rotator`` cycles through them.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "MiB",
+    "TimingResult",
+    "time_fn",
+    "percentile",
+    "gbps",
+    "measure_read_bandwidth",
+    "measure_copy_bandwidth",
+    "last_level_cache_bytes",
+    "rotation_count",
+    "Rotator",
+    "machine_info",
+]
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------- statistics
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100] of an already sorted, non-empty sequence."""
+    if not sorted_values:
+        raise ValueError("percentile of an empty sequence")
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return float(sorted_values[lo] * (1.0 - frac) + sorted_values[hi] * frac)
+
+
+@dataclass
+class TimingResult:
+    """Per-call timing statistics, all in milliseconds."""
+
+    median_ms: float
+    iqr_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    mean_ms: float
+    repeats: int
+    warmup: int
+    samples_ms: List[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_samples(cls, samples_s: Sequence[float], warmup: int) -> "TimingResult":
+        ms = sorted(s * 1e3 for s in samples_s)
+        p25, p75 = percentile(ms, 25), percentile(ms, 75)
+        return cls(
+            median_ms=percentile(ms, 50), iqr_ms=p75 - p25, p25_ms=p25, p75_ms=p75, min_ms=ms[0],
+            mean_ms=sum(ms) / len(ms), repeats=len(ms), warmup=warmup, samples_ms=ms,
+        )
+
+    def to_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("samples_ms")
+        return d
+
+
+# --------------------------------------------------------------------------------------- timing
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    warmup_s: float = 0.05,
+    target_s: float = 0.5,
+    min_repeats: int = 5,
+    max_repeats: int = 500,
+    max_warmup: int = 200,
+) -> TimingResult:
+    """Time ``fn()`` call by call; see the module docstring for the methodology.
+
+    ``fn`` is called with no arguments; to rotate through several copies of a layer (cold caches),
+    pass a :class:`Rotator` or any closure that advances on each call.
+    """
+    if min_repeats < 1 or max_repeats < min_repeats:
+        raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")
+    clock = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            warm: List[float] = []
+            start = clock()
+            while len(warm) < max(warmup, 1) or (clock() - start < warmup_s and len(warm) < max_warmup):
+                t0 = clock()
+                fn()
+                warm.append(clock() - t0)
+            # The tail of the warm-up is the best estimate of the steady-state cost of one call.
+            tail = sorted(warm[len(warm) // 2:])
+            estimate = max(tail[len(tail) // 2], 1e-7)
+            repeats = int(min(max(math.ceil(target_s / estimate), min_repeats), max_repeats))
+            samples = [0.0] * repeats
+            for i in range(repeats):
+                t0 = clock()
+                fn()
+                samples[i] = clock() - t0
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return TimingResult.from_samples(samples, warmup=len(warm))
+
+
+def gbps(num_bytes: float, ms: float) -> float:
+    """Throughput in GB/s (10^9 bytes per second) for ``num_bytes`` moved in ``ms`` milliseconds."""
+    return num_bytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------- bandwidth
+def measure_read_bandwidth(size_mib: int = 1024, repeats: int = 9, warmup: int = 2) -> Dict[str, Any]:
+    """Sustained read bandwidth: median time of ``x.sum()`` over a ``size_mib`` float32 tensor.
+
+    Returns ``{"gbps", "iqr_gbps", "size_mib", "median_ms", "repeats", "method"}``.
+    """
+    n = size_mib * MiB // 4
+    x = torch.empty(n, dtype=torch.float32)
+    x.fill_(1.0)  # touch every page so first-touch page faults are not timed
+    res = time_fn(lambda: x.sum(), warmup=warmup, warmup_s=0.0, target_s=0.0,
+                  min_repeats=repeats, max_repeats=repeats)
+    nbytes = x.numel() * x.element_size()
+    out = {
+        "method": "torch.sum over a float32 tensor (read only)",
+        "size_mib": size_mib,
+        "median_ms": res.median_ms,
+        "repeats": res.repeats,
+        "gbps": gbps(nbytes, res.median_ms),
+        "iqr_gbps": gbps(nbytes, res.p25_ms) - gbps(nbytes, res.p75_ms),
+    }
+    del x
+    gc.collect()
+    return out
+
+
+def measure_copy_bandwidth(size_mib: int = 512, repeats: int = 9, warmup: int = 2) -> Dict[str, Any]:
+    """``dst.copy_(src)`` of ``size_mib`` MiB; reported GB/s counts read + write bytes (2 x size)."""
+    n = size_mib * MiB // 4
+    src = torch.empty(n, dtype=torch.float32)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.fill_(0.0)
+    res = time_fn(lambda: dst.copy_(src), warmup=warmup, warmup_s=0.0, target_s=0.0,
+                  min_repeats=repeats, max_repeats=repeats)
+    nbytes = 2 * src.numel() * src.element_size()
+    out = {
+        "method": "Tensor.copy_ of float32 (read + write bytes counted)",
+        "size_mib": size_mib,
+        "median_ms": res.median_ms,
+        "repeats": res.repeats,
+        "gbps": gbps(nbytes, res.median_ms),
+    }
+    del src, dst
+    gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------------------- caches
+def last_level_cache_bytes(default: int = 32 * MiB) -> int:
+    """Size of the largest CPU cache as reported by Linux sysfs (``default`` when unknown)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = 0
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = 1
+            if text.endswith("K"):
+                mult, text = 1024, text[:-1]
+            elif text.endswith("M"):
+                mult, text = MiB, text[:-1]
+            if text.isdigit():
+                best = max(best, int(text) * mult)
+    except OSError:
+        pass
+    return best or default
+
+
+def rotation_count(bytes_per_copy: int, working_set_bytes: int, max_copies: int = 1024) -> int:
+    """How many copies of a ``bytes_per_copy`` object to cycle through to touch ``working_set_bytes``."""
+    if working_set_bytes <= 0 or bytes_per_copy <= 0:
+        return 1
+    return int(min(max(math.ceil(working_set_bytes / bytes_per_copy), 1), max_copies))
+
+
+class Rotator:
+    """Callable that applies ``fn`` to the next item of ``items`` on every call (round robin)."""
+
+    def __init__(self, items: Sequence[Any], fn: Callable[[Any], Any]) -> None:
+        if not items:
+            raise ValueError("Rotator needs at least one item")
+        self.items = list(items)
+        self.fn = fn
+        self.i = 0
+
+    def __call__(self) -> Any:
+        item = self.items[self.i]
+        self.i = (self.i + 1) % len(self.items)
+        return self.fn(item)
+
+
+# --------------------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> Dict[str, Any]:
+    """Facts about the machine and PyTorch build that a benchmark record should carry."""
+    return {
+        "torch_version": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "llc_bytes": last_level_cache_bytes(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,135 @@
+"""Fast kernels against the pure-torch reference, and exact layout round trips."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmopt.kernels import get_kernel, list_kernels, log_once
+from llmopt.nn import QuantLinear
+
+
+def _layer(n, k, fmt, gs, kernel="auto", bias=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return QuantLinear.from_linear(lin, fmt, gs, kernel=kernel, **kw)
+
+
+def _rel_err(y, ref):
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def test_kernels_listed():
+    assert {"reference", "int4pack_cpu", "int8pack_cpu"} <= set(list_kernels())
+
+
+# The fast CPU kernels round activations to bfloat16 (8 significant bits) and return bf16 outputs,
+# so against a float64 reference on the *rounded* activations the output differs by bf16 output
+# rounding and accumulation order: relative error <= 1e-2 (measured ~3e-3).
+FAST_TOL = 1e-2
+
+
+@pytest.mark.parametrize("fmt,gs,sym", [("int4", 32, False), ("int4", 64, True), ("int4", 128, False),
+                                        ("int4", None, False), ("int3", 64, False), ("int2", 32, True),
+                                        ("int4", 256, False), ("int4", 192, False)])
+@pytest.mark.parametrize("n,k", [(64, 576), (192, 576), (48, 256)])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_int4pack_matches_reference(fmt, gs, sym, n, k, m):
+    layer = _layer(n, k, fmt, gs, symmetric=sym)
+    if layer.group_size % 32:
+        pytest.skip("group size not served by the int4 kernel")
+    assert layer.kernel.name == "int4pack_cpu"
+    x = torch.randn(m, k).to(torch.bfloat16).to(torch.float32)
+    ref = F.linear(x.double(), layer.dequantize_weight(torch.float64), layer.bias.double())
+    assert _rel_err(layer(x), ref) < FAST_TOL
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8pack_matches_reference(sym, dtype):
+    layer = _layer(96, 200, "int8", None, symmetric=sym)
+    assert layer.kernel.name == "int8pack_cpu"
+    x = torch.randn(3, 7, 200).to(torch.bfloat16).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 7, 96)
+    ref = F.linear(x.double(), layer.dequantize_weight(torch.float64), layer.bias.double())
+    assert _rel_err(y, ref) < FAST_TOL
+
+
+@pytest.mark.parametrize("fmt,gs", [("int4", 64), ("int8", None), ("int3", 32)])
+def test_fast_equals_reference_kernel(fmt, gs):
+    fast = _layer(128, 320, fmt, gs)
+    assert fast.kernel.name != "reference"
+    slow = _layer(128, 320, fmt, gs, kernel="reference")
+    x = torch.randn(4, 320, dtype=torch.bfloat16)
+    assert _rel_err(fast(x).float(), slow(x.float())) < FAST_TOL
+    # Same stored bits, whatever the kernel.
+    for key, value in slow.canonical_state().items():
+        assert torch.equal(fast.canonical_state()[key], value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n16=st.integers(1, 8), k=st.integers(1, 300), gs=st.sampled_from([32, 64, 96, 128, 256, None]),
+       bits=st.sampled_from([2, 3, 4]), sym=st.booleans(), seed=st.integers(0, 1000))
+def test_int4_layout_roundtrip_exact(n16, k, gs, bits, sym, seed):
+    """Runtime layout -> canonical is the exact inverse, for any shape the kernel serves."""
+    layer = _layer(16 * n16, k, f"int{bits}", gs, kernel="reference", seed=seed, symmetric=sym)
+    canonical = layer.canonical_state()
+    kernel = get_kernel("int4pack_cpu")
+    if kernel.unsupported_reason(layer, torch.device("cpu")) is not None:
+        return
+    back = kernel.to_canonical(layer, kernel.to_runtime(layer, canonical))
+    assert set(back) == set(canonical)
+    for key in canonical:
+        assert torch.equal(back[key], canonical[key]), key
+
+
+def test_int8_layout_roundtrip_exact():
+    layer = _layer(40, 77, "int8", None, kernel="reference")
+    kernel = get_kernel("int8pack_cpu")
+    canonical = layer.canonical_state()
+    back = kernel.to_canonical(layer, kernel.to_runtime(layer, canonical))
+    for key in canonical:
+        assert torch.equal(back[key], canonical[key])
+
+
+def test_explicit_kernel_that_cannot_serve_is_an_error():
+    with pytest.raises(ValueError, match="int4pack_cpu.*not an affine format"):
+        _layer(64, 64, "nf4", 32, kernel="int4pack_cpu")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _layer(40, 64, "int4", 32, kernel="int4pack_cpu")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        _layer(64, 64, "int4", 32, kernel="nope")
+
+
+def test_fallback_logged_once(caplog):
+    log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        for _ in range(3):
+            layer = _layer(64, 64, "nf4", 32)
+            assert layer.kernel.name == "reference"
+    messages = [r.getMessage() for r in caplog.records if "no fast kernel" in r.getMessage()]
+    assert len(messages) == 1 and "nf4" in messages[0]
+
+
+def test_unaligned_out_features_fall_back_to_reference():
+    layer = _layer(40, 64, "int4", 32)  # 40 is not a multiple of 16
+    assert layer.kernel.name == "reference"
+    x = torch.randn(2, 64)
+    ref = F.linear(x.double(), layer.dequantize_weight(torch.float64), layer.bias.double())
+    assert _rel_err(layer(x), ref) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_reference_path():
+    layer = _layer(128, 256, "int4", 64)
+    cpu_out = layer(torch.ones(2, 256))
+    layer = layer.to("cuda")
+    assert layer.kernel.name == "reference" and layer.device.type == "cuda"
+    out = layer(torch.ones(2, 256, device="cuda"))
+    assert _rel_err(out.cpu(), cpu_out) < FAST_TOL
+    back = layer.to("cpu")
+    assert back.kernel.name == "int4pack_cpu"
