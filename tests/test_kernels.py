@@ -87,6 +87,31 @@ def test_int4_layout_roundtrip_exact(n16, k, gs, bits, sym, seed):
         assert torch.equal(back[key], canonical[key]), key
 
 
+@pytest.mark.parametrize("n,k", [(64, 64), (16, 32), (208, 96), (48, 128)])
+def test_int4_fast_unpack_agrees_with_generic_probe(n, k):
+    from llmopt.kernels import _int4_nibble_sources, _unpack_int4_cpu
+
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(_unpack_int4_cpu(packed, n, k).to(torch.int32), codes)
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)
+    generic = torch.empty(n * k, dtype=torch.uint8)
+    generic[_int4_nibble_sources(n, k, torch.device("cpu"))] = nibbles
+    assert torch.equal(generic.view(n, k).to(torch.int32), codes)
+
+
+@pytest.mark.parametrize("fmt,gs", [("int4", 32), ("int8", None)])
+def test_fast_kernels_give_input_gradients(fmt, gs):
+    layer = _layer(64, 96, fmt, gs)
+    assert layer.kernel.name != "reference"
+    x = torch.randn(3, 96, requires_grad=True)
+    grad_out = torch.randn(3, 64)
+    layer(x).backward(grad_out)
+    expected = grad_out.double() @ layer.dequantize_weight(torch.float64)
+    assert torch.allclose(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_layout_roundtrip_exact():
     layer = _layer(40, 77, "int8", None, kernel="reference")
     kernel = get_kernel("int8pack_cpu")

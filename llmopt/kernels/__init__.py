@@ -107,9 +107,8 @@ def _int4_kernel_group(group_size: int) -> Optional[int]:
 def _int4_nibble_sources(n: int, k: int, device: torch.device) -> Tensor:
     """For each nibble of PyTorch's packed int4 CPU layout of an ``[n, k]`` matrix, its source index.
 
-    The layout is an implementation detail of PyTorch that differs between CPU capabilities
-    (AVX-512, AVX2, scalar). Rather than hard-code one, we ask the packing op itself: pack the
-    source index four bits at a time and read where each nibble lands.
+    Generic but slow (several packing passes over an ``n*k`` index): used only when the layout is
+    none of the known ones, see :func:`_int4_layout`.
     """
     total = n * k
     index = torch.arange(total, dtype=torch.int64, device=device).view(n, k)
@@ -122,6 +121,57 @@ def _int4_nibble_sources(n: int, k: int, device: torch.device) -> Tensor:
         sources |= nibbles.to(torch.int64) << shift
         shift += 4
     return sources
+
+
+def _unpack_int4_blocked(packed: Tensor, n: int, k: int, block_n: int, split_halves: bool) -> Tensor:
+    """Codes ``[n, k]`` from PyTorch's int4 CPU layout, described by two parameters.
+
+    The op packs rows in blocks of ``block_n``; each block stores ``k`` runs of ``block_n / 2`` bytes.
+    In a full block, byte ``b`` holds rows ``b`` and ``b + block_n/2`` (``split_halves``) or rows
+    ``2b`` and ``2b+1``; a partial last block always uses the pair form.
+    """
+    flat = packed.reshape(-1)
+    n_full = n // block_n
+    parts = []
+    if n_full:
+        full = flat[: n_full * k * block_n // 2].view(n_full, k, block_n // 2)
+        lo, hi = full & 0xF, full >> 4
+        rows = torch.cat([lo, hi], dim=2) if split_halves else torch.stack([lo, hi], dim=3)
+        parts.append(rows.reshape(n_full, k, block_n).permute(0, 2, 1).reshape(n_full * block_n, k))
+    tail = n - n_full * block_n
+    if tail:
+        part = flat[n_full * k * block_n // 2:].view(k, tail // 2)
+        parts.append(torch.stack([part & 0xF, part >> 4], dim=2).reshape(k, tail).t())
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_layout() -> Optional[tuple]:
+    """Which known layout this PyTorch build and CPU use (``(block_n, split_halves)``), or None.
+
+    The layout differs between CPU capabilities (AVX-512: blocks of 64 rows, halves; AVX2: 32, halves;
+    scalar: 32, pairs), so it is detected once by packing a random probe and checking each candidate.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n, k = 2 * 64 + 48, 64
+    probe = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block_n, split in ((64, True), (32, True), (32, False), (64, False), (16, False)):
+        if torch.equal(_unpack_int4_blocked(packed, n, k, block_n, split).to(torch.int32), probe):
+            return block_n, split
+    return None
+
+
+def _unpack_int4_cpu(packed: Tensor, n: int, k: int) -> Tensor:
+    """Exact inverse of ``aten._convert_weight_to_int4pack_for_cpu``: uint8 codes ``[n, k]``."""
+    layout = _int4_layout()
+    if layout is not None:
+        return _unpack_int4_blocked(packed, n, k, *layout)
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)
+    codes = torch.empty(n * k, dtype=torch.uint8, device=packed.device)
+    codes[_int4_nibble_sources(n, k, packed.device)] = nibbles
+    return codes.view(n, k)
 
 
 class Int4PackCPUKernel(Kernel):
@@ -169,12 +219,8 @@ class Int4PackCPUKernel(Kernel):
 
     def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
         fmt = layer.format
-        n, k_pad = layer.out_features, self._padded_k(layer)
-        packed = runtime["qdata"].reshape(-1)
-        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
-        codes = torch.empty(n * k_pad, dtype=torch.uint8, device=packed.device)
-        codes[_int4_nibble_sources(n, k_pad, packed.device)] = nibbles
-        codes = codes.view(n, k_pad)[:, : layer.in_features].to(torch.int16) - (8 - fmt.mid)
+        codes = _unpack_int4_cpu(runtime["qdata"], layer.out_features, self._padded_k(layer))
+        codes = codes[:, : layer.in_features].to(torch.int16) - (8 - fmt.mid)
         repeat = layer.group_size // _int4_kernel_group(layer.group_size)
         sz = runtime["scale_and_zero"].transpose(0, 1)[:, ::repeat]
         out = {

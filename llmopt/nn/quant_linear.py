@@ -50,6 +50,24 @@ def check_linear_weight(weight: Tensor) -> None:
         raise ValueError(f"weight has {bad} NaN/Inf values")
 
 
+class _FastKernelMatmul(torch.autograd.Function):
+    """Fast kernel forward with an input gradient (PyTorch's int4/int8 ops have no derivative).
+
+    The weight is frozen, so only ``x`` gets a gradient: ``grad_x = grad_y @ W`` with the
+    dequantized weight, materialised only during the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.kernel.forward(layer, layer._runtime(), x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weight = ctx.layer.dequantize_weight(grad.dtype)
+        return grad @ weight, None
+
+
 class QuantLinear(nn.Module):
     """Linear layer with weights stored as packed codes plus per-group ``scale``/``zero_point``.
 
@@ -321,6 +339,8 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
+        if self.kernel.name != "reference" and x.requires_grad and torch.is_grad_enabled():
+            return _FastKernelMatmul.apply(x, self)
         return self.kernel.forward(self, self._runtime(), x)
 
     def config(self) -> Dict[str, Any]:

@@ -1,0 +1,83 @@
+"""Shared fixtures for the llmopt test suite: seeding, toy inputs, calibration data, model snapshots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmopt.testing import ToyTransformer
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+
+
+def example_input(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 1) -> torch.Tensor:
+    """A deterministic input batch for a toy model (token ids for ToyTransformer, floats otherwise)."""
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(model, ToyTransformer):
+        return torch.randint(0, model.embed.num_embeddings, (batch, seq), generator=gen)
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear) or hasattr(m, "in_features"))
+    dtype = next(model.parameters()).dtype
+    return torch.randn(batch, seq, first.in_features, generator=gen).to(dtype)
+
+
+def calibration_batches(model: nn.Module, n: int = 3):
+    """A few input batches, for methods with ``needs_calibration=True``."""
+    return [example_input(model, seed=100 + i) for i in range(n)]
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of dtype, shape and bits (NaN == NaN when the bits match)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.is_floating_point():
+        as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+        return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+    return torch.equal(a, b)
+
+
+class Snapshot:
+    """Records a model's module objects, parameter objects and tensor values; ``check()`` asserts nothing changed."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = {name: m for name, m in model.named_modules()}
+        self.params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+        self.values = {k: v.detach().clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+
+    def check(self) -> None:
+        now = dict(self.model.named_modules())
+        assert now.keys() == self.modules.keys()
+        for name, module in now.items():
+            assert module is self.modules[name], f"module {name!r} was replaced"
+        now_params = dict(self.model.named_parameters(remove_duplicate=False))
+        assert now_params.keys() == self.params.keys()
+        for name, p in now_params.items():
+            assert p is self.params[name], f"parameter {name!r} was replaced"
+        state = self.model.state_dict()
+        for key, value in self.values.items():
+            assert bit_equal(state[key], value), f"{key} changed"
+
+
+@pytest.fixture
+def snapshot():
+    return Snapshot
+
+
+@pytest.fixture
+def toy_input():
+    return example_input
+
+
+@pytest.fixture
+def calibration():
+    return calibration_batches
+
+
+@pytest.fixture(name="bit_equal")
+def _bit_equal_fixture():
+    return bit_equal
