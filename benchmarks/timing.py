@@ -50,6 +50,7 @@ __all__ = [
     "time_fn_stable",
     "RetryBudget",
     "foreign_cpu_load",
+    "wait_for_quiet",
     "percentile",
     "gbps",
     "measure_read_bandwidth",
@@ -149,6 +150,17 @@ def foreign_cpu_load(interval_s: float = 0.5) -> Optional[float]:
     return probe.stop()
 
 
+def wait_for_quiet(max_wait_s: float, max_foreign_cpus: float = 0.3, interval_s: float = 0.25) -> float:
+    """Sleep until other processes use at most ``max_foreign_cpus`` CPUs over one ``interval_s``
+    (or ``max_wait_s`` has passed). Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < max_wait_s:
+        load = foreign_cpu_load(interval_s)
+        if load is None or load <= max_foreign_cpus:
+            break
+    return time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------------------- timing
 def time_fn(
     fn: Callable[[], Any],
@@ -217,8 +229,9 @@ def time_fn_stable(
     budget: Optional[RetryBudget] = None,
     **kwargs: Any,
 ) -> TimingResult:
-    """``time_fn`` that re-measures (after ``backoff_s``) while other processes used more than
-    ``max_foreign_cpus`` CPUs, at most ``retries`` times and while ``budget`` lasts.
+    """``time_fn`` that re-measures while other processes used more than ``max_foreign_cpus`` CPUs,
+    at most ``retries`` times and while ``budget`` lasts. Before retry ``i`` (0-based) it waits up
+    to ``backoff_s * 2**i`` seconds for the machine to become quiet (see :func:`wait_for_quiet`).
 
     Returns the attempt with the lowest median (``attempts`` says how many were taken); its
     ``foreign_cpus`` tells whether it was still contended.
@@ -234,7 +247,7 @@ def time_fn_stable(
         contended = res.foreign_cpus is not None and res.foreign_cpus > max_foreign_cpus
         if not contended or attempts > retries or (budget is not None and budget.left <= 0):
             break
-        time.sleep(backoff_s)
+        wait_for_quiet(backoff_s * 2 ** (attempts - 1), max_foreign_cpus)
         if budget is not None:
             budget.spend(time.perf_counter() - t0)
     best.attempts = attempts
@@ -255,9 +268,10 @@ def measure_read_bandwidth(size_mib: int = 1024, repeats: int = 9, warmup: int =
     Returns ``{"gbps", "iqr_gbps", "size_mib", "median_ms", "repeats", "foreign_cpus", "method"}``.
     """
     n = size_mib * MiB // 4
-    x = torch.empty(n, dtype=torch.float32)
-    x.fill_(1.0)  # touch every page so first-touch page faults are not timed
-    res = time_fn_stable(lambda: x.sum(), retries=retries, warmup=warmup, warmup_s=0.0, target_s=0.0,
+    # Distinct values on every page: first-touch page faults are not timed, and no page can be
+    # deduplicated (KSM, hypervisor) into one cached physical page, as a constant fill could be.
+    x = torch.arange(n, dtype=torch.float32)
+    res = time_fn_stable(x.sum, retries=retries, warmup=warmup, warmup_s=0.0, target_s=0.0,
                          min_repeats=repeats, max_repeats=repeats)
     nbytes = x.numel() * x.element_size()
     out = {
@@ -270,8 +284,6 @@ def measure_read_bandwidth(size_mib: int = 1024, repeats: int = 9, warmup: int =
         "foreign_cpus": res.foreign_cpus,
         "attempts": res.attempts,
     }
-    del x
-    gc.collect()
     return out
 
 
@@ -279,10 +291,8 @@ def measure_copy_bandwidth(size_mib: int = 512, repeats: int = 9, warmup: int = 
                            retries: int = 3) -> Dict[str, Any]:
     """``dst.copy_(src)`` of ``size_mib`` MiB; reported GB/s counts read + write bytes (2 x size)."""
     n = size_mib * MiB // 4
-    src = torch.empty(n, dtype=torch.float32)
-    src.fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.fill_(0.0)
+    src = torch.arange(n, dtype=torch.float32)
+    dst = torch.zeros_like(src)
     res = time_fn_stable(lambda: dst.copy_(src), retries=retries, warmup=warmup, warmup_s=0.0,
                          target_s=0.0, min_repeats=repeats, max_repeats=repeats)
     nbytes = 2 * src.numel() * src.element_size()
@@ -294,8 +304,6 @@ def measure_copy_bandwidth(size_mib: int = 512, repeats: int = 9, warmup: int = 
         "gbps": gbps(nbytes, res.median_ms),
         "foreign_cpus": res.foreign_cpus,
     }
-    del src, dst
-    gc.collect()
     return out
 
 

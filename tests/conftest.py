@@ -41,13 +41,14 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class Snapshot:
-    """Records a model's module objects, parameter objects and tensor values; ``check()`` asserts nothing changed."""
+    """Records a model's modules, parameter objects and tensor values; ``check()`` asserts none changed."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.modules = {name: m for name, m in model.named_modules()}
         self.params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
-        self.values = {k: v.detach().clone() for k, v in model.state_dict().items() if v.device.type != "meta"}
+        self.values = {k: v.detach().clone() for k, v in model.state_dict().items()
+                       if v.device.type != "meta"}
 
     def check(self) -> None:
         now = dict(self.model.named_modules())
