@@ -72,6 +72,8 @@ class MemoryReport:
 
 
 def _tensor_key(t: torch.Tensor):
+    if t.device.type == "meta":  # meta tensors have no storage address: only identity tells sharing
+        return ("meta", id(t))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 

@@ -89,7 +89,12 @@ def compress_(
     patterns on module names. If any layer fails, every replacement made by this call is undone
     and a :class:`CompressionError` names the layer and the problem.
     """
-    configs = [config] if isinstance(config, MethodConfig) else list(config)
+    if isinstance(config, MethodConfig):
+        configs = [config]
+    elif isinstance(config, (list, tuple)):
+        configs = list(config)
+    else:
+        raise TypeError(f"expected a method config (e.g. llmopt.RTN(...)) or a list of them, got {config!r}")
     if not configs:
         raise ValueError("compress_ needs at least one method config")
     for cfg in configs:

@@ -36,7 +36,8 @@ def select_linears(
     """``{name: module}`` of the ``nn.Linear`` modules (subclasses included) selected by glob patterns.
 
     Returns ``(selected, skipped)``. Patterns are ``fnmatch`` globs on the full dotted module name
-    (``"*.mlp.*"``, ``"lm_head"``). Already-compressed modules are skipped, with the reason. An include pattern that matches no module at all is an
+    (``"*.mlp.*"``, ``"lm_head"``); a pattern that matches a module also covers everything inside
+    it (``include="layers.0"`` selects the Linears of block 0). Already-compressed modules are skipped, with the reason. An include pattern that matches no module at all is an
     error: a typo must not silently compress nothing.
     """
     include_list, exclude_list = _as_list(include), _as_list(exclude)
@@ -49,15 +50,22 @@ def select_linears(
     for name, module in model.named_modules():
         if not name:
             continue
-        if include_list and not any(fnmatch.fnmatchcase(name, p) for p in include_list):
+        if include_list and not _matches(name, include_list):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude_list):
+        if _matches(name, exclude_list):
             continue
         if is_compressed(module):
             skipped[name] = f"already compressed ({type(module).__name__})"
         elif isinstance(module, nn.Linear):
             selected[name] = module
     return selected, skipped
+
+
+def _matches(name: str, patterns: List[str]) -> bool:
+    """True if a pattern matches ``name`` or one of its ancestors (``"layers.0"`` covers its children)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, p) for p in patterns for prefix in prefixes)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

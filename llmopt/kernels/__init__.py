@@ -194,6 +194,8 @@ class Int4PackCPUKernel(Kernel):
             return f"format {fmt.name!r} is not an affine format of at most 4 bits"
         if layer.out_features % 16:
             return f"out_features={layer.out_features} is not a multiple of 16"
+        if layer.scale_dtype != torch.bfloat16:
+            return f"needs bfloat16 scales (scale_dtype={layer.scale_dtype} would be rounded)"
         if _int4_kernel_group(layer.group_size) is None:
             return f"group_size={layer.group_size} is not a multiple of 32"
         return None
@@ -270,6 +272,8 @@ class Int8PackCPUKernel(Kernel):
             return f"format {fmt.name!r} is not 8-bit affine"
         if layer.num_groups != 1:
             return "needs one scale per output row (group_size=None); groupwise int8 has no CPU kernel"
+        if layer.scale_dtype != torch.bfloat16:
+            return f"needs bfloat16 scales (scale_dtype={layer.scale_dtype} would be rounded)"
         return None
 
     def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:

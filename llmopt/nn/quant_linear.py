@@ -211,13 +211,11 @@ class QuantLinear(nn.Module):
         for name in ("scale", "zero_point"):
             if name in canonical:
                 canonical[name] = canonical[name].to(self.scale_dtype)
-        if kernel is not None:
-            self.requested_kernel = kernel
+        requested = self.requested_kernel if kernel is None else kernel
         device = canonical["qdata"].device
-        if device.type == "meta":
-            chosen = select_kernel(self, "reference", device)
-        else:
-            chosen = select_kernel(self, self.requested_kernel, device)
+        # Validate the kernel before touching any state, so a refused kernel leaves the layer intact.
+        chosen = select_kernel(self, "reference" if device.type == "meta" else requested, device)
+        self.requested_kernel = requested
         runtime = chosen.to_runtime(self, canonical)
         for name in self._runtime_names:
             del self._buffers[name]
@@ -288,7 +286,7 @@ class QuantLinear(nn.Module):
             try:
                 self.set_canonical({k: v.detach() for k, v in canonical.items()})
             except (ValueError, TypeError) as exc:
-                error_msgs.append(f"{prefix or 'QuantLinear'}: {exc}")
+                error_msgs.append(f"{prefix.rstrip('.') or 'QuantLinear'}: {exc}")
 
     # ------------------------------------------------------------------ device moves
     def _apply(self, fn, recurse=True):
@@ -336,6 +334,8 @@ class QuantLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"QuantLinear expects floating-point inputs, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")

@@ -265,11 +265,30 @@ def list_formats() -> list:
     return sorted(_FORMATS)
 
 
+def _registered_name_of(fmt: WeightFormat) -> str:
+    """Name under which an equivalent format is registered (for instances built without get_format)."""
+    for name, (factory, defaults) in _FORMATS.items():
+        if factory is not type(fmt):
+            continue
+        try:
+            candidate = factory(**{**defaults, **fmt.options()})
+        except (TypeError, ValueError):
+            continue
+        if candidate.options() == fmt.options() and candidate.bits == fmt.bits:
+            return name
+    raise ValueError(
+        f"format {fmt!r} is not registered under any name, so it could not be saved and reloaded; "
+        f"register its class with llmopt.register_format(name) and build it with get_format(name)"
+    )
+
+
 def get_format(spec: "str | WeightFormat | Dict[str, Any]", **options: Any) -> WeightFormat:
     """Build a format from a name (plus options), a ``to_dict()`` dict, or pass an instance through."""
     if isinstance(spec, WeightFormat):
         if options:
             raise ValueError(f"options {sorted(options)} given together with a format instance {spec!r}")
+        if not spec.name:
+            spec.name = _registered_name_of(spec)
         return spec
     if isinstance(spec, dict):
         spec = dict(spec)

@@ -27,7 +27,7 @@ __all__ = [
     "fake_quantize",
 ]
 
-_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -78,8 +78,8 @@ def quantize_weight(
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
-    if scale_dtype not in _SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {scale_dtype}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
     n, k = weight.shape
     gs = resolve_group_size(group_size, k)
     groups = to_groups(weight, gs)

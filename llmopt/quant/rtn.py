@@ -10,7 +10,8 @@ import torch.nn as nn
 from ..config import MethodConfig
 from ..nn.quant_linear import QuantLinear, parse_dtype
 from ..quant.formats import get_format
-from ..quant.primitives import resolve_group_size
+from ..kernels import list_kernels
+from ..quant.primitives import SCALE_DTYPES, resolve_group_size
 from ..registry import register_method
 
 __all__ = ["RTN"]
@@ -39,7 +40,10 @@ class RTN(MethodConfig):
     def __post_init__(self) -> None:
         self.weight_format()  # unknown format / bad options fail here, before any layer is touched
         resolve_group_size(self.group_size, 1 << 30)
-        parse_dtype(self.scale_dtype)
+        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
+        if self.kernel != "auto" and self.kernel not in list_kernels():
+            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
 
     @classmethod
     def examples(cls):
