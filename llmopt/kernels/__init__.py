@@ -233,6 +233,21 @@ class Int4PackCPUKernel(Kernel):
             out["zero_point"] = sz[..., 1].to(layer.scale_dtype).contiguous()
         return out
 
+    def codes(self, layer: "QuantLinear", runtime: Tensors) -> Tensor:
+        codes = _unpack_int4_cpu(runtime["qdata"], layer.out_features, self._padded_k(layer))
+        codes = codes[:, : layer.in_features]
+        return codes - (8 - layer.format.mid) if layer.format.mid != 8 else codes.contiguous()
+
+    def dequantize(self, layer: "QuantLinear", runtime: Tensors, dtype: torch.dtype) -> Tensor:
+        # Straight from the kernel layout (no detour through the packed canonical form): the same
+        # maths the kernel does, (code - 8) * scale + zero per kernel group.
+        n, k_pad = layer.out_features, self._padded_k(layer)
+        codes = _unpack_int4_cpu(runtime["qdata"], n, k_pad)
+        kernel_group = _int4_kernel_group(layer.group_size)
+        sz = runtime["scale_and_zero"].transpose(0, 1).to(torch.float32)  # [N, G', 2]
+        values = (codes.view(n, -1, kernel_group).to(torch.float32) - 8) * sz[..., :1] + sz[..., 1:]
+        return values.view(n, k_pad)[:, : layer.in_features].to(dtype)
+
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -292,6 +307,13 @@ class Int8PackCPUKernel(Kernel):
         if "zero_point" in runtime:
             out["zero_point"] = runtime["zero_point"].reshape(-1, 1).to(layer.scale_dtype)
         return out
+
+    def dequantize(self, layer: "QuantLinear", runtime: Tensors, dtype: torch.dtype) -> Tensor:
+        signed = runtime["qdata"][:, : layer.in_features].to(torch.float32)
+        values = signed * runtime["scale"].to(torch.float32).unsqueeze(1)
+        if "zero_point" in runtime:
+            values = values + runtime["zero_point"].unsqueeze(1)
+        return values.to(dtype)
 
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
