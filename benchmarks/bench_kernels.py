@@ -56,8 +56,10 @@ from timing import (  # noqa: E402
     RetryBudget,
     Rotator,
     TimingResult,
+    better,
     foreign_cpu_load,
     gbps,
+    is_contended,
     last_level_cache_bytes,
     machine_info,
     measure_copy_bandwidth,
@@ -400,19 +402,17 @@ def run(args: argparse.Namespace) -> int:
         # Second chance: bursts of foreign work usually last seconds, so rows that stayed contended
         # are measured again once the machine is quiet (bounded by the retry budget).
         for (m, name), res in list(results.items()):
-            if (res.foreign_cpus or 0) <= args.max_foreign_cpus or budget.left <= 0:
+            if not is_contended(res, args.max_foreign_cpus) or budget.left <= 0:
                 continue
             t0 = time.perf_counter()
             wait_for_quiet(min(10.0, budget.left), args.max_foreign_cpus)
             c = CONTENDER_BY_NAME[name]
             again = measure_row(layer_sets[c.key], inputs[m][c.input_dtype], timing_kw,
-                                max_foreign_cpus=args.max_foreign_cpus, retries=1, budget=budget)
+                                max_foreign_cpus=args.max_foreign_cpus, retries=0)
             budget.spend(time.perf_counter() - t0)
-            again.attempts += res.attempts
-            if again.median_ms < res.median_ms:
-                results[(m, name)] = again
-            else:
-                res.attempts = again.attempts
+            total = again.attempts + res.attempts
+            results[(m, name)] = better(res, again, args.max_foreign_cpus)
+            results[(m, name)].attempts = total
             log(f"  re-measured {shape_name} M={m} {name}: {fmt_ms(res.median_ms)} -> "
                 f"{fmt_ms(again.median_ms)} ms (load {fmt_f(again.foreign_cpus, 2)})")
 
@@ -451,7 +451,8 @@ def run(args: argparse.Namespace) -> int:
     log("# re-measuring read bandwidth ...")
     bw_end = measure_read_bandwidth(args.bw_mib)
     bw_trace.append({"when": "end", "gbps": bw_end["gbps"]})
-    checks = evaluate_checks(records, bw_gbps, m_values, args.max_foreign_cpus)
+    checks = evaluate_checks(records, bw_gbps, m_values, args.max_foreign_cpus,
+                             bw_max=max(t["gbps"] for t in bw_trace))
     elapsed = time.perf_counter() - t_start
     summary = {"type": "summary", "bandwidth_end_gbps": bw_end["gbps"], "bandwidth_end": bw_end,
                "bandwidth_trace": bw_trace, "elapsed_s": elapsed, "retries_used": budget.retries,
@@ -477,7 +478,7 @@ def _find(records: List[Dict[str, Any]], shape: str, m: int, contender: str) -> 
 
 
 def evaluate_checks(records: List[Dict[str, Any]], bw_gbps: float, m_values: List[int],
-                    max_foreign_cpus: float = 0.3) -> List[Dict[str, Any]]:
+                    max_foreign_cpus: float = 0.3, bw_max: Optional[float] = None) -> List[Dict[str, Any]]:
     """The issue's performance targets -> list of {status: PASS|MISS|SKIP|INFO, name, detail}.
 
     A verdict that rests on a row measured while other processes loaded the CPUs says so.
@@ -510,6 +511,10 @@ def evaluate_checks(records: List[Dict[str, Any]], bw_gbps: float, m_values: Lis
     judge(f"{tgt}: int4_g64 vs bf16 dense >= 3x", r4, "speedup_vs_bf16", 3.0, "x")
     judge(f"{tgt}: int4_g64 vs fp32 dense >= 8x", r4, "speedup_vs_fp32", 8.0, "x")
     judge(f"{tgt}: int4_g64 >= 60% of read bandwidth ({bw_gbps:.1f} GB/s)", r4, "pct_bw", 60.0, "%")
+    if r4 is not None and bw_max and bw_max > bw_gbps * 1.05 and checks[-1]["status"] != "SKIP":
+        # The probe drifts on a VM; say what the verdict would be against the best probe of the run.
+        checks[-1]["detail"] += (f"; vs the highest probe of the run ({bw_max:.1f} GB/s): "
+                                 f"{100.0 * r4['gbps'] / bw_max:.0f}%")
     r8 = _find(records, TARGET_SHAPE, 1, "int8_pc")
     judge(f"{tgt}: int8_pc vs bf16 dense >= 1.8x", r8, "speedup_vs_bf16", 1.8, "x")
 

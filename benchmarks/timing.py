@@ -51,6 +51,8 @@ __all__ = [
     "RetryBudget",
     "foreign_cpu_load",
     "wait_for_quiet",
+    "is_contended",
+    "better",
     "percentile",
     "gbps",
     "measure_read_bandwidth",
@@ -208,6 +210,22 @@ def time_fn(
     return TimingResult.from_samples(samples, warmup=len(warm), foreign_cpus=foreign)
 
 
+def is_contended(res: TimingResult, max_foreign_cpus: float = 0.3) -> bool:
+    """Whether other processes used more than ``max_foreign_cpus`` CPUs while ``res`` was timed."""
+    return res.foreign_cpus is not None and res.foreign_cpus > max_foreign_cpus
+
+
+def better(a: Optional[TimingResult], b: TimingResult, max_foreign_cpus: float = 0.3) -> TimingResult:
+    """The more trustworthy of two measurements of the same thing: an uncontended one beats a
+    contended one; otherwise the lower median wins (interference only ever adds time)."""
+    if a is None:
+        return b
+    ca, cb = is_contended(a, max_foreign_cpus), is_contended(b, max_foreign_cpus)
+    if ca != cb:
+        return a if cb else b
+    return b if b.median_ms < a.median_ms else a
+
+
 class RetryBudget:
     """Total seconds ``time_fn_stable`` may spend on re-measurements across a whole benchmark."""
 
@@ -233,7 +251,7 @@ def time_fn_stable(
     at most ``retries`` times and while ``budget`` lasts. Before retry ``i`` (0-based) it waits up
     to ``backoff_s * 2**i`` seconds for the machine to become quiet (see :func:`wait_for_quiet`).
 
-    Returns the attempt with the lowest median (``attempts`` says how many were taken); its
+    Returns the best attempt by :func:`better` (``attempts`` says how many were taken); its
     ``foreign_cpus`` tells whether it was still contended.
     """
     best: Optional[TimingResult] = None
@@ -242,9 +260,8 @@ def time_fn_stable(
         t0 = time.perf_counter()
         res = time_fn(fn, **kwargs)
         attempts += 1
-        if best is None or res.median_ms < best.median_ms:
-            best = res
-        contended = res.foreign_cpus is not None and res.foreign_cpus > max_foreign_cpus
+        best = better(best, res, max_foreign_cpus)
+        contended = is_contended(res, max_foreign_cpus)
         if not contended or attempts > retries or (budget is not None and budget.left <= 0):
             break
         wait_for_quiet(backoff_s * 2 ** (attempts - 1), max_foreign_cpus)
