@@ -92,6 +92,15 @@ class ReferenceKernel(Kernel):
         return F.linear(x, weight, bias)
 
 
+def _finish(y: Tensor, x: Tensor, layer: "QuantLinear", lead) -> Tensor:
+    """Add the bias in the kernel's output dtype, cast back to the input dtype, restore leading dims."""
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype) if y.dtype != torch.float32 else y + layer.bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*lead, layer.out_features)
+
+
 def _is_cpu(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
@@ -255,12 +264,9 @@ class Int4PackCPUKernel(Kernel):
         if k_pad != layer.in_features:
             x2 = F.pad(x2, (0, k_pad - layer.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), runtime["qdata"], _int4_kernel_group(layer.group_size), runtime["scale_and_zero"]
+            x2.contiguous(), runtime["qdata"], layer.kernel_group_size, runtime["scale_and_zero"]
         )
-        y = y.to(x.dtype)
-        if layer.bias is not None:
-            y = y + layer.bias.to(x.dtype)
-        return y.reshape(*lead, layer.out_features)
+        return _finish(y, x, layer, lead)
 
 
 class Int8PackCPUKernel(Kernel):
@@ -296,7 +302,7 @@ class Int8PackCPUKernel(Kernel):
         signed = F.pad(signed, (0, self._padded_k(layer) - layer.in_features)).contiguous()
         out = {"qdata": signed, "scale": canonical["scale"].reshape(-1).to(torch.bfloat16)}
         if "zero_point" in canonical:
-            out["zero_point"] = canonical["zero_point"].reshape(-1).to(torch.float32)
+            out["zero_point"] = canonical["zero_point"].reshape(-1).to(torch.bfloat16)
         return out
 
     def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
@@ -321,14 +327,12 @@ class Int8PackCPUKernel(Kernel):
         k_pad = self._padded_k(layer)
         if k_pad != layer.in_features:
             x2 = F.pad(x2, (0, k_pad - layer.in_features))
-        x2 = x2.contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, runtime["qdata"], runtime["scale"])
-        if "zero_point" in runtime:
-            y = y.to(torch.float32) + x2.to(torch.float32).sum(-1, keepdim=True) * runtime["zero_point"]
-        y = y.to(x.dtype)
-        if layer.bias is not None:
-            y = y + layer.bias.to(x.dtype)
-        return y.reshape(*lead, layer.out_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), runtime["qdata"], runtime["scale"])
+        zero_point = runtime.get("zero_point")
+        if zero_point is not None:
+            # One fused bf16 op (sum accumulates in float32 internally): the output is bf16 anyway.
+            y.addcmul_(x2.sum(-1, keepdim=True), zero_point)
+        return _finish(y, x, layer, lead)
 
 
 KERNELS: Dict[str, Kernel] = {

@@ -60,7 +60,7 @@ class _FastKernelMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return layer.kernel.forward(layer, layer._runtime(), x)
+        return layer.kernel.forward(layer, layer._buffers, x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -173,6 +173,14 @@ class QuantLinear(nn.Module):
         return layer
 
     # ------------------------------------------------------------------ storage
+    @property
+    def kernel_group_size(self) -> int:
+        """Group size handed to the int4 kernel (the largest of 256/128/64/32 dividing group_size)."""
+        for candidate in (256, 128, 64, 32):
+            if self.group_size % candidate == 0:
+                return candidate
+        return self.group_size
+
     @property
     def num_groups(self) -> int:
         return num_groups(self.in_features, self.group_size)
@@ -341,7 +349,8 @@ class QuantLinear(nn.Module):
                              f"{tuple(x.shape)}")
         if self.kernel.name != "reference" and x.requires_grad and torch.is_grad_enabled():
             return _FastKernelMatmul.apply(x, self)
-        return self.kernel.forward(self, self._runtime(), x)
+        # _buffers holds exactly the kernel's runtime tensors (bias is a parameter): no dict to build.
+        return self.kernel.forward(self, self._buffers, x)
 
     def config(self) -> Dict[str, Any]:
         """JSON-serialisable constructor arguments (used by ``llmopt.save``)."""
