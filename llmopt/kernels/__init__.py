@@ -264,7 +264,7 @@ class Int4PackCPUKernel(Kernel):
         if k_pad != layer.in_features:
             x2 = F.pad(x2, (0, k_pad - layer.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), runtime["qdata"], layer.kernel_group_size, runtime["scale_and_zero"]
+            x2.contiguous(), runtime["qdata"], _int4_kernel_group(layer.group_size), runtime["scale_and_zero"]
         )
         return _finish(y, x, layer, lead)
 

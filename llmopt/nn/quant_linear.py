@@ -174,14 +174,6 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ storage
     @property
-    def kernel_group_size(self) -> int:
-        """Group size handed to the int4 kernel (the largest of 256/128/64/32 dividing group_size)."""
-        for candidate in (256, 128, 64, 32):
-            if self.group_size % candidate == 0:
-                return candidate
-        return self.group_size
-
-    @property
     def num_groups(self) -> int:
         return num_groups(self.in_features, self.group_size)
 
@@ -237,9 +229,17 @@ class QuantLinear(nn.Module):
         self.set_canonical(self.canonical_state(), kernel=kernel)
         return self
 
+    def _stored_weight_bytes(self) -> int:
+        # From shapes alone: converting a kernel layout back just to count bytes would be wasteful.
+        scale_bytes = torch.empty((), dtype=self.scale_dtype).element_size()
+        total = 0
+        for name, shape in self._expected_shapes().items():
+            total += shape[0] * shape[1] * (1 if name == "qdata" else scale_bytes)
+        return total
+
     def stored_bytes(self) -> int:
         """Bytes of the canonical stored form (codes, parameters, bias), as written by ``save``."""
-        total = sum(t.numel() * t.element_size() for t in self.canonical_state().values())
+        total = self._stored_weight_bytes()
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         return total
@@ -253,8 +253,7 @@ class QuantLinear(nn.Module):
 
     def bits_per_weight(self) -> float:
         """Stored bits per weight, parameters included (bias excluded)."""
-        weights = sum(t.numel() * t.element_size() for t in self.canonical_state().values())
-        return 8.0 * weights / (self.in_features * self.out_features)
+        return 8.0 * self._stored_weight_bytes() / (self.in_features * self.out_features)
 
     # ------------------------------------------------------------------ state dict: always canonical
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401
