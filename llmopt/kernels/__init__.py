@@ -92,6 +92,14 @@ class ReferenceKernel(Kernel):
         return F.linear(x, weight, bias)
 
 
+def _bf16_rows(x: Tensor, k_pad: int) -> Tensor:
+    """Activations as a contiguous bf16 ``[rows, k_pad]`` matrix, zero-padded past ``in_features``."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if k_pad != x2.shape[-1]:
+        x2 = F.pad(x2, (0, k_pad - x2.shape[-1]))
+    return x2.contiguous()
+
+
 def _finish(y: Tensor, x: Tensor, layer: "QuantLinear", lead) -> Tensor:
     """Add the bias in the kernel's output dtype, cast back to the input dtype, restore leading dims."""
     if layer.bias is not None:
@@ -259,12 +267,9 @@ class Int4PackCPUKernel(Kernel):
 
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        k_pad = self._padded_k(layer)
-        if k_pad != layer.in_features:
-            x2 = F.pad(x2, (0, k_pad - layer.in_features))
+        x2 = _bf16_rows(x, self._padded_k(layer))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), runtime["qdata"], _int4_kernel_group(layer.group_size), runtime["scale_and_zero"]
+            x2, runtime["qdata"], _int4_kernel_group(layer.group_size), runtime["scale_and_zero"]
         )
         return _finish(y, x, layer, lead)
 
@@ -323,11 +328,8 @@ class Int8PackCPUKernel(Kernel):
 
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        k_pad = self._padded_k(layer)
-        if k_pad != layer.in_features:
-            x2 = F.pad(x2, (0, k_pad - layer.in_features))
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), runtime["qdata"], runtime["scale"])
+        x2 = _bf16_rows(x, self._padded_k(layer))
+        y = torch.ops.aten._weight_int8pack_mm(x2, runtime["qdata"], runtime["scale"])
         zero_point = runtime.get("zero_point")
         if zero_point is not None:
             # One fused bf16 op (sum accumulates in float32 internally): the output is bf16 anyway.
