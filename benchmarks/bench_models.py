@@ -53,10 +53,18 @@ RESULTS = os.path.join(HERE, "results")
 def settings(quick: bool) -> Dict[str, Any]:
     """Protocol knobs; the quick profile keeps every row but measures less."""
     if quick:
-        return dict(eval_tokens=2048, window=512, decode_new=16, decode_repeats=1, prefill_tokens=128,
-                    speed_new=8, speed_repeats=1, slow_new=4, calib_samples=8, calib_len=256)
-    return dict(eval_tokens=8192, window=1024, decode_new=48, decode_repeats=3, prefill_tokens=256,
-                speed_new=24, speed_repeats=2, slow_new=6, calib_samples=32, calib_len=512)
+        return dict(eval_tokens=1024, window=512, decode_new=8, decode_repeats=1, prefill_tokens=64,
+                    speed_new=4, speed_repeats=1, slow_new=3, calib_samples=8, calib_len=256)
+    return dict(eval_tokens=4096, window=1024, decode_new=32, decode_repeats=2, prefill_tokens=256,
+                speed_new=16, speed_repeats=2, slow_new=4, calib_samples=32, calib_len=512)
+
+
+# Peers whose CPU path dequantizes every call (measured with fewer decode tokens, like our reference kernel).
+SLOW_PEERS = ("peer hqq_4bit_g64", "peer hqq_3bit_g64", "peer quanto_int4")
+
+# Rows run on the speed model: formats with fast kernels and the peers' main 4/8-bit paths.
+SPEED_ROWS = ("fp32", "bf16", "llmopt rtn int8 channel", "llmopt rtn int4 g64", "peer torchao_int4_g64",
+              "peer torchao_int8", "peer bnb_nf4", "peer hqq_4bit_g64", "peer quanto_int4")
 
 
 def read_text(name: str) -> str:
@@ -82,8 +90,10 @@ class Row:
     """One contender: how to turn the float model into it."""
 
     def __init__(self, name: str, family: str, apply: Callable[[torch.nn.Module], Dict[str, Any]],
-                 detail: str = "") -> None:
+                 detail: str = "", context: Callable = torch.inference_mode, peer=None) -> None:
         self.name, self.family, self.apply, self.detail = name, family, apply, detail
+        self.context = context  # grad mode to run the model under (quanto int4 needs no_grad)
+        self.peer = peer
 
 
 def _baseline(dtype: torch.dtype) -> Callable:
@@ -100,6 +110,7 @@ def _llmopt(config, calibration: Optional[List[torch.Tensor]]) -> Callable:
         model.to(torch.bfloat16)
         kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
         return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
+                "layers_total": len(report.replaced) + len(report.skipped),
                 "kernels": kernels, "notes": report.notes}
     return apply
 
@@ -129,7 +140,8 @@ def build_rows(use_peers: bool, calibration: Optional[List[torch.Tensor]]) -> (L
                 peer = peer_module.get_peer(name)
                 ok, reason = peer.available()
                 if ok:
-                    rows.append(Row(f"peer {name}", "peer", _peer(peer), getattr(peer, "description", "")))
+                    rows.append(Row(f"peer {name}", "peer", _peer(peer), getattr(peer, "description", ""),
+                                    context=peer.run_context, peer=peer))
                 else:
                     notes.append(f"peer {name} skipped: {reason}")
     return rows, notes
@@ -139,46 +151,56 @@ def build_rows(use_peers: bool, calibration: Optional[List[torch.Tensor]]) -> (L
 # Measuring
 
 
-def weight_stats(model: torch.nn.Module) -> Dict[str, Any]:
-    """Bits per weight of the Linear layers other than lm_head, and stored MiB of the whole model."""
+def target_weights(model: torch.nn.Module) -> int:
+    """Number of weights in the Linear layers every row targets (all but lm_head)."""
+    return sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "lm_head")
+
+
+def weight_stats(model: torch.nn.Module, row: "Row", info: Dict[str, Any], n_target: int) -> Dict[str, Any]:
+    """Stored bits per weight of the targeted layers, and the model's bytes in memory."""
     try:
-        from peers import module_bytes  # counts peers' tensor subclasses and packed buffers correctly
+        import peers as peer_module  # counts tensor subclasses and packed buffers of any library
     except Exception:  # noqa: BLE001
-        module_bytes = None
-    report = llmopt.memory_report(model)
-    # Every row leaves lm_head alone (tied to the embedding in SmolLM2): average over the others.
-    layers = [layer for layer in report.layers if layer.name.split(".")[-1] != "lm_head"]
-    linear_bits = sum(layer.bits_per_weight * layer.num_weights for layer in layers)
-    linear_weights = sum(layer.num_weights for layer in layers)
-    total = report.stored_bytes
-    if module_bytes is not None:
-        total = module_bytes(model)
-    return {"model_mib": total / 2**20,
-            "linear_bits_per_weight": linear_bits / linear_weights if linear_weights else float("nan")}
+        peer_module = None
+    if row.family == "peer" and peer_module is not None:
+        bits = 8.0 * peer_module.weight_bytes(model, info)["targets"] / n_target
+    else:
+        report = llmopt.memory_report(model)
+        # Every row leaves lm_head alone (tied to the embedding in SmolLM2): average over the others.
+        layers = [layer for layer in report.layers if layer.name.split(".")[-1] != "lm_head"]
+        bits = sum(layer.bits_per_weight * layer.num_weights for layer in layers) / n_target
+    if peer_module is not None:
+        in_memory = peer_module.tensor_bytes(model)
+    else:
+        in_memory = llmopt.memory_report(model).runtime_bytes
+    return {"model_mib": in_memory / 2**20, "linear_bits_per_weight": bits}
 
 
 def measure(model_name: str, base: torch.nn.Module, row: Row, cfg: Dict[str, Any],
             eval_ids: Optional[torch.Tensor]) -> Dict[str, Any]:
     record: Dict[str, Any] = {"model": model_name, "method": row.name, "family": row.family, "detail": row.detail}
     model = copy.deepcopy(base)
+    n_target = target_weights(model)
     with evaluate.PeakMemory() as peak, evaluate.timed() as t:
         info = row.apply(model)
-    record.update(apply_s=t["seconds"], apply_peak_rss_mib=peak.to_dict()["peak_rss_mib"], **info)
+    record.update(apply_s=t["seconds"], apply_peak_rss_mib=peak.to_dict()["peak_rss_mib"])
+    record.update({k: v for k, v in info.items() if k not in ("quantized_modules", "skipped_modules")})
+    if info.get("skipped_modules"):
+        record["skipped_modules"] = len(info["skipped_modules"])
     quantized_kernels = [m.kernel.name for m in model.modules() if hasattr(m, "kernel")]
-    slow = any(k == "reference" for k in quantized_kernels)
-    stats = weight_stats(model)
-    if row.family == "peer":
-        # memory_report cannot see inside peers' modules; their adapter reports bits per weight.
-        stats["linear_bits_per_weight"] = info.get("bits_per_weight")
-    record.update(stats)
+    # Layers without a fast kernel dequantize on every call: measure fewer tokens there.
+    slow = any(k == "reference" for k in quantized_kernels) or row.name in SLOW_PEERS
+    record.update(weight_stats(model, row, info, n_target))
     new_tokens = cfg["slow_new"] if slow else (cfg["decode_new"] if eval_ids is not None else cfg["speed_new"])
     repeats = 1 if slow else (cfg["decode_repeats"] if eval_ids is not None else cfg["speed_repeats"])
     if eval_ids is not None:
-        ppl = evaluate.perplexity(model, eval_ids, window=cfg["window"], progress=False)
+        ppl = evaluate.perplexity(model, eval_ids, window=cfg["window"], progress=False, context=row.context)
         record.update(ppl=ppl["ppl"], ppl_tokens=ppl["tokens_scored"], ppl_s=ppl["seconds"])
-        prefill = evaluate.prefill_throughput(model, prompt_tokens=cfg["prefill_tokens"], repeats=2)
+        prefill = evaluate.prefill_throughput(model, prompt_tokens=cfg["prefill_tokens"], repeats=2,
+                                              context=row.context)
         record["prefill_tok_s"] = prefill["tokens_per_s"]
-    decode = evaluate.decode_throughput(model, new_tokens=new_tokens, repeats=repeats)
+    decode = evaluate.decode_throughput(model, new_tokens=new_tokens, repeats=repeats, context=row.context)
     record.update(decode_tok_s=decode["tokens_per_s"], decode_new_tokens=new_tokens, decode_repeats=repeats)
     del model
     gc.collect()
@@ -226,7 +248,8 @@ def markdown(records: List[Dict[str, Any]], header: Dict[str, Any], notes: List[
                 cells.append(_fmt(r.get("prefill_tok_s"), 0))
             extra = ", ".join(r.get("kernels", []) or []) or r.get("compute_dtype", "")
             if r.get("layers_quantized") is not None and r.get("layers_total"):
-                extra += f"; {r['layers_quantized']}/{r['layers_total']} layers quantized"
+                if r["layers_quantized"] != r["layers_total"]:
+                    extra += f"; only {r['layers_quantized']}/{r['layers_total']} layers quantized"
             cells += [_fmt(r.get("model_mib"), 1), _fmt(r.get("apply_s")), extra]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -315,9 +338,8 @@ def run_model(model_name: str, rows: List[Row], cfg: Dict[str, Any], out, record
         base = speed_model("1b", dtype=torch.float32)
         eval_ids = None
     for row in rows:
-        if model_name != "smollm2" and row.family == "llmopt" and "int4 g128" not in row.name and \
-                "int4 g64" not in row.name and "int8" not in row.name:
-            continue  # the speed model measures the formats with fast kernels; quality lives on SmolLM2
+        if model_name != "smollm2" and row.name not in SPEED_ROWS:
+            continue  # the speed model measures the main fast paths; quality lives on SmolLM2
         start = time.perf_counter()
         try:
             record = measure(model_name, base, row, cfg, eval_ids)

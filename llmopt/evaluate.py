@@ -23,7 +23,7 @@ import inspect
 import math
 import statistics
 import time
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,11 +73,14 @@ def perplexity(
     stride: Optional[int] = None,
     max_tokens: Optional[int] = None,
     progress: bool = True,
+    context: Callable[[], ContextManager] = torch.inference_mode,
 ) -> Dict[str, Any]:
     """Perplexity of a causal LM on one token stream (protocol in the module docstring).
 
     ``model(input_ids)`` must return logits ``[1, T, vocab]`` (a Hugging Face CausalLM output, a
     tuple, or a tensor). Returns ``{"ppl", "nll", "tokens_scored", "window", "stride", ...}``.
+    ``context`` is the grad mode to run under (``torch.no_grad`` for models that cannot run in
+    inference mode).
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
     if max_tokens is not None:
@@ -96,7 +99,7 @@ def perplexity(
     model.eval()
     start_time = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with context():
             for start in _progress(starts, len(starts), "perplexity", progress):
                 end = min(start + window, ids.numel())
                 chunk = ids[start:end].unsqueeze(0).to(device)
@@ -157,6 +160,7 @@ def decode_throughput(
     repeats: int = 3,
     vocab_size: Optional[int] = None,
     seed: int = 0,
+    context: Callable[[], ContextManager] = torch.inference_mode,
 ) -> Dict[str, Any]:
     """Tokens per second of greedy decoding with a KV cache (Hugging Face-style model API).
 
@@ -173,7 +177,7 @@ def decode_throughput(
     model.eval()
     times = []
     try:
-        with torch.inference_mode():
+        with context():
             cache_arg = _cache_argument(model)
             for _ in range(warmup):
                 _greedy_decode(model, prompt, new_tokens, cache_arg)
@@ -203,6 +207,7 @@ def prefill_throughput(
     repeats: int = 3,
     vocab_size: Optional[int] = None,
     seed: int = 0,
+    context: Callable[[], ContextManager] = torch.inference_mode,
 ) -> Dict[str, Any]:
     """Tokens per second of one forward pass over ``batch_size x prompt_tokens`` tokens."""
     vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 1000
@@ -212,7 +217,7 @@ def prefill_throughput(
     model.eval()
     times = []
     try:
-        with torch.inference_mode():
+        with context():
             for i in range(warmup + repeats):
                 start = time.perf_counter()
                 model(ids)
