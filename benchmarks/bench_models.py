@@ -290,6 +290,8 @@ def plots(records: List[Dict[str, Any]], out_dir: str) -> List[str]:
         ax.set_ylabel(ylabel)
         if ykey == "ppl":
             ax.set_yscale("log")
+        if xkey == "ppl":
+            ax.set_xscale("log")
         ax.set_title(f"{rows[0]['model']}: {ylabel} vs {xlabel} (black: float, blue: llmopt, orange: peers)",
                      fontsize=9)
         ax.grid(alpha=0.3)

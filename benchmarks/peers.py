@@ -184,14 +184,16 @@ def _collect_tensors(obj: Any, out: Dict[Any, int], seen: set, depth: int = 0) -
             _collect_tensors(extra, out, seen, depth + 1)
         return
     if isinstance(obj, nn.Module):
+        # Module nesting does not count towards the depth limit (which only guards helper objects):
+        # a weight six modules deep in a transformer must still be found.
         for t in list(obj.parameters(recurse=False)) + list(obj.buffers(recurse=False)):
-            _collect_tensors(t, out, seen, depth + 1)
+            _collect_tensors(t, out, seen, 0)
         for key, value in vars(obj).items():
             if key in ("_parameters", "_buffers", "_modules") or key.startswith(("_forward", "_backward")):
                 continue
             _collect_tensors(value, out, seen, depth + 1)
         for child in obj.children():
-            _collect_tensors(child, out, seen, depth + 1)
+            _collect_tensors(child, out, seen, 0)
         return
     if isinstance(obj, dict):
         for value in obj.values():

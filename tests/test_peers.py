@@ -241,3 +241,13 @@ def test_torchao_int4_g128_on_smollm2_quantizes_only_down_proj():
     info = peers.get_peer("torchao_int4_g128").apply(model)
     assert (info["layers_quantized"], info["layers_total"]) == (30, 210)
     assert all(n.endswith("down_proj") for n in info["quantized_modules"])
+
+
+def test_tensor_bytes_finds_weights_deep_in_the_module_tree():
+    import torch.nn as nn
+
+    inner = nn.Linear(4, 4)
+    model = inner
+    for _ in range(10):
+        model = nn.Sequential(model)
+    assert peers.tensor_bytes(model) == (16 + 4) * 4
