@@ -202,6 +202,10 @@ def measure(model_name: str, base: torch.nn.Module, row: Row, cfg: Dict[str, Any
         record["prefill_tok_s"] = prefill["tokens_per_s"]
     decode = evaluate.decode_throughput(model, new_tokens=new_tokens, repeats=repeats, context=row.context)
     record.update(decode_tok_s=decode["tokens_per_s"], decode_new_tokens=new_tokens, decode_repeats=repeats)
+    if eval_ids is None:  # speed model: batched decoding too (weights read once serve 4 sequences)
+        batched = evaluate.decode_throughput(model, new_tokens=max(new_tokens // 2, 2), batch_size=4,
+                                             warmup=0 if slow else 1, repeats=1, context=row.context)
+        record["decode_b4_tok_s"] = batched["tokens_per_s"]
     del model
     gc.collect()
     return record
@@ -231,7 +235,7 @@ def markdown(records: List[Dict[str, Any]], header: Dict[str, Any], notes: List[
         lines += [f"## {model_name}", ""]
         has_ppl = any(r.get("ppl") is not None for r in rows)
         head = "| method | bits/weight (Linears but lm_head) | " + ("ppl | delta vs fp32 | " if has_ppl else "") + \
-               "decode tok/s | vs bf16 | " + ("prefill tok/s | " if has_ppl else "") + \
+               "decode tok/s | vs bf16 | " + ("prefill tok/s | " if has_ppl else "batch-4 decode tok/s | ") + \
                "model MiB | apply s | kernels / notes |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for r in rows:
@@ -244,8 +248,7 @@ def markdown(records: List[Dict[str, Any]], header: Dict[str, Any], notes: List[
                 cells += [_fmt(ppl), _fmt(None if ppl is None or fp32 is None else ppl - fp32)]
             speed = r.get("decode_tok_s")
             cells += [_fmt(speed, 1), _fmt(None if not speed or not bf16_speed else speed / bf16_speed) + "x"]
-            if has_ppl:
-                cells.append(_fmt(r.get("prefill_tok_s"), 0))
+            cells.append(_fmt(r.get("prefill_tok_s"), 0) if has_ppl else _fmt(r.get("decode_b4_tok_s"), 1))
             extra = ", ".join(r.get("kernels", []) or []) or r.get("compute_dtype", "")
             if r.get("layers_quantized") is not None and r.get("layers_total"):
                 if r["layers_quantized"] != r["layers_total"]:
