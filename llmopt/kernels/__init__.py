@@ -225,9 +225,11 @@ class Int4PackCPUKernel(Kernel):
         fmt = layer.format
         k_pad = self._padded_k(layer)
         codes = unpack_codes(canonical["qdata"], fmt.bits, layer.in_features).to(torch.int32)
-        codes = codes + (8 - fmt.mid)
-        # Padded columns get code 8 (value = zero_point) and meet zero-padded activations.
-        codes = F.pad(codes, (0, k_pad - layer.in_features), value=8)
+        if fmt.mid != 8:
+            codes += 8 - fmt.mid  # re-centre 2/3-bit codes on the 4-bit grid (exact)
+        if k_pad != layer.in_features:
+            # Padded columns get code 8 (value = zero_point) and meet zero-padded activations.
+            codes = F.pad(codes, (0, k_pad - layer.in_features), value=8)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         repeat = layer.group_size // _int4_kernel_group(layer.group_size)
         scale = canonical["scale"].to(torch.bfloat16)

@@ -125,9 +125,10 @@ class AffineFormat(WeightFormat):
         return scale, zero_point
 
     def quantize(self, groups: Tensor, scale: Tensor, zero_point: Optional[Tensor]) -> Tensor:
-        shifted = groups if zero_point is None else groups - zero_point
-        codes = torch.round(shifted / scale) + self.mid
-        return codes.clamp_(0, self.qmax).to(torch.uint8)
+        # One temporary, updated in place: this runs over every weight of the model.
+        codes = groups - zero_point if zero_point is not None else groups.clone()
+        codes.div_(scale).round_().add_(self.mid).clamp_(0, self.qmax)
+        return codes.to(torch.uint8)
 
     def dequantize(self, codes: Tensor, scale: Tensor, zero_point: Optional[Tensor]) -> Tensor:
         values = (codes.to(torch.float32) - self.mid) * scale.to(torch.float32)

@@ -37,7 +37,9 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if bits in (1, 2, 4):
         # Power-of-two widths: whole codes per byte, plain shifts on uint8.
         per_byte = 8 // bits
-        padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, out_bytes * per_byte - num_codes))
+        padded = codes.to(torch.uint8)
+        if out_bytes * per_byte != num_codes:
+            padded = torch.nn.functional.pad(padded, (0, out_bytes * per_byte - num_codes))
         padded = padded.reshape(*lead, out_bytes, per_byte)
         packed = padded[..., 0].clone()
         for j in range(1, per_byte):
