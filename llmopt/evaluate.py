@@ -150,6 +150,27 @@ def _greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, cach
     return time.perf_counter() - start
 
 
+def _random_prompt(model: nn.Module, vocab_size: Optional[int], tokens: int, seed: int) -> torch.Tensor:
+    """A seeded random prompt ``[1, tokens]`` on the model's device."""
+    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 1000
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, tokens), generator=gen).to(_model_device(model))
+
+
+def _repeat_timed(model: nn.Module, run: Callable[[], float], warmup: int, repeats: int,
+                  context: Callable[[], ContextManager]) -> list:
+    """``warmup`` untimed then ``repeats`` timed calls of ``run`` (which returns its own seconds), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with context():
+            for _ in range(warmup):
+                run()
+            return [run() for _ in range(repeats)]
+    finally:
+        model.train(was_training)
+
+
 def decode_throughput(
     model: nn.Module,
     *,
@@ -169,22 +190,10 @@ def decode_throughput(
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be >= 2 (the first token comes from the prefill)")
-    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 1000
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=gen).repeat(batch_size, 1)
-    prompt = prompt.to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    times = []
-    try:
-        with context():
-            cache_arg = _cache_argument(model)
-            for _ in range(warmup):
-                _greedy_decode(model, prompt, new_tokens, cache_arg)
-            for _ in range(repeats):
-                times.append(_greedy_decode(model, prompt, new_tokens, cache_arg))
-    finally:
-        model.train(was_training)
+    prompt = _random_prompt(model, vocab_size, prompt_tokens, seed).repeat(batch_size, 1)
+    cache_arg = _cache_argument(model)
+    times = _repeat_timed(model, lambda: _greedy_decode(model, prompt, new_tokens, cache_arg),
+                          warmup, repeats, context)
     median = statistics.median(times)
     steps = new_tokens - 1
     return {
@@ -210,22 +219,14 @@ def prefill_throughput(
     context: Callable[[], ContextManager] = torch.inference_mode,
 ) -> Dict[str, Any]:
     """Tokens per second of one forward pass over ``batch_size x prompt_tokens`` tokens."""
-    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 1000
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=gen).to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    times = []
-    try:
-        with context():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                model(ids)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    median = statistics.median(times)
+    ids = _random_prompt(model, vocab_size, prompt_tokens, seed).repeat(batch_size, 1)
+
+    def forward() -> float:
+        start = time.perf_counter()
+        model(ids)
+        return time.perf_counter() - start
+
+    median = statistics.median(_repeat_timed(model, forward, warmup, repeats, context))
     return {"tokens_per_s": batch_size * prompt_tokens / median, "ms": 1000 * median,
             "batch_size": batch_size, "prompt_tokens": prompt_tokens, "repeats": repeats}
 
