@@ -75,6 +75,46 @@ def _tied_weight_notes(model: nn.Module, swapped: Dict[str, nn.Module]) -> List[
     return notes
 
 
+def _handle(entry, cfg: MethodConfig, name: str, module: nn.Module, **kwargs: Any) -> nn.Module:
+    """Run one handler; any failure becomes a CompressionError naming the layer."""
+    try:
+        return entry.handler(module, cfg, name=name, **kwargs)
+    except Exception as exc:
+        raise CompressionError(f"layer {name!r} ({cfg.name}): {exc}") from exc
+
+
+def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targets: Dict[str, nn.Module],
+                               calibration: Sequence[Any], swapped: Dict[str, nn.Module]) -> None:
+    """Block by block: each block's layers get statistics of the inputs the already-compressed
+    previous blocks produce; targets outside the repeated blocks (e.g. ``lm_head``), or every target
+    of a model without repeated blocks, come last, with statistics from one forward of the (partly
+    compressed) model. Every swap is recorded for rollback."""
+    from .calibration import collect_stats, find_blocks, run_blocks
+
+    spec = cfg.stats_spec() if hasattr(cfg, "stats_spec") else None
+
+    def swap(new_modules: Dict[str, nn.Module]) -> None:
+        for name, old in replace_modules(model, new_modules).items():
+            swapped.setdefault(name, old)
+
+    def process_block(index: int, block: nn.Module, stats) -> None:
+        swap({name: _handle(entry, cfg, name, targets[name], stats=layer_stats)
+              for name, layer_stats in stats.items() if name in targets})
+
+    try:
+        find_blocks(model)
+    except ValueError:
+        has_blocks = False  # no repeated blocks (a plain MLP, a single layer): one pass over the model
+    else:
+        has_blocks = True
+    if has_blocks:
+        run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets))
+    rest = [name for name in targets if get_submodule(model, name) is targets[name]]
+    if rest:
+        stats = collect_stats(model, calibration, spec, include=rest)
+        swap({name: _handle(entry, cfg, name, targets[name], stats=stats.get(name)) for name in rest})
+
+
 def compress_(
     model: nn.Module,
     config: Union[MethodConfig, Sequence[MethodConfig]],
@@ -117,14 +157,12 @@ def compress_(
             if not targets and not skipped:
                 raise ValueError(f"method {cfg.name!r}: no uncompressed nn.Linear matches include={include!r} "
                                  f"exclude={exclude!r}")
-            new_modules: Dict[str, nn.Module] = {}
-            for name, module in targets.items():
-                try:
-                    new_modules[name] = entry.handler(module, cfg, name=name)
-                except Exception as exc:
-                    raise CompressionError(f"layer {name!r} ({cfg.name}): {exc}") from exc
-            for name, old in replace_modules(model, new_modules).items():
-                swapped.setdefault(name, old)
+            if cfg.needs_calibration:
+                _compress_with_calibration(model, cfg, entry, targets, calibration, swapped)
+            else:
+                new_modules = {name: _handle(entry, cfg, name, module) for name, module in targets.items()}
+                for name, old in replace_modules(model, new_modules).items():
+                    swapped.setdefault(name, old)
             report.methods.append(cfg.to_dict())
     except BaseException:
         restore_modules(model, swapped)

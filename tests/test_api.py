@@ -166,7 +166,9 @@ class NeedsData(llmopt.MethodConfig):
     format: str = "int8"
 
 
-def _needs_data_handler(linear, config, *, name):
+def _needs_data_handler(linear, config, *, name, stats=None):
+    # Calibration methods receive the statistics of the inputs this layer saw.
+    assert stats is not None and stats.count > 0 and stats.absmax.shape == (linear.in_features,)
     return QuantLinear.from_linear(linear, config.format, None)
 
 

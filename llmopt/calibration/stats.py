@@ -1,0 +1,124 @@
+"""Streaming statistics of the inputs of one linear layer, the data every calibration method reads.
+
+A :class:`LayerStats` sees the inputs of one ``nn.Linear`` (any leading dimensions, flattened to rows
+of ``in_features``) batch after batch and keeps running sums, never the activations themselves:
+
+* ``hessian``: ``sum_rows x^T x``, ``(in, in)``, in ``spec.dtype`` (float64 by default). Skipped with
+  ``StatsSpec(hessian=False)`` when a method needs only the cheap per-column stats (an ``in x in``
+  float64 matrix is 128 MiB for ``in = 4096``).
+* ``count``: rows seen, so ``mean_hessian() = hessian / count``.
+* ``col_sq_sum``: ``sum_rows x_j^2`` per input column (``col_norm()`` is its square root).
+* ``absmax``: ``max_rows |x_j|`` per input column (float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["StatsSpec", "LayerStats", "StatsIncrement", "compute_increment"]
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What to collect. ``hessian=False`` keeps only the cheap per-column stats (count, norms, absmax)."""
+
+    hessian: bool = True
+    dtype: torch.dtype = torch.float64
+
+    def __post_init__(self):
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"StatsSpec.dtype must be a floating torch dtype, got {self.dtype!r}")
+        if self.dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"StatsSpec.dtype must be torch.float64 or torch.float32, got {self.dtype}")
+
+
+class StatsIncrement(NamedTuple):
+    """One batch's contribution; computed once and added to every layer that read the same input."""
+
+    rows: int
+    xtx: Optional[torch.Tensor]
+    col_sq: torch.Tensor
+    absmax: torch.Tensor
+
+
+def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> StatsIncrement:
+    """Sums for one input tensor ``x`` (``(..., in_features)``)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {in_features}")
+    x = x.detach().reshape(-1, in_features)
+    xf = x.to(spec.dtype)
+    if x.shape[0]:
+        absmax = x.abs().amax(dim=0).to(torch.float32)
+    else:
+        absmax = x.new_zeros(in_features, dtype=torch.float32)
+    xtx = xf.T @ xf if spec.hessian else None
+    return StatsIncrement(int(x.shape[0]), xtx, (xf * xf).sum(dim=0), absmax)
+
+
+class LayerStats:
+    """Running input statistics of one linear layer (see the module docstring)."""
+
+    def __init__(self, in_features: int, spec: Optional[StatsSpec] = None):
+        self.in_features = int(in_features)
+        self.spec = spec if spec is not None else StatsSpec()
+        self.count = 0
+        self.hessian: Optional[torch.Tensor] = None
+        self.col_sq_sum: Optional[torch.Tensor] = None
+        self.absmax: Optional[torch.Tensor] = None
+
+    # -- accumulation ---------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (shape ``(..., in_features)``; leading dims flattened)."""
+        self.add(compute_increment(x, self.in_features, self.spec))
+
+    def add(self, inc: StatsIncrement) -> None:
+        """Add a precomputed :class:`StatsIncrement` (lets layers sharing one input share the matmul)."""
+        if self.col_sq_sum is None:  # allocate lazily, on the device the inputs live on
+            device = inc.col_sq.device
+            n = self.in_features
+            self.col_sq_sum = torch.zeros(n, dtype=self.spec.dtype, device=device)
+            self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
+            if self.spec.hessian:
+                self.hessian = torch.zeros(n, n, dtype=self.spec.dtype, device=device)
+        self.count += inc.rows
+        self.col_sq_sum.add_(inc.col_sq.to(self.col_sq_sum.device))
+        torch.maximum(self.absmax, inc.absmax.to(self.absmax.device), out=self.absmax)
+        if self.hessian is not None:
+            self.hessian.add_(inc.xtx.to(self.hessian.device))
+
+    # -- reading --------------------------------------------------------------------------------
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise RuntimeError("no inputs were recorded for this layer (it was never called during "
+                               "calibration)")
+
+    def mean_hessian(self) -> torch.Tensor:
+        """``hessian / count``: the average ``x^T x`` per row (a new tensor)."""
+        self._require_data()
+        if self.hessian is None:
+            raise RuntimeError("the Hessian was not collected (StatsSpec(hessian=False)); ask for "
+                               "hessian=True")
+        return self.hessian / self.count
+
+    def col_norm(self) -> torch.Tensor:
+        """L2 norm of each input column over all rows seen: ``sqrt(col_sq_sum)``."""
+        self._require_data()
+        return self.col_sq_sum.sqrt()
+
+    def col_rms(self) -> torch.Tensor:
+        """Root-mean-square of each input column: ``sqrt(col_sq_sum / count)``."""
+        self._require_data()
+        return (self.col_sq_sum / self.count).sqrt()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.hessian, self.col_sq_sum, self.absmax)
+                   if t is not None)
+
+    def __repr__(self) -> str:
+        h = "on" if self.spec.hessian else "off"
+        return (f"LayerStats(in_features={self.in_features}, count={self.count}, hessian={h}, "
+                f"dtype={str(self.spec.dtype).replace('torch.', '')})")
