@@ -54,9 +54,9 @@ def settings(quick: bool) -> Dict[str, Any]:
     """Protocol knobs; the quick profile keeps every row but measures less."""
     if quick:
         return dict(eval_tokens=1024, window=512, decode_new=8, decode_repeats=1, prefill_tokens=64,
-                    speed_new=4, speed_repeats=1, slow_new=3, calib_samples=8, calib_len=256)
+                    speed_new=4, speed_repeats=1, slow_new=3, calib_samples=4, calib_len=128)
     return dict(eval_tokens=4096, window=1024, decode_new=32, decode_repeats=2, prefill_tokens=256,
-                speed_new=16, speed_repeats=2, slow_new=4, calib_samples=32, calib_len=512)
+                speed_new=16, speed_repeats=2, slow_new=4, calib_samples=16, calib_len=256)
 
 
 # Peers whose CPU path dequantizes every call (measured with fewer decode tokens, like our reference kernel).
@@ -103,7 +103,7 @@ def _baseline(dtype: torch.dtype) -> Callable:
     return apply
 
 
-def _llmopt(config, calibration: Optional[List[torch.Tensor]]) -> Callable:
+def _llmopt(config, calibration: List[torch.Tensor]) -> Callable:
     def apply(model):
         report = llmopt.compress_(model, config, exclude=["lm_head"],
                                   calibration=calibration if config.needs_calibration else None)
@@ -121,7 +121,7 @@ def _peer(peer) -> Callable:
     return apply
 
 
-def build_rows(use_peers: bool, calibration: Optional[List[torch.Tensor]]) -> (List[Row], List[str]):
+def build_rows(use_peers: bool, calibration: List[torch.Tensor]) -> (List[Row], List[str]):
     rows = [Row("fp32", "baseline", _baseline(torch.float32), "float32 weights and activations"),
             Row("bf16", "baseline", _baseline(torch.bfloat16), "bfloat16 weights and activations")]
     for method in list_methods():
@@ -339,6 +339,7 @@ def run_model(model_name: str, rows: List[Row], cfg: Dict[str, Any], out, record
         print(f"loaded {info['path']} ({info['parameters'] / 1e6:.1f} M parameters, GGUF tensor types "
               f"{info['gguf_tensor_types']}, dequantized to float32)", flush=True)
         eval_ids = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
+        calibration[:] = calibration_batches(tokenizer, cfg["calib_samples"], cfg["calib_len"])
     else:
         base = speed_model("1b", dtype=torch.float32)
         eval_ids = None
@@ -374,11 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.manual_seed(0)
     started = time.perf_counter()
-    calibration = None
-    if any(get_method(m).config_cls.needs_calibration and get_method(m).config_cls.benchmark_configs()
-           for m in list_methods()):
-        _, tok, _ = load_causal_lm("smollm2")
-        calibration = calibration_batches(tok, cfg["calib_samples"], cfg["calib_len"])
+    calibration: List[torch.Tensor] = []  # filled from calib.txt once SmolLM2's tokenizer is loaded
     rows, notes = build_rows(not args.no_peers, calibration)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,

@@ -210,7 +210,7 @@ class GPTQ(MethodConfig):
 
     @classmethod
     def benchmark_configs(cls):
-        return [cls("int4", 64, act_order=True), cls("int4", 128, act_order=True), cls("int3", 64, act_order=True)]
+        return [cls("int4", 64, act_order=True), cls("int3", 64, act_order=True)]
 
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
