@@ -332,7 +332,8 @@ def target_checks(records: List[Dict[str, Any]]) -> List[str]:
 # Main
 
 
-def run_model(model_name: str, rows: List[Row], cfg: Dict[str, Any], out, records: List[Dict[str, Any]]) -> None:
+def run_model(model_name: str, rows: List[Row], cfg: Dict[str, Any], out, records: List[Dict[str, Any]],
+              calibration: List[torch.Tensor]) -> None:
     print(f"\n=== {model_name} ===", flush=True)
     if model_name == "smollm2":
         base, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
@@ -393,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for note in notes:
             print(f"note: {note}")
         for model_name in args.models.split(","):
-            run_model(model_name.strip(), rows, cfg, out, records)
+            run_model(model_name.strip(), rows, cfg, out, records, calibration)
         checks = target_checks(records)
         out.write(json.dumps({"type": "checks", "checks": checks}) + "\n")
     header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
