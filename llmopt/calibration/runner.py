@@ -20,17 +20,16 @@ memory can be calibrated.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..targets import is_compressed
+from ..targets import Patterns, _as_list, _matches, is_compressed
 from .stats import LayerStats, StatsSpec, compute_increment
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
 ]
 
 Batch = Union[torch.Tensor, Mapping]
-Patterns = Optional[Union[str, Sequence[str]]]
 ProcessBlock = Callable[[int, nn.Module, Dict[str, LayerStats]], Any]
 
 _EXPECTED = ("a tensor of token ids of shape (batch, seq), or a dict of keyword arguments for the "
@@ -68,18 +66,6 @@ def _in_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     return module.weight.shape[0]  # Conv1D stores its weight as (in, out)
-
-
-def _as_list(patterns: Patterns) -> List[str]:
-    if patterns is None:
-        return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
-def _matches(name: str, patterns: List[str]) -> bool:
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(prefix, p) for p in patterns for prefix in prefixes)
 
 
 def linear_like_modules(root: nn.Module, prefix: str = "", include: Patterns = None,
