@@ -194,3 +194,21 @@ def test_report_writer_and_checks(tmp_path):
     pytest.importorskip("matplotlib")
     pngs = bench.plots(records, str(tmp_path))
     assert len(pngs) == 2 and all(pathlib.Path(p).stat().st_size > 1000 for p in pngs)
+
+
+def test_benchmark_script_end_to_end_on_a_toy_model(tmp_path):
+    """The main job's code path (rows, measuring, JSONL, markdown, checks) on a toy-sized model."""
+    import json
+
+    bench = _bench_module()
+    out = tmp_path / "models.jsonl"
+    assert bench.main(["--quick", "--models", "speed-tiny", "--no-peers", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = {r["method"]: r for r in lines if r["type"] == "row"}
+    assert {"fp32", "bf16", "llmopt rtn int8 channel", "llmopt rtn int4 g64"} <= set(rows)
+    assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows.values())
+    # 4.5 b/w, a little more because the toy's 352-wide down_proj has a ragged last group of 32.
+    assert 4.5 < rows["llmopt rtn int4 g64"]["linear_bits_per_weight"] < 4.55
+    assert rows["llmopt rtn int4 g64"]["kernels"] == ["int4pack_cpu"]
+    text = (tmp_path / "models.md").read_text()
+    assert "## speed-tiny" in text and "## Targets" in text
