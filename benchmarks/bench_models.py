@@ -163,17 +163,12 @@ def weight_stats(model: torch.nn.Module, row: "Row", info: Dict[str, Any], n_tar
         import peers as peer_module  # counts tensor subclasses and packed buffers of any library
     except Exception:  # noqa: BLE001
         peer_module = None
+    ours = evaluate.weight_bytes(model, exclude=("lm_head",))  # lm_head is left dense in every row
     if row.family == "peer" and peer_module is not None:
         bits = 8.0 * peer_module.weight_bytes(model, info)["targets"] / n_target
     else:
-        report = llmopt.memory_report(model)
-        # Every row leaves lm_head alone (tied to the embedding in SmolLM2): average over the others.
-        layers = [layer for layer in report.layers if layer.name.split(".")[-1] != "lm_head"]
-        bits = sum(layer.bits_per_weight * layer.num_weights for layer in layers) / n_target
-    if peer_module is not None:
-        in_memory = peer_module.tensor_bytes(model)
-    else:
-        in_memory = llmopt.memory_report(model).runtime_bytes
+        bits = ours["linear_bits_per_weight"]
+    in_memory = peer_module.tensor_bytes(model) if peer_module is not None else ours["runtime_bytes"]
     return {"model_mib": in_memory / 2**20, "linear_bits_per_weight": bits}
 
 

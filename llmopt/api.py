@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from .analysis import memory_report
 from .config import MethodConfig
 from .registry import get_method
 from .targets import Patterns, get_submodule, replace_modules, restore_modules, select_linears
@@ -17,18 +18,6 @@ __all__ = ["compress_", "CompressionReport", "CompressionError"]
 
 class CompressionError(RuntimeError):
     """A layer could not be compressed; the model was left exactly as it was."""
-
-
-def _module_bytes(module: nn.Module) -> int:
-    if hasattr(module, "stored_bytes"):
-        return int(module.stored_bytes())
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 @dataclass
@@ -172,6 +161,6 @@ def compress_(
     for name, original in swapped.items():
         new = get_submodule(model, name)
         report.replaced[name] = repr(new)
-        report.bytes_before += _module_bytes(original)
-        report.bytes_after += _module_bytes(new)
+        report.bytes_before += memory_report(original).stored_bytes
+        report.bytes_after += memory_report(new).stored_bytes
     return report

@@ -285,17 +285,21 @@ def timed() -> Iterator[Dict[str, float]]:
         result["seconds"] = time.perf_counter() - start
 
 
-def weight_bytes(model: nn.Module) -> Dict[str, Any]:
-    """Stored bytes of the model's weights (per layer and total) and bits per Linear weight."""
+def weight_bytes(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, Any]:
+    """Stored and in-memory bytes of the model, and stored bits per weight of its Linear layers.
+
+    ``exclude``: last components of layer names left out of the bits-per-weight average
+    (e.g. ``("lm_head",)`` when that layer is deliberately kept dense).
+    """
     from .analysis import memory_report
 
     report = memory_report(model)
-    linear_weights = sum(layer.num_weights for layer in report.layers)
-    linear_bits = sum(layer.bits_per_weight * layer.num_weights for layer in report.layers)
+    layers = [layer for layer in report.layers if layer.name.split(".")[-1] not in exclude]
+    linear_weights = sum(layer.num_weights for layer in layers)
+    linear_bits = sum(layer.bits_per_weight * layer.num_weights for layer in layers)
     return {
         "stored_bytes": report.stored_bytes,
         "runtime_bytes": report.runtime_bytes,
         "linear_bits_per_weight": linear_bits / linear_weights if linear_weights else float("nan"),
         "layers": [vars(layer) for layer in report.layers],
     }
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -110,10 +110,3 @@ def speed_model(size: str = "1b", *, dtype: torch.dtype = torch.float32, seed: i
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
-
-
-def to_dtype(model: nn.Module, dtype: Union[str, torch.dtype]) -> nn.Module:
-    """``model.to(dtype)`` that accepts a name (``"bfloat16"``)."""
-    return model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -104,9 +104,3 @@ def restore_modules(model: nn.Module, originals: Dict[str, nn.Module]) -> None:
     """Undo :func:`replace_modules` (in reverse order)."""
     for name in reversed(list(originals)):
         set_submodule(model, name, originals[name])
-
-
-def iter_named(model: nn.Module, names: Iterable[str]):
-    """``(name, module)`` pairs for the given names."""
-    for name in names:
-        yield name, get_submodule(model, name)
