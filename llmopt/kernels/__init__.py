@@ -12,6 +12,8 @@ Kernels:
 * ``int4pack_cpu``: ``aten._weight_int4pack_mm_for_cpu`` (affine formats of 2-4 bits, group sizes
   that are multiples of 32). Activations are cast to bfloat16, the only dtype it is fast with.
 * ``int8pack_cpu``: ``aten._weight_int8pack_mm`` (8-bit affine, one scale per output row).
+* ``int8_dynamic_cpu``: W8A8 for layers with ``act_bits=8``: activations quantized per token to int8,
+  multiplied by symmetric per-channel int8 weights with ``torch._int_mm`` (int32 accumulation).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from ..quant.formats import AffineFormat
 from ..quant.packing import pack_codes, unpack_codes
-from ..quant.primitives import dequantize_weight
+from ..quant.primitives import dequantize_weight, quantize_activations
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..nn.quant_linear import QuantLinear
@@ -48,6 +50,9 @@ class Kernel:
     """One way of computing ``x @ W.T`` for a ``QuantLinear``. Stateless: all data lives in the layer."""
 
     name = "base"
+    # True if forward() quantizes the activations itself (layers with act_bits); otherwise the layer
+    # hands it fake-quantized activations.
+    quantizes_activations = False
 
     def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
         """``None`` if this kernel can serve ``layer`` on ``device``, else a short reason."""
@@ -339,12 +344,59 @@ class Int8PackCPUKernel(Kernel):
         return _finish(y, x, layer, lead)
 
 
+class Int8DynamicCPUKernel(Kernel):
+    """W8A8: per-token int8 activations x per-channel symmetric int8 weights, ``torch._int_mm``.
+
+    Runtime layout: ``qdata`` signed int8 ``[K, N]`` (transposed: ``_int_mm`` is faster with the
+    weight as its contiguous right operand) and ``scale`` float32 ``[N]``. The int32 accumulator is
+    exact; the output is ``acc * x_scale[m] * w_scale[n] + bias``, computed in float32.
+    """
+
+    name = "int8_dynamic_cpu"
+    quantizes_activations = True
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        if not _is_cpu(device):
+            return "needs a CPU device"
+        if getattr(layer, "act_bits", None) != 8:
+            return "the layer does not quantize its activations (act_bits is not 8)"
+        if not hasattr(torch, "_int_mm"):
+            return "this PyTorch has no torch._int_mm"
+        fmt = layer.format
+        if not isinstance(fmt, AffineFormat) or fmt.bits != 8 or fmt.has_zero_point:
+            return f"format {fmt.name!r} is not symmetric 8-bit affine (int8 with symmetric=True)"
+        if layer.num_groups != 1:
+            return "needs one scale per output row (group_size=None)"
+        return None
+
+    def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
+        signed = (canonical["qdata"] ^ 0x80).view(torch.int8)
+        return {"qdata": signed.t().contiguous(), "scale": canonical["scale"].reshape(-1).to(torch.float32)}
+
+    def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
+        codes = (runtime["qdata"].t().contiguous().view(torch.uint8) ^ 0x80).contiguous()
+        return {"qdata": codes, "scale": runtime["scale"].reshape(-1, 1).to(layer.scale_dtype)}
+
+    def codes(self, layer: "QuantLinear", runtime: Tensors) -> Tensor:
+        return runtime["qdata"].t().contiguous().view(torch.uint8) ^ 0x80
+
+    def dequantize(self, layer: "QuantLinear", runtime: Tensors, dtype: torch.dtype) -> Tensor:
+        return (runtime["qdata"].t().to(torch.float32) * runtime["scale"].unsqueeze(1)).to(dtype)
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        codes, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]), layer.act_bits)
+        acc = torch._int_mm(codes, runtime["qdata"])
+        y = acc.to(torch.float32).mul_(x_scale).mul_(runtime["scale"])
+        return _finish(y, x, layer, lead)
+
+
 KERNELS: Dict[str, Kernel] = {
-    k.name: k for k in (ReferenceKernel(), Int4PackCPUKernel(), Int8PackCPUKernel())
+    k.name: k for k in (ReferenceKernel(), Int4PackCPUKernel(), Int8PackCPUKernel(), Int8DynamicCPUKernel())
 }
 
 # Tried in order by kernel="auto"; the reference kernel always serves as the last resort.
-_AUTO_ORDER = ("int8pack_cpu", "int4pack_cpu")
+_AUTO_ORDER = ("int8_dynamic_cpu", "int8pack_cpu", "int4pack_cpu")
 
 
 def list_kernels() -> list:

@@ -11,7 +11,13 @@ from torch import Tensor
 from ..kernels import Kernel, select_kernel
 from ..quant.formats import WeightFormat, get_format
 from ..quant.packing import pack_codes, packed_row_bytes
-from ..quant.primitives import num_groups, quantize_weight, resolve_group_size
+from ..quant.primitives import (
+    ACT_BITS,
+    fake_quantize_activations,
+    num_groups,
+    quantize_weight,
+    resolve_group_size,
+)
 
 __all__ = ["QuantLinear", "check_linear_weight", "parse_dtype"]
 
@@ -66,7 +72,9 @@ class _FastKernelMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight = ctx.layer.dequantize_weight(grad.dtype)
+        # The raw quantized weight: the input scale (if any) was applied before this function.
+        layer = ctx.layer
+        weight = layer.kernel.dequantize(layer, layer._runtime(), grad.dtype)
         return grad @ weight, None
 
 
@@ -77,6 +85,16 @@ class QuantLinear(nn.Module):
     ``zero_point`` ``[out, groups]``. In memory the tensors are kept in the layout of the selected
     kernel (see :mod:`llmopt.kernels`); ``state_dict()`` always returns the canonical form.
     Input of any float dtype is accepted; the output has the input's dtype.
+
+    Two optional input transforms, applied in this order before the matmul:
+
+    * ``input_scale=True``: a float32 buffer ``input_scale [in]`` multiplies the input per column
+      (AWQ / SmoothQuant scales that could not be folded into a preceding layer). The layer then
+      computes ``(x * input_scale) @ W_q.T``; :meth:`dequantize_weight` returns the equivalent weight
+      ``W_q * input_scale``.
+    * ``act_bits=8``: activations are quantized dynamically per token to symmetric int8 (W8A8). The
+      ``int8_dynamic_cpu`` kernel multiplies int8 x int8 with ``torch._int_mm``; any other kernel
+      sees the fake-quantized activations, so every kernel computes the same function.
     """
 
     is_llmopt_compressed = True
@@ -93,8 +111,13 @@ class QuantLinear(nn.Module):
         dtype: Union[str, torch.dtype] = torch.float32,
         device: Optional[Union[str, torch.device]] = None,
         kernel: str = "auto",
+        input_scale: bool = False,
+        act_bits: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if act_bits is not None and act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits must be None or one of {ACT_BITS}, got {act_bits!r}")
+        self.act_bits = act_bits
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = int(in_features)
@@ -117,6 +140,10 @@ class QuantLinear(nn.Module):
         }
         if self.format.has_zero_point:
             canonical["zero_point"] = torch.zeros(out_features, g, dtype=self.scale_dtype, device=device)
+        if input_scale:
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.input_scale = None
         self._runtime_names: tuple = ()
         self.kernel: Kernel = select_kernel(self, "reference", device)
         self.set_canonical(canonical)
@@ -157,12 +184,21 @@ class QuantLinear(nn.Module):
         bias: Optional[Tensor] = None,
         dtype: Union[str, torch.dtype] = torch.float32,
         kernel: str = "auto",
+        input_scale: Optional[Tensor] = None,
+        act_bits: Optional[int] = None,
     ) -> "QuantLinear":
-        """Build a layer from unpacked codes ``[N, K]`` and parameters ``[N, G]`` (used by GPTQ & co)."""
+        """Build a layer from unpacked codes ``[N, K]`` and parameters ``[N, G]`` (used by GPTQ & co).
+
+        ``input_scale [K]`` (optional) multiplies the input per column before the matmul;
+        ``act_bits=8`` quantizes activations per token (W8A8).
+        """
         fmt = get_format(format)
         n, k = codes.shape
         layer = cls(k, n, bias=bias is not None, format=fmt, group_size=group_size,
-                    scale_dtype=scale.dtype, dtype=dtype, device="meta", kernel="reference")
+                    scale_dtype=scale.dtype, dtype=dtype, device="meta", kernel="reference",
+                    input_scale=input_scale is not None, act_bits=act_bits)
+        if input_scale is not None:
+            layer.set_input_scale(input_scale)
         if fmt.has_zero_point != (zero_point is not None):
             raise ValueError(f"format {fmt.name!r} {'needs' if fmt.has_zero_point else 'takes no'} zero_point")
         if bias is not None:
@@ -182,6 +218,17 @@ class QuantLinear(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._buffers["qdata"].device
+
+    def set_input_scale(self, input_scale: Tensor) -> None:
+        """Install the per-column input multiplier ``[in_features]`` (float32, finite, non-zero)."""
+        if self.input_scale is None:
+            raise ValueError("this layer was built without input_scale=True")
+        if tuple(input_scale.shape) != (self.in_features,):
+            raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}, expected ({self.in_features},)")
+        values = input_scale.detach().to(torch.float32)
+        if not bool(torch.isfinite(values).all()) or bool((values == 0).any()):
+            raise ValueError("input_scale must be finite and non-zero")
+        self.input_scale = values.to(self.device if self.device.type != "meta" else values.device).clone()
 
     def _runtime(self) -> Dict[str, Tensor]:
         return {name: self._buffers[name] for name in self._runtime_names}
@@ -244,13 +291,16 @@ class QuantLinear(nn.Module):
         total = self._stored_weight_bytes()
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
+        if self.input_scale is not None:
+            total += self.input_scale.numel() * self.input_scale.element_size()
         return total
 
     def runtime_bytes(self) -> int:
         """Bytes this layer actually holds in memory (kernel layout, padding and bias included)."""
         total = sum(t.numel() * t.element_size() for t in self._runtime().values())
-        if self.bias is not None:
-            total += self.bias.numel() * self.bias.element_size()
+        for extra in (self.bias, self.input_scale):
+            if extra is not None:
+                total += extra.numel() * extra.element_size()
         return total
 
     def bits_per_weight(self) -> float:
@@ -261,6 +311,8 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if self.input_scale is not None:
+            destination[prefix + "input_scale"] = self.input_scale
         for name, tensor in self.canonical_state().items():
             destination[prefix + name] = tensor
 
@@ -287,7 +339,17 @@ class QuantLinear(nn.Module):
                         self.bias.copy_(value)
             else:
                 missing_keys.append(key)
-        known = set(expected) | {"bias"}
+        if self.input_scale is not None:
+            key = prefix + "input_scale"
+            if key in state_dict:
+                try:
+                    self.set_input_scale(state_dict[key].to(self.input_scale.device)
+                                         if self.input_scale.device.type != "meta" else state_dict[key])
+                except ValueError as exc:
+                    error_msgs.append(f"{key}: {exc}")
+            else:
+                missing_keys.append(key)
+        known = set(expected) | {"bias", "input_scale"}
         for key in state_dict:
             if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in known:
                 unexpected_keys.append(key)
@@ -303,20 +365,26 @@ class QuantLinear(nn.Module):
         probe = fn(torch.zeros((), dtype=self.weight_dtype, device=device))
         if probe.is_floating_point():
             self.weight_dtype = probe.dtype
-        quant_names = self._runtime_names
-        if probe.device == device:
-            # A dtype cast or a no-op: quantized tensors keep their dtype and layout; bias follows.
-            hidden = {name: self._buffers.pop(name) for name in quant_names}
-            try:
-                return super()._apply(fn, recurse)
-            finally:
-                self._buffers.update(hidden)
-        # Device change: go through the canonical form and pick the kernel for the new device.
-        canonical = self.canonical_state()
-        for name in quant_names:
-            del self._buffers[name]
-        self._runtime_names = ()
-        super()._apply(fn, recurse)
+        # The input scale stays float32 whatever the cast (it was calibrated in float32).
+        kept = {}
+        if self.input_scale is not None:
+            kept["input_scale"] = self._buffers.pop("input_scale").to(probe.device)
+        try:
+            if probe.device == device:
+                # A dtype cast or a no-op: quantized tensors keep their dtype and layout; bias follows.
+                hidden = {name: self._buffers.pop(name) for name in self._runtime_names}
+                try:
+                    return super()._apply(fn, recurse)
+                finally:
+                    self._buffers.update(hidden)
+            # Device change: go through the canonical form and pick the kernel for the new device.
+            canonical = self.canonical_state()
+            for name in self._runtime_names:
+                del self._buffers[name]
+            self._runtime_names = ()
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
         moved = {name: fn(t) if t.is_floating_point() else t.to(probe.device) for name, t in canonical.items()}
         self.set_canonical(moved)
         return self
@@ -325,7 +393,10 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight ``[out, in]`` this layer multiplies by (default: the bias/param dtype)."""
         dtype = dtype or self.weight_dtype
-        return self.kernel.dequantize(self, self._runtime(), dtype)
+        if self.input_scale is None:
+            return self.kernel.dequantize(self, self._runtime(), dtype)
+        weight = self.kernel.dequantize(self, self._runtime(), torch.float32) * self.input_scale
+        return weight.to(dtype)
 
     def codes(self) -> Tensor:
         """Unpacked integer codes ``[out, in]`` (uint8)."""
@@ -348,9 +419,13 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got shape "
                              f"{tuple(x.shape)}")
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        if self.act_bits is not None and not self.kernel.quantizes_activations:
+            x = fake_quantize_activations(x, self.act_bits)
         if self.kernel.name != "reference" and x.requires_grad and torch.is_grad_enabled():
             return _FastKernelMatmul.apply(x, self)
-        # _buffers holds exactly the kernel's runtime tensors (bias is a parameter): no dict to build.
+        # _buffers holds the kernel's runtime tensors (plus input_scale): no dict to build per call.
         return self.kernel.forward(self, self._buffers, x)
 
     def config(self) -> Dict[str, Any]:
@@ -364,6 +439,8 @@ class QuantLinear(nn.Module):
             "scale_dtype": dtype_name(self.scale_dtype),
             "dtype": dtype_name(self.weight_dtype),
             "kernel": self.requested_kernel,
+            "input_scale": self.input_scale is not None,
+            "act_bits": self.act_bits,
         }
 
     @classmethod
@@ -373,9 +450,13 @@ class QuantLinear(nn.Module):
 
     def describe(self) -> str:
         """Short summary for reports: ``"int4 g64 [int4pack_cpu]"``."""
-        return f"{self.format.name} g{self.group_size} [{self.kernel.name}]"
+        extras = "".join([" +input-scale" if self.input_scale is not None else "",
+                          f" a{self.act_bits}" if self.act_bits is not None else ""])
+        return f"{self.format.name} g{self.group_size}{extras} [{self.kernel.name}]"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format.name}, group_size={self.group_size}, "
-                f"kernel={self.kernel.name}")
+                f"kernel={self.kernel.name}"
+                + (", input_scale=True" if self.input_scale is not None else "")
+                + (f", act_bits={self.act_bits}" if self.act_bits is not None else ""))

@@ -25,6 +25,8 @@ __all__ = [
     "quantize_weight",
     "dequantize_weight",
     "fake_quantize",
+    "quantize_activations",
+    "fake_quantize_activations",
 ]
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -140,3 +142,35 @@ def fake_quantize(
 ) -> Tensor:
     """Quantize then dequantize, differentiable through a straight-through estimator."""
     return _FakeQuantizeSTE.apply(weight, fmt, group_size, scale_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: dynamic per-token symmetric quantization (W8A8)
+
+ACT_BITS = (8,)
+
+
+def quantize_activations(x: Tensor, bits: int = 8) -> "tuple[Tensor, Tensor]":
+    """Per-token (per-row) symmetric quantization of activations ``[..., K]``.
+
+    Returns ``(codes, scale)``: int8 codes in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` with the input's
+    shape, and a float32 ``scale`` of shape ``[..., 1]`` such that ``x ~= codes * scale``. A row of zeros
+    gets scale 1 (its codes are all 0). The scale is computed once per call from the current values
+    (dynamic quantization: no calibration).
+    """
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {bits!r}")
+    qmax = (1 << (bits - 1)) - 1
+    xf = x.to(torch.float32)
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    # x / scale is at most qmax (up to float rounding, which round() absorbs): no clamp needed, but a
+    # clamp keeps the codes valid even for inputs with Inf (which then give garbage, never a crash).
+    codes = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+def fake_quantize_activations(x: Tensor, bits: int = 8) -> Tensor:
+    """``quantize_activations`` followed by dequantization, in ``x``'s dtype (no gradient rule)."""
+    codes, scale = quantize_activations(x, bits)
+    return (codes.to(torch.float32) * scale).to(x.dtype)
