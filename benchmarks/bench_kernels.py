@@ -9,7 +9,9 @@ For every weight shape (Llama-7B and SmolLM2-135M projections) and every batch s
 * ``int4_g32`` / ``int4_g64`` / ``int4_g128``  ``QuantLinear`` int4 with that group size (``int4pack_cpu``);
 * ``nf4_g64``     ``QuantLinear`` nf4 g64 -- no fast CPU kernel, so the ``reference`` path
   (dequantize the whole weight + dense matmul); reported with its overhead, never judged;
-* ``int4_g64_fp32in``  the int4 g64 layer fed fp32 activations (shows the bf16 cast cost).
+* ``int4_g64_fp32in``  the int4 g64 layer fed fp32 activations (shows the bf16 cast cost);
+* ``w8a8``        ``QuantLinear`` int8 symmetric per channel with ``act_bits=8`` (activations quantized
+  per token to int8, ``int8_dynamic_cpu``: ``torch._int_mm``), judged against bf16 dense at M >= 16.
 
 ``QuantLinear`` rows get **bf16 activations** unless the contender name says ``fp32in``.
 
@@ -70,6 +72,8 @@ from timing import (  # noqa: E402
 )
 
 from llmopt.nn import QuantLinear  # noqa: E402
+from llmopt.quant.formats import get_format  # noqa: E402
+from llmopt.quant.primitives import quantize_weight  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- config
 # (name, out_features N, in_features K)
@@ -100,6 +104,9 @@ class Contender:
     group_size: Optional[int] = None
     judged: bool = False         # counts for the "not slower than fp32" target
     layer_key: str = ""          # contenders with the same key share the same layers
+    symmetric: bool = False      # quant only: symmetric format (no zero point)
+    act_bits: Optional[int] = None  # quant only: dynamic per-token activation quantization (W8A8)
+    kernel: str = "auto"         # quant only: kernel to request (an explicit name fails loudly)
 
     @property
     def key(self) -> str:
@@ -116,7 +123,12 @@ CONTENDERS: List[Contender] = [
     Contender("nf4_g64", "quant", torch.float32, torch.bfloat16, "nf4", 64),
     Contender("int4_g64_fp32in", "quant", torch.float32, torch.float32, "int4", 64, judged=True,
               layer_key="int4_g64"),
+    # A prefill path, judged by its own check (faster than bf16 dense at M >= 16), not by the M <= 16 one.
+    Contender("w8a8", "quant", torch.float32, torch.bfloat16, "int8", None, symmetric=True, act_bits=8,
+              kernel="int8_dynamic_cpu"),
 ]
+W8A8 = "w8a8"
+W8A8_MIN_M = 16
 CONTENDER_BY_NAME = {c.name: c for c in CONTENDERS}
 
 
@@ -253,11 +265,19 @@ def build_layers(contender: Contender, base: nn.Linear, working_set: int) -> Lay
         stored, bpw, kernel = weight_bytes, 8.0 * layer.weight.element_size(), "dense"
     else:
         # Build on the reference kernel first: there the canonical and runtime forms coincide, so
-        # stored_bytes()/bits_per_weight() are cheap; then let "auto" pick the fast kernel.
-        layer = QuantLinear.from_linear(base, format=contender.format, group_size=contender.group_size,
-                                        kernel="reference")
+        # stored_bytes()/bits_per_weight() are cheap; then switch to the contender's kernel ("auto"
+        # picks the fast one; a named kernel that cannot serve the layer raises).
+        fmt = get_format(contender.format, **({"symmetric": True} if contender.symmetric else {}))
+        if contender.act_bits is None:
+            layer = QuantLinear.from_linear(base, format=fmt, group_size=contender.group_size,
+                                            kernel="reference")
+        else:  # from_linear has no act_bits: quantize the same way (RTN) and build from the codes
+            q = quantize_weight(base.weight.detach(), fmt, contender.group_size)
+            layer = QuantLinear.from_codes(q.codes, q.scale, q.zero_point, format=fmt,
+                                           group_size=q.group_size, dtype=base.weight.dtype,
+                                           kernel="reference", act_bits=contender.act_bits)
         stored, bpw = layer.stored_bytes(), layer.bits_per_weight()
-        layer.set_kernel("auto")
+        layer.set_kernel(contender.kernel)
         weight_bytes = layer.runtime_bytes()
         kernel = layer.kernel.name
     copies = [layer]
@@ -427,7 +447,9 @@ def run(args: argparse.Namespace) -> int:
                     "shape": shape_name, "N": n, "K": k, "M": m,
                     "contender": c.name,
                     "format": c.format or _dtype_name(c.dtype),
+                    "symmetric": c.symmetric if c.kind == "quant" else None,
                     "group_size": c.group_size,
+                    "act_bits": c.act_bits,
                     "input_dtype": _dtype_name(c.input_dtype),
                     "kernel": ls.kernel,
                     "median_ms": res.median_ms, "iqr_ms": res.iqr_ms,
@@ -540,6 +562,24 @@ def evaluate_checks(records: List[Dict[str, Any]], bw_gbps: float, m_values: Lis
         else:
             add("PASS", name, f"{len(judged)} rows; slowest {worst['shape']} M={worst['M']} "
                               f"{worst['contender']} at {worst['speedup_vs_fp32']:.2f}x fp32")
+
+    # W8A8 (int8 activations x int8 weights, int32 accumulation) is a prefill path: it must beat bf16
+    # dense wherever M >= 16, every shape measured.
+    w8a8 = [r for r in records if r["contender"] == W8A8 and r["M"] >= W8A8_MIN_M]
+    name = f"the int8 path (W8A8) is faster than bf16 dense at M >= {W8A8_MIN_M} (every shape)"
+    if not any(r["speedup_vs_bf16"] is not None for r in w8a8):
+        add("SKIP", name, f"no {W8A8} row with a bf16 dense baseline at M >= {W8A8_MIN_M} in this run")
+    else:
+        rows = [r for r in w8a8 if r["speedup_vs_bf16"] is not None]
+        slow = [r for r in rows if not r["speedup_vs_bf16"] > 1.0]
+
+        def row_text(r: Dict[str, Any]) -> str:
+            return (f"{r['N']}x{r['K']} M={r['M']} {r['speedup_vs_bf16']:.2f}x"
+                    f"{contended(r, _find(records, r['shape'], r['M'], 'bf16_dense'))}")
+
+        detail = ", ".join(row_text(r) for r in rows) + f" (kernel {rows[0]['kernel']})"
+        add("MISS" if slow else "PASS", name,
+            (f"{len(slow)} of {len(rows)} rows not faster: " if slow else f"{len(rows)} rows: ") + detail)
 
     # Formats without a fast CPU kernel: overhead only, not judged.
     for r in records:

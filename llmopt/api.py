@@ -72,6 +72,17 @@ def _handle(entry, cfg: MethodConfig, name: str, module: nn.Module, **kwargs: An
         raise CompressionError(f"layer {name!r} ({cfg.name}): {exc}") from exc
 
 
+def _handle_block(entry, cfg: MethodConfig, prefix: str, layers: Dict[str, nn.Module], **kwargs: Any
+                  ) -> Dict[str, nn.Module]:
+    """Run one block-scope handler; any failure becomes a CompressionError naming the block."""
+    try:
+        return entry.handler(layers, cfg, prefix=prefix, **kwargs)
+    except CompressionError:
+        raise
+    except Exception as exc:
+        raise CompressionError(f"{prefix or 'model'} ({cfg.name}, layers {', '.join(layers)}): {exc}") from exc
+
+
 def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targets: Dict[str, nn.Module],
                                calibration: Sequence[Any], swapped: Dict[str, nn.Module]) -> None:
     """Block by block: each block's layers get statistics of the inputs the already-compressed
@@ -86,22 +97,39 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
         for name, old in replace_modules(model, new_modules).items():
             swapped.setdefault(name, old)
 
-    def process_block(index: int, block: nn.Module, stats) -> None:
+    block_scope = entry.scope == "block"
+
+    def process_block(index: int, block: nn.Module, stats, sources=None) -> None:
+        if block_scope:
+            layers = {name: targets[name] for name in stats if name in targets}
+            if layers:
+                swap(_handle_block(entry, cfg, f"{path}.{index}" if path else str(index), layers,
+                                   stats={name: stats[name] for name in layers}, sources=sources or {},
+                                   root=block))
+            return
         swap({name: _handle(entry, cfg, name, targets[name], stats=layer_stats)
               for name, layer_stats in stats.items() if name in targets})
 
     try:
-        find_blocks(model)
+        path, _ = find_blocks(model)
     except ValueError:
-        has_blocks = False  # no repeated blocks (a plain MLP, a single layer): one pass over the model
-    else:
-        has_blocks = True
-    if has_blocks:
-        run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets))
+        path = None  # no repeated blocks (a plain MLP, a single layer): one pass over the model
+    if path is not None:
+        run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
+                   trace_sources=block_scope)
     rest = [name for name in targets if get_submodule(model, name) is targets[name]]
     if rest:
         stats = collect_stats(model, calibration, spec, include=rest)
-        swap({name: _handle(entry, cfg, name, targets[name], stats=stats.get(name)) for name in rest})
+        if block_scope:
+            # Outside the repeated blocks nothing is folded (no sources): scales stay on the layers.
+            for name in rest:
+                if name not in stats or stats[name].count == 0:
+                    raise CompressionError(f"layer {name!r} ({cfg.name}): it received no inputs during "
+                                           "calibration")
+            swap(_handle_block(entry, cfg, "", {name: targets[name] for name in rest},
+                               stats={name: stats[name] for name in rest}, sources={}, root=model))
+        else:
+            swap({name: _handle(entry, cfg, name, targets[name], stats=stats.get(name)) for name in rest})
 
 
 def compress_(

@@ -11,8 +11,10 @@ from .config import MethodConfig
 
 __all__ = ["register_method", "get_method", "list_methods", "MethodEntry", "Handler"]
 
-# handler(module, config, *, name) -> replacement module
+# scope "layer": handler(module, config, *, name, stats=None) -> replacement module
+# scope "block": handler(layers, config, *, stats, sources, root, prefix) -> {full_name: replacement}
 Handler = Callable[..., nn.Module]
+SCOPES = ("layer", "block")
 
 
 @dataclass(frozen=True)
@@ -20,17 +22,31 @@ class MethodEntry:
     name: str
     config_cls: Type[MethodConfig]
     handler: Handler
+    scope: str = "layer"
 
 
 _METHODS: Dict[str, MethodEntry] = {}
 
 
-def register_method(config_cls: Type[MethodConfig]) -> Callable[[Handler], Handler]:
+def register_method(config_cls: Type[MethodConfig], *, scope: str = "layer") -> Callable[[Handler], Handler]:
     """Decorator registering ``handler`` as the way to apply ``config_cls``.
 
-    The handler is called as ``handler(linear, config, name=module_name)`` and returns the module
-    that replaces ``linear``; it must not modify ``linear``. Duplicate names are rejected.
+    ``scope="layer"`` (most methods): the handler is called as ``handler(linear, config, name=module_name)``
+    (plus ``stats=LayerStats`` for methods with ``needs_calibration``) and returns the module that
+    replaces ``linear``; it must not modify ``linear``.
+
+    ``scope="block"`` (methods that look at several layers at once, e.g. AWQ folding scales into the
+    norm that feeds q/k/v): the config must have ``needs_calibration = True``; the handler is called
+    once per block as ``handler(layers, config, stats=..., sources=..., root=block, prefix=path)`` with
+    ``layers = {full_name: linear}`` (the targeted linears of the block), their ``LayerStats`` and
+    :class:`~llmopt.calibration.graph.InputSource` (empty when unknown), and returns
+    ``{full_name: replacement}``; it may also replace other modules of the block (a norm with rescaled
+    weights), never modify them in place. Duplicate names are rejected.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "block" and not getattr(config_cls, "needs_calibration", False):
+        raise ValueError("block-scope methods run inside the calibration runner: set needs_calibration = True")
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
         raise TypeError(f"register_method expects a MethodConfig subclass, got {config_cls!r}")
     name = config_cls.name
@@ -40,7 +56,7 @@ def register_method(config_cls: Type[MethodConfig]) -> Callable[[Handler], Handl
     def decorator(handler: Handler) -> Handler:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        _METHODS[name] = MethodEntry(name, config_cls, handler)
+        _METHODS[name] = MethodEntry(name, config_cls, handler, scope)
         return handler
 
     return decorator

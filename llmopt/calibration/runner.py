@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..targets import Patterns, _as_list, _matches, is_compressed
+from .graph import SourceTracer
 from .stats import LayerStats, StatsSpec, compute_increment
 
 __all__ = [
@@ -422,6 +423,7 @@ def run_blocks(
     include: Patterns = None,
     exclude: Patterns = None,
     progress: bool = True,
+    trace_sources: bool = False,
 ) -> CalibrationRun:
     """Calibrate ``model`` block by block, each block seeing the outputs of the compressed previous one.
 
@@ -439,6 +441,10 @@ def run_blocks(
     malformed calibration data raises ``ValueError`` before anything is modified; an error in
     ``process_block`` propagates (after the block is moved back and the hooks are removed); rolling
     back is the caller's job.
+
+    ``trace_sources=True``: during the first batch of each block, every submodule is hooked to find
+    which module produced each linear's input (:class:`~llmopt.calibration.graph.InputSource`), and
+    ``process_block`` is called with a fourth argument ``{linear_name: InputSource}``.
     """
     spec = stats_spec if stats_spec is not None else StatsSpec()
     start = time.perf_counter()
@@ -493,13 +499,25 @@ def run_blocks(
                 try:
                     prefix = f"{path}.{i}" if path else str(i)
                     hooks = _StatsHooks(linear_like_modules(block, prefix, include, exclude), spec)
+                    sources = None
                     with torch.no_grad():
                         for j in range(len(hidden)):
-                            call(block, j, i, dev)
+                            tracer = SourceTracer(block, prefix) if trace_sources and j == 0 else None
+                            try:
+                                call(block, j, i, dev)
+                            finally:
+                                if tracer is not None:
+                                    tracer.remove()
+                            if tracer is not None:
+                                sources = tracer.sources(hooks.stats)
+                                tracer.clear()
                             hooks.new_pass()
                     hooks.remove()
                     stats, hooks.stats = hooks.stats, {}
-                    process_block(i, block, stats)
+                    if trace_sources:
+                        process_block(i, block, stats, sources or {})
+                    else:
+                        process_block(i, block, stats)
                     del stats
                     if i + 1 < len(blocks):  # the compressed block's outputs feed the next block
                         with torch.no_grad():

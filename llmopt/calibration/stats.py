@@ -8,6 +8,7 @@ of ``in_features``) batch after batch and keeps running sums, never the activati
   float64 matrix is 128 MiB for ``in = 4096``).
 * ``count``: rows seen, so ``mean_hessian() = hessian / count``.
 * ``col_sq_sum``: ``sum_rows x_j^2`` per input column (``col_norm()`` is its square root).
+* ``col_abs_sum``: ``sum_rows |x_j|`` per input column (``col_abs_mean()``: AWQ's activation salience).
 * ``absmax``: ``max_rows |x_j|`` per input column (float32).
 """
 
@@ -42,6 +43,7 @@ class StatsIncrement(NamedTuple):
     xtx: Optional[torch.Tensor]
     col_sq: torch.Tensor
     absmax: torch.Tensor
+    col_abs: torch.Tensor
 
 
 def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> StatsIncrement:
@@ -50,12 +52,13 @@ def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> Sta
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {in_features}")
     x = x.detach().reshape(-1, in_features)
     xf = x.to(spec.dtype)
+    xabs = xf.abs()
     if x.shape[0]:
-        absmax = x.abs().amax(dim=0).to(torch.float32)
+        absmax = xabs.amax(dim=0).to(torch.float32)
     else:
         absmax = x.new_zeros(in_features, dtype=torch.float32)
     xtx = xf.T @ xf if spec.hessian else None
-    return StatsIncrement(int(x.shape[0]), xtx, (xf * xf).sum(dim=0), absmax)
+    return StatsIncrement(int(x.shape[0]), xtx, (xf * xf).sum(dim=0), absmax, xabs.sum(dim=0))
 
 
 class LayerStats:
@@ -67,6 +70,7 @@ class LayerStats:
         self.count = 0
         self.hessian: Optional[torch.Tensor] = None
         self.col_sq_sum: Optional[torch.Tensor] = None
+        self.col_abs_sum: Optional[torch.Tensor] = None
         self.absmax: Optional[torch.Tensor] = None
 
     # -- accumulation ---------------------------------------------------------------------------
@@ -80,11 +84,13 @@ class LayerStats:
             device = inc.col_sq.device
             n = self.in_features
             self.col_sq_sum = torch.zeros(n, dtype=self.spec.dtype, device=device)
+            self.col_abs_sum = torch.zeros(n, dtype=self.spec.dtype, device=device)
             self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
             if self.spec.hessian:
                 self.hessian = torch.zeros(n, n, dtype=self.spec.dtype, device=device)
         self.count += inc.rows
         self.col_sq_sum.add_(inc.col_sq.to(self.col_sq_sum.device))
+        self.col_abs_sum.add_(inc.col_abs.to(self.col_abs_sum.device))
         torch.maximum(self.absmax, inc.absmax.to(self.absmax.device), out=self.absmax)
         if self.hessian is not None:
             self.hessian.add_(inc.xtx.to(self.hessian.device))
@@ -113,10 +119,15 @@ class LayerStats:
         self._require_data()
         return (self.col_sq_sum / self.count).sqrt()
 
+    def col_abs_mean(self) -> torch.Tensor:
+        """Mean absolute value of each input column: ``col_abs_sum / count``."""
+        self._require_data()
+        return self.col_abs_sum / self.count
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.hessian, self.col_sq_sum, self.absmax)
-                   if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.hessian, self.col_sq_sum, self.col_abs_sum, self.absmax) if t is not None)
 
     def __repr__(self) -> str:
         h = "on" if self.spec.hessian else "off"

@@ -72,11 +72,14 @@ def quantize_weight(
     fmt: WeightFormat,
     group_size: Optional[int],
     scale_dtype: torch.dtype = torch.bfloat16,
+    clip_ratio: Optional[Tensor] = None,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D weight with per-group parameters.
 
     Parameters are rounded to ``scale_dtype`` *before* the codes are chosen, so the codes are the
-    nearest ones for the parameters that are actually stored.
+    nearest ones for the parameters that are actually stored. ``clip_ratio`` (``[N, G]`` or a number
+    in ``(0, 1]``) shrinks each group's range before its parameters are chosen: the group is clamped
+    to ``[ratio * min, ratio * max]`` for ``choose_params`` only, so outliers saturate (AWQ's clipping).
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -85,7 +88,14 @@ def quantize_weight(
     n, k = weight.shape
     gs = resolve_group_size(group_size, k)
     groups = to_groups(weight, gs)
-    scale, zero_point = fmt.choose_params(groups)
+    if clip_ratio is None:
+        scale, zero_point = fmt.choose_params(groups)
+    else:
+        ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=groups.device)
+        if ratio.dim() == 2:
+            ratio = ratio.unsqueeze(-1)
+        lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        scale, zero_point = fmt.choose_params(torch.clamp(groups, lo * ratio, hi * ratio))
     scale = scale.to(scale_dtype)
     zero_point = zero_point.to(scale_dtype) if zero_point is not None else None
     codes = fmt.quantize(
