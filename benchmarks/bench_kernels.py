@@ -578,8 +578,11 @@ def evaluate_checks(records: List[Dict[str, Any]], bw_gbps: float, m_values: Lis
                     f"{contended(r, _find(records, r['shape'], r['M'], 'bf16_dense'))}")
 
         detail = ", ".join(row_text(r) for r in rows) + f" (kernel {rows[0]['kernel']})"
-        add("MISS" if slow else "PASS", name,
-            (f"{len(slow)} of {len(rows)} rows not faster: " if slow else f"{len(rows)} rows: ") + detail)
+        if slow:
+            add("MISS", name, f"{len(slow)} of {len(rows)} rows not faster ("
+                              + ", ".join(row_text(r) for r in slow) + f"); all rows: {detail}")
+        else:
+            add("PASS", name, f"{len(rows)} rows: {detail}")
 
     # Formats without a fast CPU kernel: overhead only, not judged.
     for r in records:

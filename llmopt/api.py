@@ -25,6 +25,8 @@ class CompressionReport:
     """What ``compress_`` did: replaced layers, bytes before/after, time."""
 
     replaced: Dict[str, str] = field(default_factory=dict)  # name -> repr of the new module
+    # Non-target modules swapped for rescaled copies (AWQ/SmoothQuant folding 1/s into a norm).
+    rescaled: Dict[str, str] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)  # name -> reason
     notes: List[str] = field(default_factory=list)  # things the user should know (tied weights, ...)
     bytes_before: int = 0
@@ -38,7 +40,8 @@ class CompressionReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "replaced": dict(self.replaced), "skipped": dict(self.skipped), "notes": list(self.notes),
+            "replaced": dict(self.replaced), "rescaled": dict(self.rescaled), "skipped": dict(self.skipped),
+            "notes": list(self.notes),
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "compression_ratio": self.compression_ratio, "seconds": self.seconds, "methods": self.methods,
         }
@@ -164,10 +167,12 @@ def compress_(
     report = CompressionReport()
     start = time.perf_counter()
     swapped: Dict[str, nn.Module] = {}  # name -> original module, for rollback across configs
+    targeted: set = set()  # names of the linears the methods were asked to compress
     try:
         for cfg in configs:
             entry = get_method(cfg)
             targets, skipped = select_linears(model, include, exclude)
+            targeted.update(targets)
             for name, reason in skipped.items():
                 if name not in swapped:
                     report.skipped[name] = reason
@@ -188,6 +193,9 @@ def compress_(
     report.notes.extend(_tied_weight_notes(model, swapped))
     for name, original in swapped.items():
         new = get_submodule(model, name)
+        if name not in targeted:
+            report.rescaled[name] = repr(new)
+            continue
         report.replaced[name] = repr(new)
         report.bytes_before += memory_report(original).stored_bytes
         report.bytes_after += memory_report(new).stored_bytes

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmopt
+from llmopt.quant.primitives import fake_quantize_activations
 from llmopt.registry import get_method
 from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer, sqnr
 
@@ -118,7 +119,13 @@ def test_layer_forward_matches_its_dequantized_weight(cfg, kind, run):
         weight = layer.dequantize_weight()
         assert weight.shape == (layer.out_features, layer.in_features)
         bias = layer.bias.double() if layer.bias is not None else None
-        ref = F.linear(x.double(), weight.double(), bias)  # float64 oracle
+        x_eff = x.double()
+        if getattr(layer, "act_bits", None):
+            # W8A8: the layer multiplies the per-token int8 image of its (rescaled) input; the
+            # dequantized weight already contains the input scale, so divide it back out here.
+            s = layer.input_scale if layer.input_scale is not None else torch.ones(layer.in_features)
+            x_eff = fake_quantize_activations(x * s, layer.act_bits).double() / s.double()
+        ref = F.linear(x_eff, weight.double(), bias)  # float64 oracle
         rel = ((y.double() - ref).norm() / ref.norm()).item()
         kernel = getattr(getattr(layer, "kernel", None), "name", "reference")
         # reference kernel: the same float32 weight times float32 activations, so only float32

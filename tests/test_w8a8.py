@@ -206,8 +206,8 @@ def test_quantize_activations_properties(m, k, log_mag, seed, zero_row):
 
 
 # ---------------------------------------------------------------- int8_dynamic_cpu vs references
-# (N, K): K not a multiple of 8 or 16 in most cases, N odd in some, N = 1. (K = 1: see the xfail below.)
-SHAPES = [(64, 96), (40, 77), (24, 13), (17, 2), (1, 5), (33, 200), (48, 130)]
+# (N, K): K not a multiple of 8 or 16 in most cases, N odd in some, N = 1, K = 1.
+SHAPES = [(64, 96), (40, 77), (24, 13), (17, 2), (17, 1), (1, 5), (33, 200), (48, 130)]
 
 
 def _exact_w8a8(layer_x, n, k, bias, seed=0):
@@ -309,7 +309,7 @@ def test_int8_dynamic_zero_input_gives_bias_and_empty_batch():
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 40), k=st.integers(2, 70), m=st.integers(1, 9), bias=st.booleans(),
+@given(n=st.integers(1, 40), k=st.integers(1, 70), m=st.integers(1, 9), bias=st.booleans(),
        seed=st.integers(0, 1000))
 def test_int8_dynamic_equals_reference_any_shape(n, k, m, bias, seed):
     fast = _layer(n, k, "int8_dynamic_cpu", bias=bias, seed=seed)
@@ -321,11 +321,10 @@ def test_int8_dynamic_equals_reference_any_shape(n, k, m, bias, seed):
     assert ((y.double() - y_ref.double()).abs() <= (k + 6) * EPS32 * mag + 1e-30).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: for in_features == 1, Int8DynamicCPUKernel.to_runtime keeps qdata "
-                                       "[1, N] with strides (1, 1) (.t().contiguous() is a no-op on it) and "
-                                       "torch._int_mm on CPU then returns garbage")
-@pytest.mark.parametrize("n", [2, 17])
+@pytest.mark.parametrize("n", [1, 2, 17])
 def test_int8_dynamic_in_features_one(n):
+    # Regression: with K == 1 the transposed weight [1, N] kept strides (1, 1) (.t().contiguous() is a
+    # no-op on it) and torch._int_mm on CPU returned garbage.
     fast = _layer(n, 1, "int8_dynamic_cpu")
     x = torch.randn(3, 1, generator=_gen(14))
     exact, mag = _exact_w8a8(x, n, 1, fast.bias)
@@ -555,8 +554,6 @@ def test_input_scale_in_state_dict_config_and_bytes():
         QuantLinear.from_config(scaled.config()).load_state_dict(plain.state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="QuantLinear._load_from_state_dict treats 'input_scale' as a known key "
-                                       "even for layers built without input_scale=True, so it is dropped silently")
 def test_load_state_dict_with_unexpected_input_scale_is_reported():
     n, k = 48, 96
     scaled, plain, _ = _scaled_pair(n, k, "reference", INT8_SYM, None)

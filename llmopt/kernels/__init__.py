@@ -371,7 +371,10 @@ class Int8DynamicCPUKernel(Kernel):
 
     def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
         signed = (canonical["qdata"] ^ 0x80).view(torch.int8)
-        return {"qdata": signed.t().contiguous(), "scale": canonical["scale"].reshape(-1).to(torch.float32)}
+        # clone(): a fresh tensor with standard strides even when K == 1 (where .t().contiguous() keeps
+        # the transposed strides, and _int_mm reads them wrongly).
+        weight = signed.t().clone(memory_format=torch.contiguous_format)
+        return {"qdata": weight, "scale": canonical["scale"].reshape(-1).to(torch.float32)}
 
     def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
         codes = (runtime["qdata"].t().contiguous().view(torch.uint8) ^ 0x80).contiguous()

@@ -349,7 +349,7 @@ class QuantLinear(nn.Module):
                     error_msgs.append(f"{key}: {exc}")
             else:
                 missing_keys.append(key)
-        known = set(expected) | {"bias", "input_scale"}
+        known = set(expected) | {"bias"} | ({"input_scale"} if self.input_scale is not None else set())
         for key in state_dict:
             if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in known:
                 unexpected_keys.append(key)
@@ -422,7 +422,9 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         if self.act_bits is not None and not self.kernel.quantizes_activations:
-            x = fake_quantize_activations(x, self.act_bits)
+            fq = fake_quantize_activations(x, self.act_bits)
+            # Straight-through gradient, as the int8_dynamic kernel's backward: same function, same grad.
+            x = x + (fq - x).detach() if x.requires_grad else fq
         if self.kernel.name != "reference" and x.requires_grad and torch.is_grad_enabled():
             return _FastKernelMatmul.apply(x, self)
         # _buffers holds the kernel's runtime tensors (plus input_scale): no dict to build per call.
