@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
 from .analysis import memory_report
@@ -87,7 +88,8 @@ def _handle_block(entry, cfg: MethodConfig, prefix: str, layers: Dict[str, nn.Mo
 
 
 def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targets: Dict[str, nn.Module],
-                               calibration: Sequence[Any], swapped: Dict[str, nn.Module]) -> None:
+                               calibration: Sequence[Any], swapped: Dict[str, nn.Module],
+                               calibration_dtype: Optional[torch.dtype] = None) -> None:
     """Block by block: each block's layers get statistics of the inputs the already-compressed
     previous blocks produce; targets outside the repeated blocks (e.g. ``lm_head``), or every target
     of a model without repeated blocks, come last, with statistics from one forward of the (partly
@@ -119,7 +121,7 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
         path = None  # no repeated blocks (a plain MLP, a single layer): one pass over the model
     if path is not None:
         run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
-                   trace_sources=block_scope)
+                   trace_sources=block_scope, dtype=calibration_dtype)
     rest = [name for name in targets if get_submodule(model, name) is targets[name]]
     if rest:
         stats = collect_stats(model, calibration, spec, include=rest)
@@ -142,13 +144,20 @@ def compress_(
     calibration: Optional[Sequence[Any]] = None,
     include: Patterns = None,
     exclude: Patterns = None,
+    calibration_dtype: Optional[torch.dtype] = None,
 ) -> CompressionReport:
     """Compress the targeted ``nn.Linear`` layers of ``model`` in place; all or nothing.
 
     ``config`` is one method config or a list applied in order. ``include``/``exclude`` are glob
     patterns on module names. If any layer fails, every replacement made by this call is undone
     and a :class:`CompressionError` names the layer and the problem.
+
+    ``calibration_dtype`` (e.g. ``torch.bfloat16``): run the calibration forwards in that dtype on a
+    temporary copy of each block (much faster on CPUs with bf16; the model's weights are not cast).
     """
+    if calibration_dtype is not None and not (isinstance(calibration_dtype, torch.dtype)
+                                              and calibration_dtype.is_floating_point):
+        raise ValueError(f"calibration_dtype must be a floating torch dtype or None, got {calibration_dtype!r}")
     if isinstance(config, MethodConfig):
         configs = [config]
     elif isinstance(config, (list, tuple)):
@@ -180,7 +189,7 @@ def compress_(
                 raise ValueError(f"method {cfg.name!r}: no uncompressed nn.Linear matches include={include!r} "
                                  f"exclude={exclude!r}")
             if cfg.needs_calibration:
-                _compress_with_calibration(model, cfg, entry, targets, calibration, swapped)
+                _compress_with_calibration(model, cfg, entry, targets, calibration, swapped, calibration_dtype)
             else:
                 new_modules = {name: _handle(entry, cfg, name, module) for name, module in targets.items()}
                 for name, old in replace_modules(model, new_modules).items():
