@@ -321,6 +321,42 @@ def target_checks(records: List[Dict[str, Any]]) -> List[str]:
                           f"{peer_name} {peer_best:.1f} tok/s ({best / peer_best:.2f}x); target >= 1x")
         else:
             checks.append("INFO speed-1b: no peer 4-bit row ran, the peer comparison could not be made")
+    checks.extend(quality_checks(records))
+    return checks
+
+
+def quality_checks(records: List[Dict[str, Any]]) -> List[str]:
+    """Issue 4's quality targets on SmolLM2 (ppl increase over the fp32 baseline, group 64)."""
+    ppl = {r["method"]: r["ppl"] for r in records
+           if r["model"] == "smollm2" and "error" not in r and r.get("ppl") is not None}
+    bits = {r["method"]: r.get("linear_bits_per_weight") for r in records if r["model"] == "smollm2"}
+    base = ppl.get("fp32")
+    if base is None:
+        return []
+    checks = []
+
+    def ratio_check(method: str, rtn: str, limit: float) -> None:
+        if method in ppl and rtn in ppl and ppl[rtn] > base:
+            r = (ppl[method] - base) / (ppl[rtn] - base)
+            checks.append(f"{'PASS' if r <= limit else 'MISS'} smollm2: {method} ppl increase "
+                          f"{ppl[method] - base:.2f} = {r:.2f}x {rtn}'s {ppl[rtn] - base:.2f}; target <= {limit}x")
+
+    ratio_check("llmopt gptq int4 g64 act-order", "llmopt rtn int4 g64", 0.6)
+    ratio_check("llmopt awq int4 g64", "llmopt rtn int4 g64", 0.7)
+    ratio_check("llmopt gptq int3 g64 act-order", "llmopt rtn int3 g64", 0.5)
+    ours4 = {m: v for m, v in ppl.items() if m.startswith("llmopt") and " int4 " in f"{m} "
+             and (bits.get(m) or 99) <= 4.5}
+    peers4 = {m: v for m, v in ppl.items() if m.startswith("peer") and "int8" not in m and "3bit" not in m}
+    if ours4 and peers4:
+        best, best_ppl = min(ours4.items(), key=lambda kv: kv[1])
+        peer, peer_ppl = min(peers4.items(), key=lambda kv: kv[1])
+        checks.append(f"{'PASS' if best_ppl < peer_ppl else 'MISS'} smollm2: best llmopt 4-bit <= 4.5 b/w "
+                      f"{best} ppl {best_ppl:.2f} vs best 4-bit peer {peer} {peer_ppl:.2f}")
+    for m, v in ppl.items():
+        if m.startswith("llmopt smoothquant"):
+            inc = v / base - 1
+            checks.append(f"{'PASS' if inc <= 0.02 else 'MISS'} smollm2: {m} ppl {v:.2f} = +{100 * inc:.1f}% "
+                          f"over fp32 {base:.2f}; target <= +2%")
     return checks
 
 

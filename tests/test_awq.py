@@ -95,17 +95,36 @@ def test_scale_search_never_worse_than_rtn(n, k, fmt, seed, duo, layers, grid):
     assert s.shape == (k,) and bool(torch.all(torch.isfinite(s))) and bool(torch.all(s > 0))
     assert float((s.max() * s.min()).sqrt()) == pytest.approx(1.0, rel=1e-5)
     assert info["alpha"] in [i / grid for i in range(grid)]
-    assert info["loss"] <= info["loss_rtn"]
-    # loss_rtn is plain RTN's summed output error (float64 reference from the explicit X).
+    assert info["loss"] <= info["loss_rtn"]  # alpha = 0 is always among the candidates
     n_rows = x.shape[0]
-    rtn_loss = sum(layer_error(x, w, rtn64(w, f, gs)) for w in ws) / n_rows
-    assert info["loss_rtn"] == pytest.approx(rtn_loss, rel=1e-3, abs=1e-7)
-    # The reported loss is the one of the returned scale.
+    # The reported loss is the one of the returned scale (float64 reference from the explicit X).
     s64 = s.to(F64)
     loss = sum(layer_error(x, w, rtn64(w * s, f, gs) / s64) for w in ws) / n_rows
     assert info["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-7)
-    if info["alpha"] == 0:
-        assert torch.equal(s, torch.ones(k))
+    if not duo:
+        # loss_rtn is plain RTN's summed output error; alpha = 0 is s = 1.
+        rtn_loss = sum(layer_error(x, w, rtn64(w, f, gs)) for w in ws) / n_rows
+        assert info["loss_rtn"] == pytest.approx(rtn_loss, rel=1e-3, abs=1e-7)
+        if info["alpha"] == 0:
+            assert torch.equal(s, torch.ones(k))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: with duo_scaling=True, alpha = 0 gives s = 1 / mean|w| (not s = 1), so "
+                   "plain RTN is never evaluated: info['loss_rtn'] is not RTN's loss (30.5 vs 27.0 here) and the "
+                   "returned scale can be worse than RTN (seed 0: 27.36 vs 27.01; seed 39: 25.83 vs 25.18), "
+                   "contradicting the 'never worse than RTN' guarantee of the docstring")
+@pytest.mark.parametrize("seed", [0, 39])
+def test_duo_scaling_scale_search_never_worse_than_rtn(seed):
+    f = get_format("int3")
+    k, n = 64, 16
+    x = torch.randn(256, k, generator=_gen(seed), dtype=F64)
+    h = x.T @ x / 256
+    w = torch.randn(n, k, generator=_gen(seed + 5))
+    s, info = awq_search_scale([w], h.float(), x.abs().mean(0).float(), f, 32, duo_scaling=True)
+    rtn_loss = layer_error(x, w, rtn64(w, f, 32)) / 256
+    assert info["loss_rtn"] == pytest.approx(rtn_loss, rel=1e-3)
+    loss = layer_error(x, w, rtn64(w * s, f, 32) / s.to(F64)) / 256
+    assert loss <= rtn_loss * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("fmt_name,gs", [("int4", 32), ("int3", 32), ("int4", 64)])
