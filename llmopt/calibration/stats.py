@@ -24,12 +24,24 @@ __all__ = ["StatsSpec", "LayerStats", "StatsIncrement", "compute_increment"]
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """What to collect. ``hessian=False`` keeps only the cheap per-column stats (count, norms, absmax)."""
+    """What to collect. ``hessian=False`` keeps only the cheap per-column stats (count, norms, absmax).
+
+    ``dtype``: what the sums are accumulated in. ``product_dtype``: dtype of each batch's ``x^T x``
+    product before it is added (default: ``dtype``). ``torch.bfloat16`` makes the product ~4x faster
+    than float32 on CPUs with bf16 units (5x than float64); with bf16 activations (calibration in
+    bf16) the inputs are exact and only the product's final rounding (relative 2**-9 per batch, which
+    averages out over batches) is added, far below GPTQ's 1% damping.
+    """
 
     hessian: bool = True
     dtype: torch.dtype = torch.float64
+    product_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self):
+        if self.product_dtype is not None and not (isinstance(self.product_dtype, torch.dtype)
+                                                   and self.product_dtype.is_floating_point):
+            raise ValueError(f"StatsSpec.product_dtype must be a floating torch dtype or None, got "
+                             f"{self.product_dtype!r}")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"StatsSpec.dtype must be a floating torch dtype, got {self.dtype!r}")
         if self.dtype not in (torch.float64, torch.float32):
@@ -57,7 +69,13 @@ def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> Sta
         absmax = xabs.amax(dim=0).to(torch.float32)
     else:
         absmax = x.new_zeros(in_features, dtype=torch.float32)
-    xtx = xf.T @ xf if spec.hessian else None
+    if not spec.hessian:
+        xtx = None
+    elif spec.product_dtype is not None and spec.product_dtype != spec.dtype:
+        xp = x.to(spec.product_dtype)
+        xtx = (xp.T @ xp).to(spec.dtype)
+    else:
+        xtx = xf.T @ xf
     return StatsIncrement(int(x.shape[0]), xtx, (xf * xf).sum(dim=0), absmax, xabs.sum(dim=0))
 
 

@@ -5,8 +5,8 @@ multiplies those weight columns by ``s > 1`` before round-to-nearest (a finer gr
 divides the input by ``s`` (exact in float). Two searches, both scored on the layer's output error:
 
 * **scale search**: ``s = mean|x|^alpha`` (optionally ``/ mean|w|^(1-alpha)``, "duo scaling"),
-  normalised to geometric mean 1, for ``alpha`` on a grid in ``[0, 1)``; ``alpha = 0`` is plain RTN,
-  so the search never does worse than RTN on the score. Layers reading the same input (q/k/v,
+  centred so that ``sqrt(max * min) = 1``, for ``alpha`` on a grid in ``[0, 1)``; plain RTN (``s = 1``) is always a
+  candidate, so the search never does worse than RTN on the score. Layers reading the same input (q/k/v,
   gate/up) share one ``s`` when it can be folded into the norm that feeds them.
 * **clip search**: per output row and group, the range ``[min, max]`` is shrunk by a ratio on a grid
   in ``[1 - max_shrink, 1]`` (outliers saturate, the rest get a finer step).
@@ -89,6 +89,9 @@ def awq_search_scale(
 ) -> Tuple[Tensor, Dict[str, Any]]:
     """Best per-input-channel scale ``s [K]`` for layers that all read the same input.
 
+    Candidates: ``s = 1`` (plain RTN) and, for each ``alpha``, ``mean|x|^alpha`` (``/ mean|w|^(1-alpha)``
+    with ``duo_scaling``) scaled so that ``sqrt(max(s) * min(s)) = 1``.
+
     Args:
         weights: the layers' weights ``[N_i, K]`` (float; not modified).
         hessian: ``[K, K]`` mean ``x^T x`` of the shared input (float32 is plenty).
@@ -106,24 +109,25 @@ def awq_search_scale(
     ws = [w.detach().to(torch.float32) for w in weights]
     x = act_mean.to(torch.float32).clamp_min(1e-8)
     w_mean = _weight_salience(ws, gs).clamp_min(1e-8) if duo_scaling else None
-    best: Optional[Tuple[float, float, Tensor]] = None
-    loss_rtn = float("nan")
+    def loss_of(s: Tensor) -> float:
+        return sum(float(output_error(w - _rtn(w * s, fmt, gs, scale_dtype) / s, h)) for w in ws)
+
+    # Plain RTN (s = 1) is always a candidate, so the result is never worse than RTN on the score
+    # (with duo scaling, alpha = 0 is not s = 1).
+    loss_rtn = loss_of(torch.ones_like(x))
+    best: Tuple[float, float, Tensor] = (loss_rtn, 0.0, torch.ones_like(x))
     for i in range(grid):
         alpha = i / grid
         s = x.pow(alpha)
         if w_mean is not None:
             s = s / w_mean.pow(1 - alpha)
         s = s.clamp_min(1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = 0.0
-        for w in ws:
-            w_eff = _rtn(w * s, fmt, gs, scale_dtype) / s
-            loss += float(output_error(w - w_eff, h))
-        if i == 0:
-            loss_rtn = loss
-        if best is None or loss < best[0]:
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales: sqrt(max * min) = 1
+        if w_mean is None and i == 0:
+            continue  # s = 1: already scored
+        loss = loss_of(s)
+        if loss < best[0]:
             best = (loss, alpha, s)
-    assert best is not None
     return best[2], {"alpha": best[1], "loss": best[0], "loss_rtn": loss_rtn}
 
 
@@ -181,6 +185,9 @@ class AWQ(MethodConfig):
         clip: run the clip search.
         clip_grid, max_shrink: clip ratios tried, in ``[1 - max_shrink, 1]``.
         fold: fold ``1 / s`` into the producing norm where exact (otherwise it stays on the layer).
+        propagate: what feeds the next block during calibration: ``"float"`` (the uncompressed
+            block's outputs, as the reference implementation; one forward per block) or
+            ``"quantized"`` (the compressed block's outputs; a second forward per block).
     """
 
     name = "awq"
@@ -197,8 +204,11 @@ class AWQ(MethodConfig):
     fold: bool = True
     scale_dtype: str = "bfloat16"
     kernel: str = "auto"
+    propagate: str = "float"
 
     def __post_init__(self) -> None:
+        if self.propagate not in ("quantized", "float"):
+            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
         self.weight_format()
         resolve_group_size(self.group_size, 1 << 30)
         if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:

@@ -59,17 +59,22 @@ def fold_candidate(group: Sequence[str], sources: Dict[str, InputSource], root: 
                    prefix: str) -> Optional[str]:
     """Full name of the module the group's ``1 / s`` can be folded into, or ``None``.
 
-    Requires a traced producer inside ``root`` with a 1-D ``weight`` of ``in_features`` values (and
-    optionally a 1-D ``bias``), and that every module which received the tensor is a member of the
-    group or a container of members (``self_attn`` passing its input on to q/k/v).
+    Requires a traced producer inside ``root`` that ran once, with a 1-D ``weight`` of
+    ``in_features`` values (and optionally a 1-D ``bias``); that every module which received the
+    tensor is a member of the group or a container of members (``self_attn`` passing its input on to
+    q/k/v); and that no code other than the members' own ran an operation on the tensor (a residual
+    ``x + h`` would see ``h / s``).
     """
     src = sources.get(group[0])
-    if src is None or src.producer is None:
+    if src is None or src.producer is None or src.producer_calls != 1:
         return None
     if any(sources.get(n) is None or sources[n].tensor != src.tensor for n in group):
         return None
     for consumer in src.consumers:
         if consumer not in group and not _is_ancestor(consumer, group):
+            return None
+    for user in src.op_users:
+        if not any(user == n or user.startswith(n + ".") for n in group):
             return None
     try:
         producer = root.get_submodule(relative_name(src.producer, prefix))

@@ -60,6 +60,8 @@ class SmoothQuant(MethodConfig):
         fold: fold ``1 / s`` into the producing norm where exact (else it stays on the layer).
         scale_dtype: dtype of the stored per-row weight scales.
         kernel: ``"auto"`` (``int8_dynamic_cpu`` on CPU) or a kernel name.
+        propagate: ``"float"`` (statistics of the float model, one forward per block, as the paper)
+            or ``"quantized"`` (of the W8A8 model so far).
     """
 
     name = "smoothquant"
@@ -69,9 +71,14 @@ class SmoothQuant(MethodConfig):
     fold: bool = True
     scale_dtype: str = "float32"
     kernel: str = "auto"
+    propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+        if self.propagate not in ("quantized", "float"):
+            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not (isinstance(self.alpha, (int, float))
+                                                                           and 0 <= self.alpha <= 1)):
             raise ValueError(f"alpha must be None or in [0, 1], got {self.alpha!r}")
         if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
