@@ -90,7 +90,8 @@ def _handle_block(entry, cfg: MethodConfig, prefix: str, layers: Dict[str, nn.Mo
 
 def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targets: Dict[str, nn.Module],
                                calibration: Sequence[Any], swapped: Dict[str, nn.Module],
-                               calibration_dtype: Optional[torch.dtype] = None) -> None:
+                               calibration_dtype: Optional[torch.dtype] = None,
+                               calibration_device: Optional[Union[str, torch.device]] = None) -> None:
     """Block by block: each block's layers get statistics of the inputs the already-compressed
     previous blocks produce; targets outside the repeated blocks (e.g. ``lm_head``), or every target
     of a model without repeated blocks, come last, with statistics from one forward of the (partly
@@ -126,7 +127,8 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
         path = None  # no repeated blocks (a plain MLP, a single layer): one pass over the model
     if path is not None:
         run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
-                   trace_sources=block_scope, dtype=calibration_dtype, propagate=propagate)
+                   trace_sources=block_scope, dtype=calibration_dtype, propagate=propagate,
+                   device=calibration_device)
     rest = [name for name in targets if get_submodule(model, name) is targets[name]]
     if rest:
         stats = collect_stats(model, calibration, spec, include=rest)
@@ -150,6 +152,7 @@ def compress_(
     include: Patterns = None,
     exclude: Patterns = None,
     calibration_dtype: Optional[torch.dtype] = None,
+    calibration_device: Optional[Union[str, torch.device]] = None,
 ) -> CompressionReport:
     """Compress the targeted ``nn.Linear`` layers of ``model`` in place; all or nothing.
 
@@ -159,6 +162,8 @@ def compress_(
 
     ``calibration_dtype`` (e.g. ``torch.bfloat16``): run the calibration forwards in that dtype on a
     temporary copy of each block (much faster on CPUs with bf16; the model's weights are not cast).
+    ``calibration_device`` (e.g. ``"cuda"``): move each block there for its turn and back afterwards,
+    so a model larger than the device's memory can be calibrated on it.
     """
     if calibration_dtype is not None and not (isinstance(calibration_dtype, torch.dtype)
                                               and calibration_dtype.is_floating_point):
@@ -194,7 +199,8 @@ def compress_(
                 raise ValueError(f"method {cfg.name!r}: no uncompressed nn.Linear matches include={include!r} "
                                  f"exclude={exclude!r}")
             if cfg.needs_calibration:
-                _compress_with_calibration(model, cfg, entry, targets, calibration, swapped, calibration_dtype)
+                _compress_with_calibration(model, cfg, entry, targets, calibration, swapped, calibration_dtype,
+                                           calibration_device)
             else:
                 new_modules = {name: _handle(entry, cfg, name, module) for name, module in targets.items()}
                 for name, old in replace_modules(model, new_modules).items():
