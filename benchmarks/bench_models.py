@@ -106,7 +106,8 @@ def _baseline(dtype: torch.dtype) -> Callable:
 def _llmopt(config, calibration: List[torch.Tensor]) -> Callable:
     def apply(model):
         report = llmopt.compress_(model, config, exclude=["lm_head"],
-                                  calibration=calibration if config.needs_calibration else None)
+                                  calibration=calibration if config.needs_calibration else None,
+                                  calibration_dtype=torch.bfloat16 if config.needs_calibration else None)
         model.to(torch.bfloat16)
         kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
         return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),

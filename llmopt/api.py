@@ -100,8 +100,10 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
 
     spec = cfg.stats_spec() if hasattr(cfg, "stats_spec") else StatsSpec()
     if calibration_dtype in (torch.bfloat16, torch.float16) and spec.hessian:
-        # Activations are already in that dtype: x^T x products in it too (~4x faster), summed in spec.dtype.
-        spec = dataclasses.replace(spec, product_dtype=calibration_dtype)
+        # Activations are already in that dtype: x^T x products in it too (~4x faster). Their rounding
+        # (2**-9) then dominates any accumulation error, so float32 sums are as good as float64 ones
+        # and 3x cheaper (measured on SmolLM2: 0.8 s instead of 2.3 s per block at 128 x 512 tokens).
+        spec = dataclasses.replace(spec, product_dtype=calibration_dtype, dtype=torch.float32)
     propagate = getattr(cfg, "propagate", "quantized")
 
     def swap(new_modules: Dict[str, nn.Module]) -> None:

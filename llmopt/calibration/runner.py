@@ -252,6 +252,21 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
+def _dense_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``block`` in ``dtype`` whose weight-only quantized layers are dense ``nn.Linear``s of
+    their dequantized weights: the same function (up to ``dtype`` rounding), but at the hundreds of
+    rows of a calibration batch a dense matmul beats the int4/int8 kernels (0.65 s of 2.2 s per
+    SmolLM2 block at 128 x 512 tokens). Layers that quantize activations are kept as they are."""
+    runner = copy.deepcopy(block)
+    dense = {name: module.to_linear(dtype) for name, module in runner.named_modules()
+             if getattr(module, "is_llmopt_compressed", False) and hasattr(module, "to_linear")
+             and getattr(module, "act_bits", None) is None}
+    for name, linear in dense.items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(runner.get_submodule(parent_name) if parent_name else runner, attr, linear)
+    return runner.to(dtype)
+
+
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     """Cast the floating tensors in ``obj`` (nested tuples/lists/dicts) to ``dtype``."""
     if isinstance(obj, torch.Tensor):
@@ -578,7 +593,7 @@ def run_blocks(
                     del stats
                     if propagate == "quantized" and i + 1 < len(blocks):
                         # the compressed block's outputs feed the next block
-                        runner = copy.deepcopy(block).to(dtype) if dtype is not None else block
+                        runner = _dense_copy(block, dtype) if dtype is not None else block
                         with torch.no_grad():
                             for j in range(len(hidden)):
                                 hidden[j] = call(runner, j, i, dev).to(keep)

@@ -237,7 +237,7 @@ class AWQ(MethodConfig):
 
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"awq {self.format} {group}"
+        return f"awq {self.format} {group}" + (" quantized-propagation" if self.propagate == "quantized" else "")
 
     def weight_format(self) -> WeightFormat:
         return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))

@@ -220,7 +220,8 @@ class GPTQ(MethodConfig):
 
     def label(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"gptq {self.format} {group}" + (" act-order" if self.act_order else "")
+        return (f"gptq {self.format} {group}" + (" act-order" if self.act_order else "")
+                + (" float-propagation" if self.propagate == "float" else ""))
 
     def weight_format(self):
         return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))

@@ -98,7 +98,8 @@ class SmoothQuant(MethodConfig):
         return [cls(alpha=0.5)]
 
     def label(self) -> str:
-        return "smoothquant w8a8" + (f" a={self.alpha}" if self.alpha is not None else " (no smoothing)")
+        return ("smoothquant w8a8" + (f" a={self.alpha}" if self.alpha is not None else " (no smoothing)")
+                + (" quantized-propagation" if self.propagate == "quantized" else ""))
 
     @staticmethod
     def weight_format():
