@@ -164,11 +164,11 @@ def weight_stats(model: torch.nn.Module, row: "Row", info: Dict[str, Any], n_tar
         import peers as peer_module  # counts tensor subclasses and packed buffers of any library
     except Exception:  # noqa: BLE001
         peer_module = None
-    ours = evaluate.weight_bytes(model, exclude=("lm_head",))  # lm_head is left dense in every row
     if row.family == "peer" and peer_module is not None:
         bits = 8.0 * peer_module.weight_bytes(model, info)["targets"] / n_target
-    else:
-        bits = ours["linear_bits_per_weight"]
+        return {"model_mib": peer_module.tensor_bytes(model) / 2**20, "linear_bits_per_weight": bits}
+    ours = evaluate.weight_bytes(model, exclude=("lm_head",))  # lm_head is left dense in every row
+    bits = ours["linear_bits_per_weight"]
     in_memory = peer_module.tensor_bytes(model) if peer_module is not None else ours["runtime_bytes"]
     return {"model_mib": in_memory / 2**20, "linear_bits_per_weight": bits}
 

@@ -18,10 +18,11 @@ from .quant.gptq import GPTQ  # noqa: E402
 from .quant.hqq import HQQ  # noqa: E402
 from .quant.awq import AWQ  # noqa: E402
 from .quant.smoothquant import SmoothQuant  # noqa: E402
+from .lowrank.svd import SVD, plan_ranks  # noqa: E402
 from .registry import list_methods, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
-    "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "register_method", "list_methods",
+    "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks", "register_method", "list_methods",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]

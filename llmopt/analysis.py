@@ -74,7 +74,12 @@ class MemoryReport:
 def _tensor_key(t: torch.Tensor):
     if t.device.type == "meta":  # meta tensors have no storage address: only identity tells sharing
         return ("meta", id(t))
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+    except RuntimeError:
+        # Tensor subclasses of other libraries (torchao, quanto) wrap inner tensors and have no
+        # storage of their own: identity is the best sharing test available.
+        return ("object", id(t))
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
@@ -87,6 +92,8 @@ def memory_report(model: nn.Module) -> MemoryReport:
     counted = set()
     layer_prefixes = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in layer_prefixes):
+            continue  # inside a compressed layer (the factors of a LowRankLinear): counted with it
         if is_compressed(module):
             for t in list(module.parameters()) + list(module.buffers()):
                 counted.add(_tensor_key(t))
@@ -94,7 +101,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
             report.layers.append(LayerMemory(name, type(module).__name__, module.describe(), num_weights,
                                              int(module.stored_bytes()), int(module.runtime_bytes()),
                                              float(module.bits_per_weight())))
-            layer_prefixes.append(name + ".")
+            layer_prefixes.append(name + "." if name else "")
         elif isinstance(module, nn.Linear):
             size = 0
             for t in module.parameters(recurse=False):

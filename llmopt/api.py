@@ -15,11 +15,21 @@ from .config import MethodConfig
 from .registry import get_method
 from .targets import Patterns, get_submodule, replace_modules, restore_modules, select_linears
 
-__all__ = ["compress_", "CompressionReport", "CompressionError"]
+__all__ = ["compress_", "CompressionReport", "CompressionError", "SkipLayer"]
 
 
 class CompressionError(RuntimeError):
     """A layer could not be compressed; the model was left exactly as it was."""
+
+
+class SkipLayer(Exception):
+    """Raised by a layer-scope handler to leave its layer as it is (e.g. a factorization that would
+    not save parameters). ``compress_`` records ``"<method>: <reason>"`` in ``report.skipped`` and
+    goes on with the other layers; nothing is rolled back."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = str(reason)
 
 
 @dataclass
@@ -69,10 +79,15 @@ def _tied_weight_notes(model: nn.Module, swapped: Dict[str, nn.Module]) -> List[
     return notes
 
 
-def _handle(entry, cfg: MethodConfig, name: str, module: nn.Module, **kwargs: Any) -> nn.Module:
-    """Run one handler; any failure becomes a CompressionError naming the layer."""
+def _handle(entry, cfg: MethodConfig, name: str, module: nn.Module, skipped: Dict[str, str],
+            **kwargs: Any) -> Optional[nn.Module]:
+    """Run one handler; any failure becomes a CompressionError naming the layer. A :class:`SkipLayer`
+    is recorded in ``skipped`` and gives ``None`` (the layer stays as it is)."""
     try:
         return entry.handler(module, cfg, name=name, **kwargs)
+    except SkipLayer as skip:
+        skipped[name] = f"{cfg.name}: {skip.reason}"
+        return None
     except Exception as exc:
         raise CompressionError(f"layer {name!r} ({cfg.name}): {exc}") from exc
 
@@ -91,7 +106,8 @@ def _handle_block(entry, cfg: MethodConfig, prefix: str, layers: Dict[str, nn.Mo
 def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targets: Dict[str, nn.Module],
                                calibration: Sequence[Any], swapped: Dict[str, nn.Module],
                                calibration_dtype: Optional[torch.dtype] = None,
-                               calibration_device: Optional[Union[str, torch.device]] = None) -> None:
+                               calibration_device: Optional[Union[str, torch.device]] = None,
+                               skipped: Optional[Dict[str, str]] = None) -> None:
     """Block by block: each block's layers get statistics of the inputs the already-compressed
     previous blocks produce; targets outside the repeated blocks (e.g. ``lm_head``), or every target
     of a model without repeated blocks, come last, with statistics from one forward of the (partly
@@ -106,7 +122,10 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
         spec = dataclasses.replace(spec, product_dtype=calibration_dtype, dtype=torch.float32)
     propagate = getattr(cfg, "propagate", "quantized")
 
-    def swap(new_modules: Dict[str, nn.Module]) -> None:
+    skipped = {} if skipped is None else skipped
+
+    def swap(new_modules: Dict[str, Optional[nn.Module]]) -> None:
+        new_modules = {name: module for name, module in new_modules.items() if module is not None}
         for name, old in replace_modules(model, new_modules).items():
             swapped.setdefault(name, old)
 
@@ -120,7 +139,7 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
                                    stats={name: stats[name] for name in layers}, sources=sources or {},
                                    root=block))
             return
-        swap({name: _handle(entry, cfg, name, targets[name], stats=layer_stats)
+        swap({name: _handle(entry, cfg, name, targets[name], skipped, stats=layer_stats)
               for name, layer_stats in stats.items() if name in targets})
 
     try:
@@ -143,7 +162,7 @@ def _compress_with_calibration(model: nn.Module, cfg: MethodConfig, entry, targe
             swap(_handle_block(entry, cfg, "", {name: targets[name] for name in rest},
                                stats={name: stats[name] for name in rest}, sources={}, root=model))
         else:
-            swap({name: _handle(entry, cfg, name, targets[name], stats=stats.get(name)) for name in rest})
+            swap({name: _handle(entry, cfg, name, targets[name], skipped, stats=stats.get(name)) for name in rest})
 
 
 def compress_(
@@ -202,9 +221,11 @@ def compress_(
                                  f"exclude={exclude!r}")
             if cfg.needs_calibration:
                 _compress_with_calibration(model, cfg, entry, targets, calibration, swapped, calibration_dtype,
-                                           calibration_device)
+                                           calibration_device, report.skipped)
             else:
-                new_modules = {name: _handle(entry, cfg, name, module) for name, module in targets.items()}
+                new_modules = {name: _handle(entry, cfg, name, module, report.skipped)
+                               for name, module in targets.items()}
+                new_modules = {name: module for name, module in new_modules.items() if module is not None}
                 for name, old in replace_modules(model, new_modules).items():
                     swapped.setdefault(name, old)
             report.methods.append(cfg.to_dict())
@@ -219,6 +240,8 @@ def compress_(
             report.rescaled[name] = repr(new)
             continue
         report.replaced[name] = repr(new)
+        if any(name.startswith(outer + ".") for outer in swapped):
+            continue  # inside a layer replaced earlier in this call (SVD then RTN): counted with it
         report.bytes_before += memory_report(original).stored_bytes
         report.bytes_after += memory_report(new).stored_bytes
     return report

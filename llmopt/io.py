@@ -113,12 +113,17 @@ def load(
     tie_groups = [names for names in ties.values() if len(names) > 1]
 
     replacements: Dict[str, nn.Module] = {}
-    for name, entry in manifest["modules"].items():
+    modules = manifest["modules"]
+    # Outer wrappers first: a wrapper inside another one (the QuantLinear base of a LoRALinear) is
+    # put into the rebuilt outer module, so only top-level names must exist in the skeleton.
+    for name in sorted(modules, key=lambda n: n.count(".")):
+        entry = modules[name]
         cls = _MODULE_TYPES.get(entry["type"])
         if cls is None:
             raise ValueError(f"{directory}: module {name!r} has unknown type {entry['type']!r}; "
                              f"known: {sorted(_MODULE_TYPES)}")
-        get_submodule(skeleton, name)  # clear error if the skeleton lacks the layer
+        if not any(name.startswith(outer + ".") for outer in modules):
+            get_submodule(skeleton, name)  # clear error if the skeleton lacks the layer
         replacements[name] = cls.from_config(entry["config"], device="meta")
     state = load_file(os.path.join(directory, manifest.get("tensors", TENSORS_NAME)), device=str(device))
     for alias, target in manifest.get("aliases", {}).items():
@@ -127,8 +132,8 @@ def load(
     try:
         result = skeleton.load_state_dict(state, strict=strict, assign=True)
     except BaseException:
-        for name, module in originals.items():
-            set_submodule(skeleton, name, module)
+        for name in reversed(list(originals)):  # inner wrappers first, then the outer ones
+            set_submodule(skeleton, name, originals[name])
         raise
     for names in tie_groups:
         first = _get_param(skeleton, names[0])

@@ -127,3 +127,39 @@ def test_bad_calibration_dtype_is_refused_before_anything_changes():
         llmopt.compress_(model, llmopt.GPTQ("int4", 32), calibration=_batches(), calibration_dtype=torch.int8)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("rows_per_product", [1, 20, 10**6])
+def test_buffered_statistics_equal_float64_sums(rows_per_product):
+    """However the rows are grouped into products, the sums are those of all rows (float64 oracle),
+    layers sharing an input share them, and an in-place change after a layer read its input is not seen."""
+    from llmopt.calibration.runner import _StatsHooks
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 5), nn.Linear(12, 3)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x).sum(-1, keepdim=True)
+            x.mul_(100.0)  # modifies the input the layers read, after they read it
+            return y
+
+    model = Shared()
+    hooks = _StatsHooks({"a": model.a, "b": model.b}, StatsSpec(dtype=torch.float64), rows_per_product)
+    gen = torch.Generator().manual_seed(3)
+    seen = []
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(2, 7, 12, generator=gen)
+            seen.append(x.clone().reshape(-1, 12).double())
+            model(x)
+            hooks.new_pass()
+    hooks.remove()
+    rows = torch.cat(seen)
+    for name in ("a", "b"):
+        st = hooks.stats[name]
+        assert st.count == rows.shape[0]
+        torch.testing.assert_close(st.hessian, rows.T @ rows, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(st.col_abs_sum, rows.abs().sum(0), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(st.absmax, rows.abs().amax(0).float())

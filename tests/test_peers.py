@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import llmopt
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
@@ -183,6 +185,10 @@ def test_real_peer_on_tiny_llama(llama_and_ref, name, module, tol, n_quant):
     err = ((logits - ref).norm() / ref.norm()).item()
     assert err < tol, f"relative logit error {err:.3f}"
     assert out.shape == (1, ids.shape[1] + 3)
+
+    # llmopt's own report must not crash on other libraries' tensor subclasses (torchao, quanto).
+    report = llmopt.memory_report(model)
+    assert report.stored_bytes > 0
 
     nbytes = peers.weight_bytes(model, info)
     dense_bf16 = sum(m.weight.numel() * 2 for _, m in peers.target_linears(base))

@@ -376,16 +376,21 @@ def capture_block_inputs(model: nn.Module, blocks: Union[nn.ModuleList, nn.Modul
 class _StatsHooks:
     """Forward pre-hooks that feed each linear's input to its :class:`LayerStats`.
 
-    Layers reading the very same input tensor (q/k/v, gate/up) share one ``x^T x`` computation: the
-    increment is memoised by tensor identity (a reference is held, so the id cannot be reused) and
-    version counter, until :meth:`new_pass`.
+    Layers reading the very same input tensor (q/k/v, gate/up) share one ``x^T x`` computation
+    (found by tensor identity and version counter within a pass). Inputs are copied into a buffer per
+    group of layers and their statistics computed once ``rows_per_product`` rows have gathered (and at
+    :meth:`finish`): one tall ``x^T x`` runs ~30% faster than many short ones (bf16, K=1536: 178 vs
+    133 GFLOP/s for 4096 vs 512 rows), at the cost of a bounded buffer (4096 x 1536 bf16 = 12 MiB).
     """
 
-    def __init__(self, modules: Dict[str, nn.Module], spec: StatsSpec):
+    def __init__(self, modules: Dict[str, nn.Module], spec: StatsSpec, rows_per_product: int = 4096):
         self.spec = spec
+        self.rows_per_product = rows_per_product
         self.stats: Dict[str, LayerStats] = {}
         self.handles = []
-        self.memo: Dict[Tuple[int, int], Tuple[torch.Tensor, int, Any]] = {}
+        # this pass: id(x) -> (x, version, copied rows, names of the layers that read it)
+        self.pass_inputs: Dict[int, Tuple[torch.Tensor, int, torch.Tensor, List[str]]] = {}
+        self.pending: Dict[Tuple[str, ...], List[torch.Tensor]] = {}
         for name, module in modules.items():
             stats = LayerStats(_in_features(module), spec)
             self.stats[name] = stats
@@ -396,28 +401,46 @@ class _StatsHooks:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             if not isinstance(x, torch.Tensor):
                 return None
-            key = (id(x), stats.in_features)
-            hit = self.memo.get(key)
-            if hit is not None and hit[0] is x and hit[1] == x._version:
-                inc = hit[2]
+            if x.shape[-1] != stats.in_features:
+                raise ValueError(f"layer {name!r}: input has {x.shape[-1]} features in its last dimension, "
+                                 f"expected {stats.in_features}")
+            entry = self.pass_inputs.get(id(x))
+            if entry is not None and entry[0] is x and entry[1] == x._version:
+                entry[3].append(name)
             else:
-                try:
-                    inc = compute_increment(x, stats.in_features, self.spec)
-                except ValueError as e:
-                    raise ValueError(f"layer {name!r}: {e}") from None
-                self.memo[key] = (x, x._version, inc)
-            stats.add(inc)
+                # A copy: the model may modify the tensor in place after the layer has read it.
+                rows = x.detach().reshape(-1, stats.in_features).clone()
+                self.pass_inputs[id(x)] = (x, x._version, rows, [name])
             return None
         return hook
 
+    def _flush(self, key: Tuple[str, ...]) -> None:
+        parts = self.pending.pop(key)
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        inc = compute_increment(rows, rows.shape[-1], self.spec)
+        for name in key:
+            self.stats[name].add(inc)
+
     def new_pass(self) -> None:
-        self.memo.clear()
+        """End of one batch's forward: queue its inputs, computing statistics for full buffers."""
+        for _x, _version, rows, names in self.pass_inputs.values():
+            key = tuple(names)
+            self.pending.setdefault(key, []).append(rows)
+            if sum(p.shape[0] for p in self.pending[key]) >= self.rows_per_product:
+                self._flush(key)
+        self.pass_inputs.clear()
+
+    def finish(self) -> None:
+        """Compute the statistics of everything still buffered (call before reading ``stats``)."""
+        self.new_pass()
+        for key in list(self.pending):
+            self._flush(key)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self.memo.clear()
+        self.finish()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """``nn.Module`` wrappers that replace or wrap ``nn.Linear``."""
 
 from ..io import register_module_type
+from .lowrank_linear import LowRankLinear
 from .quant_linear import QuantLinear
 
 register_module_type(QuantLinear)
+register_module_type(LowRankLinear)
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "LowRankLinear"]
