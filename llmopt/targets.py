@@ -37,7 +37,8 @@ def select_linears(
 
     Returns ``(selected, skipped)``. Patterns are ``fnmatch`` globs on the full dotted module name
     (``"*.mlp.*"``, ``"lm_head"``); a pattern that matches a module also covers everything inside
-    it (``include="layers.0"`` selects the Linears of block 0). Already-compressed modules are skipped, with the reason. An include pattern that matches no module at all is an
+    it (``include="layers.0"`` selects the Linears of block 0). Already-compressed modules and LoRA
+    adapters (``lora_A``/``lora_B`` of a ``LoRALinear``) are skipped, with the reason. An include pattern that matches no module at all is an
     error: a typo must not silently compress nothing.
     """
     include_list, exclude_list = _as_list(include), _as_list(exclude)
@@ -56,6 +57,8 @@ def select_linears(
             continue
         if is_compressed(module):
             skipped[name] = f"already compressed ({type(module).__name__})"
+        elif getattr(module, "is_llmopt_adapter", False):
+            skipped[name] = "LoRA adapter (trained, never compressed)"
         elif isinstance(module, nn.Linear):
             selected[name] = module
     return selected, skipped

@@ -64,6 +64,11 @@ def _weight_bits(layer: nn.Module) -> int:
     return int(layer.bits_per_weight())
 
 
+def _is_number_format(layer: nn.Module) -> bool:
+    """Quantized layers have a number ``format``; others (``LowRankLinear``) lose precision by other means."""
+    return getattr(layer, "format", None) is not None
+
+
 # Minimum end-to-end SQNR (dB) of the compressed model against the float model, by weight bits.
 # Round-to-nearest gains ~6 dB per bit; on these seeded toy models RTN measures (MLP / transformer):
 # 8-bit int 43.5/40.7, fp8 28.8/25.4; 4-bit int 19.8-21.0/15.5-17.1, nf4 17.6/13.8, fp4 16.2/13.9;
@@ -76,10 +81,25 @@ SQNR_MIN = {
 }
 
 
+# Layers without a number format (low-rank factors: their error depends on the rank, not on bits):
+# random toy weights have flat spectra, so a rank that saves parameters keeps little of them. The
+# SVD examples measure (MLP / transformer, float32 and bf16 within 0.03 dB): plain rank 0.4 x
+# min(N, K) 2.31 / 1.35, ASVD same rank 2.33 / 1.11, whitened 20% fewer parameters 4.27 / 3.60.
+# Broken layers give <= 0 dB (zeroed weights 0.05 / -1.3, row-permuted weights -2.9 / -1.8).
+SQNR_MIN_OTHER = {"mlp": 1.0, "transformer": 0.5}
+
+
 def _sqnr_threshold(kind: str, bits: int) -> float:
     table = SQNR_MIN[kind]
     usable = [b for b in table if b <= bits]
     return table[max(usable)] if usable else 0.0
+
+
+def _min_sqnr(kind: str, layers) -> float:
+    layers = list(layers)
+    if all(_is_number_format(layer) for layer in layers):
+        return _sqnr_threshold(kind, min(_weight_bits(layer) for layer in layers))
+    return SQNR_MIN_OTHER[kind]
 
 
 # --------------------------------------------------------------------------------------------- (a)
@@ -149,10 +169,9 @@ def test_compressed_model_stays_close_to_float_model(cfg, kind, run, toy_input):
     with torch.no_grad():
         out = model(x)
     assert out.shape == reference.shape and out.dtype == reference.dtype
-    bits = min(_weight_bits(layer) for layer in _compressed(model).values())
-    threshold = _sqnr_threshold(kind, bits)
+    threshold = _min_sqnr(kind, _compressed(model).values())
     db = sqnr(reference, out)
-    assert threshold <= db < float("inf"), f"SQNR {db:.1f} dB, need >= {threshold} dB for {bits}-bit weights"
+    assert threshold <= db < float("inf"), f"SQNR {db:.1f} dB, need >= {threshold} dB"
 
 
 # --------------------------------------------------------------------------------------------- (d)
@@ -192,6 +211,10 @@ def test_repr_names_format_group_size_and_kernel(cfg, run):
     run(model, cfg)
     for name, layer in _compressed(model).items():
         text = repr(layer)
+        if not _is_number_format(layer):
+            # No number format (LowRankLinear): the repr still names the layer's shape.
+            assert f"in_features={layer.in_features}" in text and f"out_features={layer.out_features}" in text
+            continue
         fmt = layer.format.name
         assert fmt, f"{name}: format has no name"
         if hasattr(cfg, "format"):
@@ -215,7 +238,10 @@ def test_compressing_twice_does_not_double_compress(cfg, kind, run, snapshot):
     again = run(model, cfg)
     before.check()  # same module objects, same tensors
     assert again.replaced == {}
-    assert set(again.skipped) == names
+    # Every compressed layer is skipped; so are the plain Linears inside a compressed layer (the
+    # factors of a LowRankLinear) that the method refuses to compress again.
+    assert names <= set(again.skipped)
+    assert all(name in names or any(name.startswith(n + ".") for n in names) for name in again.skipped)
     assert all("already compressed" in reason for reason in again.skipped.values())
     assert again.bytes_before == again.bytes_after == 0
 
@@ -271,5 +297,4 @@ def test_bfloat16_model_compresses_and_runs(cfg, kind, run, toy_input):
     assert out.dtype == torch.bfloat16
     assert torch.isfinite(out).all()
     # bf16 activations add noise at ~40 dB, far below the quantization noise: same thresholds.
-    bits = min(_weight_bits(layer) for layer in _compressed(model).values())
-    assert sqnr(reference, out) >= _sqnr_threshold(kind, bits)
+    assert sqnr(reference, out) >= _min_sqnr(kind, _compressed(model).values())

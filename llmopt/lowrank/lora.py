@@ -35,8 +35,16 @@ from ..analysis import memory_report
 from ..api import CompressionError, CompressionReport
 from ..nn.lora_linear import LORA_INITS, LoRALinear
 from ..quant.formats import get_format
-from ..targets import Patterns, _as_list, _matches, get_submodule, is_compressed, replace_modules, \
-    restore_modules, select_linears
+from ..targets import (
+    Patterns,
+    _as_list,
+    _matches,
+    get_submodule,
+    is_compressed,
+    replace_modules,
+    restore_modules,
+    select_linears,
+)
 
 __all__ = [
     "LoRA", "LoRAError", "LoRAReport", "LoRALinear", "add_lora_", "merge_lora_", "unmerge_lora_",

@@ -258,6 +258,8 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_f, rank, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(rank, out_f, bias=False, device=device, dtype=adapter_dtype)
+        for adapter in (self.lora_A, self.lora_B):
+            adapter.is_llmopt_adapter = True  # compress_ never quantizes or prunes an adapter
         with torch.no_grad():
             if not _empty:
                 self.lora_A.weight.copy_(a)
@@ -281,14 +283,14 @@ class LoRALinear(nn.Module):
         """
         rank, s = self.rank, self.scaling
         quantized = isinstance(base, QuantLinear)
-        if quantize_base is not None and quantized:
-            raise ValueError("quantize_base was given but the base is already a QuantLinear")
         if init == "loftq":
             if quantized:
                 raise ValueError("init='loftq' needs the float weights, which a QuantLinear no longer has: "
                                  "apply LoRA(init='loftq', quantize_base=...) to the dense layer instead")
             if quantize_base is None:
                 raise ValueError("init='loftq' quantizes the base itself: give quantize_base (e.g. 'nf4')")
+        if quantize_base is not None and quantized:
+            raise ValueError("quantize_base was given but the base is already a QuantLinear")
         requant: Optional[Requantizer] = None
         if quantized:
             requant = Requantizer.like(base)
@@ -319,9 +321,11 @@ class LoRALinear(nn.Module):
         a = torch.zeros(rank, self.in_features, dtype=work)
         b = torch.zeros(self.out_features, rank, dtype=work)
         for _ in range(loftq_iters):
-            deq = requant.fake(weight - s * (b @ a)).to(work)
+            target = weight - s * (b @ a)
+            deq = requant.fake(target).to(work)
             a, b = map(stored, _svd_factors(weight - deq, rank, s))
-        return requant.build(weight - s * (b @ a)), a, b
+        # The quantized weight the last adapters were fitted to (not a re-quantization with them).
+        return requant.build(target), a, b
 
     # ------------------------------------------------------------------ maths
     def _delta(self, dtype: torch.dtype) -> Tensor:
@@ -342,11 +346,14 @@ class LoRALinear(nn.Module):
         return m / self._weight_norm().to(m.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, dropout=True)
+
+    def _forward(self, x: Tensor, dropout: bool) -> Tensor:
         y = self.base(x)
         if self.merged:
             return y
         a = self.lora_A.weight
-        h = self.lora_dropout(x)
+        h = self.lora_dropout(x) if dropout else x
         lora = self.lora_B(self.lora_A(h.to(a.dtype))) * self.scaling
         if not self.use_dora:
             return y + lora.to(y.dtype)
@@ -378,10 +385,27 @@ class LoRALinear(nn.Module):
             new = Requantizer.like(self.base).build(target)
         else:
             new = _dense_with_weight(self.base, target)
+            if type(self.base).forward is not nn.Linear.forward:
+                self._check_merged_forward(new)
         got = base_weight(new, torch.float64)
         norm = float(torch.linalg.matrix_norm(target))
         self.merge_error = float(torch.linalg.matrix_norm(got - target)) / norm if norm > 0 else 0.0
         return new
+
+    def _check_merged_forward(self, new: nn.Module) -> None:
+        """A base with its own forward (a mask, a transform) may not compute ``x @ weight.T + b``:
+        check on a random probe that the merged copy reproduces the adapted layer, else refuse."""
+        dtype = _base_dtype(self.base)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, self.in_features, generator=gen).to(device=_base_device(self.base), dtype=dtype)
+        with torch.no_grad():
+            expected, got = self._forward(x, dropout=False).double(), new(x).double()
+        tol = min(1e-2, 1e3 * torch.finfo(dtype).eps)
+        error = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+        if not error <= tol:
+            raise ValueError(f"merging into {type(self.base).__name__} does not reproduce the adapted layer "
+                             f"(relative error {error:.2e}): its forward is not x @ weight.T + bias (a mask?); "
+                             "keep the adapters, or merge into a plain copy yourself")
 
     def merge_(self) -> "LoRALinear":
         """Switch to the merged state in place (forward = merged base only); :meth:`unmerge` undoes it."""
@@ -413,6 +437,19 @@ class LoRALinear(nn.Module):
         return self
 
     # ------------------------------------------------------------------ parameters
+    @property
+    def weight(self) -> Tensor:
+        """The base's ``weight`` (for code that reads ``layer.weight.dtype``); the adapters are apart."""
+        weight = getattr(self.base, "weight", None)
+        if weight is None:
+            raise AttributeError(f"the base {type(self.base).__name__} of this LoRALinear has no weight")
+        return weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The base's bias (``None`` if it has none)."""
+        return _base_bias(self.base)
+
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """``{"lora_A.weight": ..., "lora_B.weight": ..., ["lora_magnitude": ...]}``."""
         params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
