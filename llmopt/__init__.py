@@ -23,6 +23,7 @@ from .registry import list_methods, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
-    "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks", "register_method", "list_methods",
+    "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks",
+    "register_method", "list_methods",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]

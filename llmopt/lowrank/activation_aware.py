@@ -35,7 +35,8 @@ __all__ = ["whitening_factor", "whitened_svd", "asvd_scales", "scaled_svd", "ASV
 ASVD_ALPHA = 0.5
 
 
-def whitening_factor(hessian: Tensor, damp: float = 0.01, *, max_tries: int = 6) -> Tuple[Optional[Tensor], Dict[str, Any]]:
+def whitening_factor(hessian: Tensor, damp: float = 0.01, *, max_tries: int = 6
+                     ) -> Tuple[Optional[Tensor], Dict[str, Any]]:
     """Lower Cholesky factor ``L`` (float64) of ``H + damp * mean(diag H) * I``, ``H`` being ``[K, K]``.
 
     The damping is multiplied by 10 after each failed factorization (a start of 0 becomes 1e-6).

@@ -272,7 +272,7 @@ class SVD(MethodConfig):
     dense). A layer whose rank would not save parameters is left dense and listed in
     ``report.skipped``.
 
-    ``activation_aware=True`` needs ``calibration=``: ``method="whiten"`` (SVD-LLM: truncate ``W L``
+    ``activation_aware=True`` needs ``calibration=``: ``variant="whiten"`` (SVD-LLM: truncate ``W L``
     with ``L L^T`` the damped input Hessian; the discarded singular values are then exactly the
     output error) or ``"asvd"`` (scale input channels by ``mean|x|^0.5``). ``damp``: relative
     Hessian damping (whiten). ``propagate``: what feeds the next block during calibration,
@@ -288,7 +288,7 @@ class SVD(MethodConfig):
     param_ratio: Optional[float] = None
     ranks: Optional[Dict[str, Optional[int]]] = None
     activation_aware: bool = False
-    method: str = "whiten"
+    variant: str = "whiten"  # not "method": to_dict() uses that key for the registry name
     damp: float = 0.01
     propagate: str = "float"
 
@@ -317,10 +317,10 @@ class SVD(MethodConfig):
             object.__setattr__(self, "ranks", dict(self.ranks))  # a private copy
         if not isinstance(self.activation_aware, bool):
             raise ValueError(f"activation_aware must be True or False, got {self.activation_aware!r}")
-        if self.method not in ("whiten", "asvd"):
-            raise ValueError(f"method must be 'whiten' or 'asvd', got {self.method!r}")
-        if self.method == "asvd" and not self.activation_aware:
-            raise ValueError("method='asvd' scales by activation statistics: set activation_aware=True")
+        if self.variant not in ("whiten", "asvd"):
+            raise ValueError(f"variant must be 'whiten' or 'asvd', got {self.variant!r}")
+        if self.variant == "asvd" and not self.activation_aware:
+            raise ValueError("variant='asvd' scales by activation statistics: set activation_aware=True")
         if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 <= self.damp < 1):
             raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
         if self.propagate not in ("float", "quantized"):
@@ -335,14 +335,15 @@ class SVD(MethodConfig):
         return self.activation_aware
 
     def stats_spec(self) -> StatsSpec:
-        if self.method == "asvd":
+        if self.variant == "asvd":
             return StatsSpec(hessian=False)
         return StatsSpec(hessian=True, dtype=torch.float64)
 
     @classmethod
     def examples(cls):
-        return [cls(rank_ratio=0.25), cls(param_ratio=0.5, activation_aware=True),
-                cls(rank=8, activation_aware=True, method="asvd")]
+        # Ranks that save parameters in every layer of the toy models (random weights: flat spectra).
+        return [cls(rank_ratio=0.4), cls(param_ratio=0.2, activation_aware=True),
+                cls(rank_ratio=0.4, activation_aware=True, variant="asvd")]
 
     @classmethod
     def benchmark_configs(cls):
@@ -359,7 +360,7 @@ class SVD(MethodConfig):
             rule = f"{self.param_ratio * 100:g}% params"
         else:
             rule = f"planned ranks ({len(self.ranks)} layers)"
-        how = ("whitened" if self.method == "whiten" else "asvd") if self.activation_aware else "plain"
+        how = ("whitened" if self.variant == "whiten" else "asvd") if self.activation_aware else "plain"
         extra = " quantized-propagation" if self.activation_aware and self.propagate != "float" else ""
         return f"svd {rule} {how}{extra}"
 
@@ -377,7 +378,7 @@ def _layer_decomposition(weight: Tensor, config: SVD, stats: Optional[LayerStats
     if stats is None or stats.count == 0:
         raise ValueError("activation-aware SVD needs calibration statistics for this layer (it received no "
                          "inputs)")
-    if config.method == "asvd":
+    if config.variant == "asvd":
         return scaled_svd(weight, asvd_scales(stats.col_abs_mean()))
     return whitened_svd(weight, stats.mean_hessian(), config.damp)
 
@@ -439,7 +440,7 @@ def plan_ranks(
     exclude: Any = None,
     calibration: Optional[Sequence[Any]] = None,
     activation_aware: bool = False,
-    method: str = "whiten",
+    variant: str = "whiten",
     damp: float = 0.01,
     calibration_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, Optional[int]]:
@@ -449,13 +450,13 @@ def plan_ranks(
     ``W diag(s)`` with ``activation_aware=True``, from ``calibration`` batches run block by block with
     float propagation, layers outside the blocks from one forward) and returns
     :func:`allocate_ranks` of them: ``{name: rank or None (dense)}``, for ``SVD(ranks=...)`` with the
-    same ``include``/``exclude``, calibration and ``activation_aware`` / ``method`` / ``damp``. The model
+    same ``include``/``exclude``, calibration and ``activation_aware`` / ``variant`` / ``damp``. The model
     is not modified. Factors of already factorized layers are left out.
     """
     from ..calibration import collect_stats, find_blocks, run_blocks
     from ..targets import select_linears
 
-    config = SVD(param_ratio=param_ratio, activation_aware=activation_aware, method=method, damp=damp)
+    config = SVD(param_ratio=param_ratio, activation_aware=activation_aware, variant=variant, damp=damp)
     targets, _ = select_linears(model, include, exclude)
     targets = {name: m for name, m in targets.items() if not is_factor(m)}
     if not targets:
