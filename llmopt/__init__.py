@@ -19,11 +19,21 @@ from .quant.hqq import HQQ  # noqa: E402
 from .quant.awq import AWQ  # noqa: E402
 from .quant.smoothquant import SmoothQuant  # noqa: E402
 from .lowrank.svd import SVD, plan_ranks  # noqa: E402
+from .lowrank.lora import (  # noqa: E402
+    LoRA,
+    add_lora_,
+    load_adapters,
+    merge_lora_,
+    save_adapters,
+    trainable_parameters,
+    unmerge_lora_,
+)
 from .registry import list_methods, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
     "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks",
+    "LoRA", "add_lora_", "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters", "trainable_parameters",
     "register_method", "list_methods",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]
