@@ -28,12 +28,15 @@ from .lowrank.lora import (  # noqa: E402
     trainable_parameters,
     unmerge_lora_,
 )
+from .lowrank.compensation import QuantLowRank, compensation_to_lora_  # noqa: E402
+from .quant.qat import QATLinear, convert_qat_, prepare_qat_  # noqa: E402
 from .registry import list_methods, register_method  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
     "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks",
     "LoRA", "add_lora_", "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters", "trainable_parameters",
+    "QuantLowRank", "compensation_to_lora_", "QATLinear", "prepare_qat_", "convert_qat_",
     "register_method", "list_methods",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]

@@ -159,7 +159,7 @@ def test_sgd_on_representable_target_reduces_fake_quant_loss(fmt, gs):
         losses.append(loss.item())
     with torch.no_grad():
         final = F.mse_loss(model(x), y).item()
-    assert final < 0.5 * losses[0], losses
+    assert final < 0.01 * losses[0], (final, losses)  # observed: 1e-4 or less (the grid point is found)
     convert_qat_(model, kernel="reference")
     with torch.no_grad():
         assert F.mse_loss(model(x), y).item() == pytest.approx(final, rel=1e-5)

@@ -3,7 +3,8 @@
 Quantize the weight first (``Q``, as :class:`~llmopt.RTN` does, or HQQ), then spend a few extra
 parameters on the part of the error that is low-rank: with ``E = W - deq(Q)``, keep the best rank-``r``
 approximation ``L R`` of ``E`` (``L = up [N, r]``, ``R = down [r, K]``). The layer computes
-``deq(Q) x + L (R x)`` (:class:`~llmopt.nn.CompensatedLinear`). This is the idea of LQER / ZeroQuant-V2's
+``deq(Q) x + L (R x)`` (:class:`~llmopt.nn.compensated_linear.CompensatedLinear`, a ``QuantLinear`` with two
+extra factors). This is the idea of LQER / ZeroQuant-V2's
 LoRC and the first step of LoftQ (which then alternates re-quantizing ``W - L R``):
 
 * **plain** (``activation_aware=False``): truncated SVD of ``E``; the weight error drops from
@@ -215,7 +216,7 @@ def _apply_quant_lowrank(linear: nn.Module, config: QuantLowRank, *, name: str =
     down, up = compensation_factors(residual, config.rank, hessian=hessian, damp=config.damp, dtype=factor_dtype)
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
         raise ValueError("the compensation factors contain NaN/Inf values")
-    return CompensatedLinear.from_factors(base, down, up)
+    return CompensatedLinear.from_quantized(base, down, up)
 
 
 # ----------------------------------------------------------------------------------------------

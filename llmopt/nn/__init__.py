@@ -4,8 +4,9 @@ from ..io import register_module_type
 from .lora_linear import LoRALinear  # registers itself for save/load
 from .lowrank_linear import LowRankLinear
 from .quant_linear import QuantLinear
+from .compensated_linear import CompensatedLinear
 
 register_module_type(QuantLinear)
 register_module_type(LowRankLinear)
 
-__all__ = ["QuantLinear", "LowRankLinear", "LoRALinear"]
+__all__ = ["QuantLinear", "LowRankLinear", "LoRALinear", "CompensatedLinear"]
