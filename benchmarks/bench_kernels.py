@@ -11,7 +11,9 @@ For every weight shape (Llama-7B and SmolLM2-135M projections) and every batch s
   (dequantize the whole weight + dense matmul); reported with its overhead, never judged;
 * ``int4_g64_fp32in``  the int4 g64 layer fed fp32 activations (shows the bf16 cast cost);
 * ``w8a8``        ``QuantLinear`` int8 symmetric per channel with ``act_bits=8`` (activations quantized
-  per token to int8, ``int8_dynamic_cpu``: ``torch._int_mm``), judged against bf16 dense at M >= 16.
+  per token to int8; ``int8_onednn_cpu``: weight prepacked once for oneDNN's int8 GEMM), judged
+  against bf16 dense at M >= 16;
+* ``w8a8_intmm``  the same layer on ``int8_dynamic_cpu`` (``torch._int_mm``), for comparison.
 
 ``QuantLinear`` rows get **bf16 activations** unless the contender name says ``fp32in``.
 
@@ -125,6 +127,10 @@ CONTENDERS: List[Contender] = [
               layer_key="int4_g64"),
     # A prefill path, judged by its own check (faster than bf16 dense at M >= 16), not by the M <= 16 one.
     Contender("w8a8", "quant", torch.float32, torch.bfloat16, "int8", None, symmetric=True, act_bits=8,
+              kernel="int8_onednn_cpu"),
+    # The same arithmetic through torch._int_mm (weight reordered by oneDNN on every call): shown for
+    # comparison, not judged.
+    Contender("w8a8_intmm", "quant", torch.float32, torch.bfloat16, "int8", None, symmetric=True, act_bits=8,
               kernel="int8_dynamic_cpu"),
 ]
 W8A8 = "w8a8"

@@ -62,7 +62,7 @@ def test_convert_matches_fake_quant_reference_kernel(fmt, gs, n, k, bias, act, s
 @pytest.mark.parametrize("fmt,gs,sym,act,kernel", [
     ("int4", 32, False, None, "int4pack_cpu"), ("int4", 64, True, None, "int4pack_cpu"),
     ("int3", 64, False, None, "int4pack_cpu"), ("int2", 128, False, None, "int4pack_cpu"),
-    ("int8", None, False, None, "int8pack_cpu"), ("int8", None, True, 8, "int8_dynamic_cpu"),
+    ("int8", None, False, None, "int8pack_cpu"), ("int8", None, True, 8, "int8_onednn_cpu"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_convert_matches_fake_quant_fast_kernels(fmt, gs, sym, act, kernel, dtype):

@@ -30,6 +30,17 @@ BF16_TOL = 1e-2
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+# Both W8A8 kernels compute the same arithmetic; "auto" prefers the prepacked oneDNN one.
+W8A8_KERNELS = ("int8_dynamic_cpu", "int8_onednn_cpu")
+AUTO_W8A8 = "int8_onednn_cpu"
+
+
+@pytest.fixture(params=W8A8_KERNELS, scope="module")  # module scope: hypothesis tests use it too
+def w8a8_kernel(request):
+    return request.param
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -224,10 +235,10 @@ def _exact_w8a8(layer_x, n, k, bias, seed=0):
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
-def test_int8_dynamic_equals_reference_kernel_float32(n, k, bias, lead):
-    fast = _layer(n, k, "int8_dynamic_cpu", bias=bias)
+def test_int8_dynamic_equals_reference_kernel_float32(n, k, bias, lead, w8a8_kernel):
+    fast = _layer(n, k, w8a8_kernel, bias=bias)
     ref = _layer(n, k, "reference", bias=bias)
-    assert fast.kernel.name == "int8_dynamic_cpu" and ref.kernel.name == "reference"
+    assert fast.kernel.name == w8a8_kernel and ref.kernel.name == "reference"
     x = torch.randn(*lead, k, generator=_gen(7))
     y, y_ref = fast(x), ref(x)
     assert y.shape == (*lead, n) and y.dtype == torch.float32 and y_ref.shape == y.shape
@@ -243,9 +254,9 @@ def test_int8_dynamic_equals_reference_kernel_float32(n, k, bias, lead):
 
 @pytest.mark.parametrize("n,k", [(64, 96), (40, 77), (24, 13)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_dynamic_matches_hand_float64_reference(n, k, bias):
+def test_int8_dynamic_matches_hand_float64_reference(n, k, bias, w8a8_kernel):
     """Against a reference that owes nothing to the library: float64 per-token quantization of x."""
-    layer = _layer(n, k, "int8_dynamic_cpu", bias=bias)
+    layer = _layer(n, k, w8a8_kernel, bias=bias)
     x, c, e = _tie_free_rows(9, k, seed=11)
     codes64, scale64 = _quantize_rows64(x)
     assert torch.equal(codes64, c) and torch.equal(scale64, 2.0 ** e)  # the reference itself is exact
@@ -264,9 +275,9 @@ def test_int8_dynamic_matches_hand_float64_reference(n, k, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(), (4,), (2, 3)])
-def test_int8_dynamic_bfloat16_inputs(bias, lead):
+def test_int8_dynamic_bfloat16_inputs(bias, lead, w8a8_kernel):
     n, k = 48, 77
-    fast = _layer(n, k, "int8_dynamic_cpu", bias=bias)
+    fast = _layer(n, k, w8a8_kernel, bias=bias)
     ref = _layer(n, k, "reference", bias=bias)
     x = torch.randn(*lead, k, generator=_gen(8)).to(torch.bfloat16)
     y = fast(x)
@@ -287,11 +298,11 @@ def test_int8_dynamic_bfloat16_inputs(bias, lead):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_int8_dynamic_layer_cast_to_other_dtypes(dtype):
+def test_int8_dynamic_layer_cast_to_other_dtypes(dtype, w8a8_kernel):
     n, k = 32, 45
-    fast = _layer(n, k, "int8_dynamic_cpu").to(dtype)
+    fast = _layer(n, k, w8a8_kernel).to(dtype)
     ref = _layer(n, k, "reference").to(dtype)
-    assert fast.kernel.name == "int8_dynamic_cpu" and fast.bias.dtype == dtype
+    assert fast.kernel.name == w8a8_kernel and fast.bias.dtype == dtype
     x = torch.randn(3, k, generator=_gen(9)).to(dtype)
     y = fast(x)
     assert y.dtype == dtype
@@ -301,8 +312,8 @@ def test_int8_dynamic_layer_cast_to_other_dtypes(dtype):
     assert _rel_err(ref(x), exact) < BF16_TOL
 
 
-def test_int8_dynamic_zero_input_gives_bias_and_empty_batch():
-    layer = _layer(24, 40, "int8_dynamic_cpu")
+def test_int8_dynamic_zero_input_gives_bias_and_empty_batch(w8a8_kernel):
+    layer = _layer(24, 40, w8a8_kernel)
     y = layer(torch.zeros(3, 40))
     assert torch.equal(y, layer.bias.expand(3, 24))
     assert layer(torch.zeros(0, 40)).shape == (0, 24)
@@ -311,8 +322,8 @@ def test_int8_dynamic_zero_input_gives_bias_and_empty_batch():
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 40), k=st.integers(1, 70), m=st.integers(1, 9), bias=st.booleans(),
        seed=st.integers(0, 1000))
-def test_int8_dynamic_equals_reference_any_shape(n, k, m, bias, seed):
-    fast = _layer(n, k, "int8_dynamic_cpu", bias=bias, seed=seed)
+def test_int8_dynamic_equals_reference_any_shape(n, k, m, bias, seed, w8a8_kernel):
+    fast = _layer(n, k, w8a8_kernel, bias=bias, seed=seed)
     ref = _layer(n, k, "reference", bias=bias, seed=seed)
     x = torch.randn(m, k, generator=_gen(seed + 2))
     y, y_ref = fast(x), ref(x)
@@ -322,10 +333,10 @@ def test_int8_dynamic_equals_reference_any_shape(n, k, m, bias, seed):
 
 
 @pytest.mark.parametrize("n", [1, 2, 17])
-def test_int8_dynamic_in_features_one(n):
+def test_int8_dynamic_in_features_one(n, w8a8_kernel):
     # Regression: with K == 1 the transposed weight [1, N] kept strides (1, 1) (.t().contiguous() is a
     # no-op on it) and torch._int_mm on CPU returned garbage.
-    fast = _layer(n, 1, "int8_dynamic_cpu")
+    fast = _layer(n, 1, w8a8_kernel)
     x = torch.randn(3, 1, generator=_gen(14))
     exact, mag = _exact_w8a8(x, n, 1, fast.bias)
     assert ((fast(x).double() - exact).abs() <= 4 * EPS32 * mag + 1e-30).all()
@@ -343,11 +354,34 @@ def test_int8_dynamic_runtime_layout_and_bytes():
     assert layer.bits_per_weight() == pytest.approx(8 + 16 / k)
 
 
+def test_int8_onednn_runtime_layout_and_bytes():
+    n, k = 48, 100
+    layer = _layer(n, k, "int8_onednn_cpu", bias=False)
+    buffers = dict(layer.named_buffers())
+    # One opaque prepacked copy of the int8 codes, [K, N]; to_dense() gives them back exactly.
+    assert buffers["qdata"].is_mkldnn and buffers["qdata"].dtype == torch.int8
+    assert tuple(buffers["qdata"].shape) == (k, n)
+    assert torch.equal(buffers["qdata"].to_dense().t().contiguous().view(torch.uint8) ^ 0x80, layer.codes())
+    assert buffers["scale"].dtype == torch.float32 and buffers["scale"].shape == (n,)
+    assert layer.stored_bytes() == n * k + 2 * n
+    assert layer.runtime_bytes() == n * k + 4 * n + 8 * n  # + int64 zero weight zero points oneDNN asks for
+    assert set(layer.state_dict()) == {"qdata", "scale"}  # state_dict stays canonical
+    assert layer.state_dict()["qdata"].dtype == torch.uint8 and not layer.state_dict()["qdata"].is_mkldnn
+
+
+def test_int8_onednn_deepcopy_and_clone_module():
+    import copy
+    layer = _layer(32, 64, "int8_onednn_cpu")
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 64, generator=_gen(50))
+    assert twin.kernel.name == "int8_onednn_cpu" and torch.equal(twin(x), layer(x))
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_int8_dynamic_layout_round_trip_exact(scale_dtype, bit_equal):
-    fast = _layer(40, 77, "int8_dynamic_cpu", scale_dtype=scale_dtype)
+def test_int8_dynamic_layout_round_trip_exact(scale_dtype, bit_equal, w8a8_kernel):
+    fast = _layer(40, 77, w8a8_kernel, scale_dtype=scale_dtype)
     ref = _layer(40, 77, "reference", scale_dtype=scale_dtype)
-    assert fast.kernel.name == "int8_dynamic_cpu"
+    assert fast.kernel.name == w8a8_kernel
     for key, value in ref.canonical_state().items():
         assert bit_equal(fast.canonical_state()[key], value), key
     assert torch.equal(fast.codes(), ref.codes())
@@ -357,7 +391,7 @@ def test_int8_dynamic_layout_round_trip_exact(scale_dtype, bit_equal):
         assert torch.allclose(fast.dequantize_weight(torch.float64), by_hand, rtol=EPS32, atol=0)
     else:  # 7-bit code times an 8/11-bit mantissa: exact in float32
         assert torch.equal(fast.dequantize_weight(torch.float64), by_hand)
-    kernel = get_kernel("int8_dynamic_cpu")
+    kernel = get_kernel(w8a8_kernel)
     canonical = ref.canonical_state()
     back = kernel.to_canonical(ref, kernel.to_runtime(ref, canonical))
     for key in canonical:
@@ -366,7 +400,7 @@ def test_int8_dynamic_layout_round_trip_exact(scale_dtype, bit_equal):
 
 def test_int8_dynamic_set_kernel_round_trip(bit_equal):
     layer = _layer(48, 100, "auto")
-    assert layer.kernel.name == "int8_dynamic_cpu"
+    assert layer.kernel.name == AUTO_W8A8
     canonical = {k: v.clone() for k, v in layer.canonical_state().items()}
     x = torch.randn(4, 100, generator=_gen(12))
     fast = layer(x)
@@ -375,7 +409,7 @@ def test_int8_dynamic_set_kernel_round_trip(bit_equal):
     _, mag = _exact_w8a8(x, 48, 100, layer.bias)
     assert ((layer(x).double() - fast.double()).abs() <= 106 * EPS32 * mag).all()  # (K + 6) * u
     layer.set_kernel("auto")
-    assert layer.kernel.name == "int8_dynamic_cpu"
+    assert layer.kernel.name == AUTO_W8A8
     for key, value in layer.canonical_state().items():
         assert bit_equal(value, canonical[key]), key
     assert torch.equal(layer(x), fast)
@@ -383,11 +417,11 @@ def test_int8_dynamic_set_kernel_round_trip(bit_equal):
 
 # -------------------------------------------------------------------------------- kernel choice
 def test_auto_picks_int8_dynamic_for_w8a8_layers():
-    assert _layer(64, 96).kernel.name == "int8_dynamic_cpu"
-    assert _layer(17, 13).kernel.name == "int8_dynamic_cpu"  # no alignment requirement
+    assert _layer(64, 96).kernel.name == AUTO_W8A8
+    assert _layer(17, 13).kernel.name == AUTO_W8A8  # no alignment requirement
     # Scales of any dtype: the kernel holds them in float32 (exact for bf16/fp16/fp32).
-    assert _layer(64, 96, scale_dtype=torch.float32).kernel.name == "int8_dynamic_cpu"
-    assert _layer(64, 96, bias=False, input_scale=torch.ones(96)).kernel.name == "int8_dynamic_cpu"
+    assert _layer(64, 96, scale_dtype=torch.float32).kernel.name == AUTO_W8A8
+    assert _layer(64, 96, bias=False, input_scale=torch.ones(96)).kernel.name == AUTO_W8A8
 
 
 INT8_ASYM = get_format("int8")
@@ -404,10 +438,10 @@ NOT_W8A8 = [
 
 @pytest.mark.parametrize("fmt,gs,act_bits,reason", NOT_W8A8,
                          ids=["no-act-bits", "int8-asym", "int8-g32", "int4-sym", "int4-pc", "nf4"])
-def test_int8_dynamic_not_chosen_otherwise(fmt, gs, act_bits, reason):
+def test_int8_dynamic_not_chosen_otherwise(fmt, gs, act_bits, reason, w8a8_kernel):
     n, k = 64, 96
     auto = _layer(n, k, "auto", fmt=fmt, group_size=gs, act_bits=act_bits)
-    assert auto.kernel.name != "int8_dynamic_cpu"
+    assert auto.kernel.name not in W8A8_KERNELS
     # Whatever kernel serves it, the layer computes the same function as the reference kernel
     # (with fake-quantized activations when act_bits is set).
     ref = _layer(n, k, "reference", fmt=fmt, group_size=gs, act_bits=act_bits)
@@ -417,24 +451,24 @@ def test_int8_dynamic_not_chosen_otherwise(fmt, gs, act_bits, reason):
     assert torch.allclose(ref(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert _rel_err(auto(x), expected) < (BF16_TOL if auto.kernel.name != "reference" else 1e-6)
     # Naming the kernel explicitly is an error that says why.
-    with pytest.raises(ValueError, match="int8_dynamic_cpu.*" + reason):
-        _layer(n, k, "int8_dynamic_cpu", fmt=fmt, group_size=gs, act_bits=act_bits)
+    with pytest.raises(ValueError, match=w8a8_kernel + ".*" + reason):
+        _layer(n, k, w8a8_kernel, fmt=fmt, group_size=gs, act_bits=act_bits)
 
 
-def test_set_kernel_int8_dynamic_refused_leaves_layer_intact(bit_equal):
+def test_set_kernel_int8_dynamic_refused_leaves_layer_intact(bit_equal, w8a8_kernel):
     layer = _layer(64, 96, "auto", act_bits=None)
     assert layer.kernel.name == "int8pack_cpu"
     before = {k: v.clone() for k, v in layer.canonical_state().items()}
     with pytest.raises(ValueError, match="act_bits"):
-        layer.set_kernel("int8_dynamic_cpu")
+        layer.set_kernel(w8a8_kernel)
     assert layer.kernel.name == "int8pack_cpu" and layer.requested_kernel == "auto"
     for key, value in layer.canonical_state().items():
         assert bit_equal(value, before[key]), key
 
 
-def test_int8_dynamic_needs_cpu():
+def test_int8_dynamic_needs_cpu(w8a8_kernel):
     layer = _layer(16, 32, "reference")
-    reason = get_kernel("int8_dynamic_cpu").unsupported_reason(layer, torch.device("meta"))
+    reason = get_kernel(w8a8_kernel).unsupported_reason(layer, torch.device("meta"))
     assert reason is not None and "CPU" in reason
     layer.to("meta")
     assert layer.kernel.name == "reference"
@@ -481,10 +515,10 @@ def test_input_scale_forward_fast_kernels(fmt, gs, kernel):
     assert torch.equal(scaled(x), plain(x * s))  # the scale is applied to the input, then the same kernel
 
 
-def test_input_scale_applied_before_activation_quantization():
+def test_input_scale_applied_before_activation_quantization(w8a8_kernel):
     n, k = 48, 77
-    scaled, plain, s = _scaled_pair(n, k, "int8_dynamic_cpu", INT8_SYM, None, act_bits=8)
-    assert scaled.kernel.name == "int8_dynamic_cpu"
+    scaled, plain, s = _scaled_pair(n, k, w8a8_kernel, INT8_SYM, None, act_bits=8)
+    assert scaled.kernel.name == w8a8_kernel
     x = torch.randn(4, k, generator=_gen(23))
     # (x * s) is quantized per token, not x: same bits as the plain layer fed x * s.
     assert torch.equal(scaled(x), plain(x * s))
@@ -516,9 +550,9 @@ def test_set_input_scale_rejects(bad, bit_equal):
     assert bit_equal(layer.input_scale, before)
 
 
-def test_set_input_scale_accepts_and_converts():
+def test_set_input_scale_accepts_and_converts(w8a8_kernel):
     k = 32
-    layer = _layer(16, k, "int8_dynamic_cpu", input_scale=torch.ones(k))
+    layer = _layer(16, k, w8a8_kernel, input_scale=torch.ones(k))
     s = _input_scale(k).double()
     layer.set_input_scale(s)
     assert layer.input_scale.dtype == torch.float32 and torch.equal(layer.input_scale, s.float())
@@ -547,7 +581,7 @@ def test_input_scale_in_state_dict_config_and_bytes():
     assert scaled.bits_per_weight() == plain.bits_per_weight()  # weights only
     fresh = QuantLinear.from_config(scaled.config())
     fresh.load_state_dict(sd)
-    assert fresh.kernel.name == "int8_dynamic_cpu" and torch.equal(fresh.input_scale, s)
+    assert fresh.kernel.name == AUTO_W8A8 and torch.equal(fresh.input_scale, s)
     x = torch.randn(3, k, generator=_gen(24))
     assert torch.equal(fresh(x), scaled(x))
     with pytest.raises(RuntimeError, match="input_scale"):  # strict: a scaled layer needs its scale
@@ -571,7 +605,7 @@ def test_dtype_cast_keeps_input_scale_float32(dtype, bit_equal):
     assert scaled.to(dtype) is scaled
     assert scaled.input_scale.dtype == torch.float32 and bit_equal(scaled.input_scale, s)
     assert scaled.state_dict()["input_scale"].dtype == torch.float32
-    assert scaled.bias.dtype == dtype and scaled.kernel.name == "int8_dynamic_cpu"
+    assert scaled.bias.dtype == dtype and scaled.kernel.name == AUTO_W8A8
     assert scaled.dequantize_weight().dtype == dtype
     for key, value in scaled.canonical_state().items():
         assert bit_equal(value, canonical[key]), key
@@ -601,7 +635,7 @@ def _w8a8_toy_model():
 @pytest.mark.parametrize("where", ["cpu", "meta"])
 def test_save_load_round_trip_bit_exact(where, tmp_path, bit_equal):
     model = _w8a8_toy_model()
-    assert model.up.kernel.name == "int8_dynamic_cpu" and model.down.kernel.name == "int4pack_cpu"
+    assert model.up.kernel.name == AUTO_W8A8 and model.down.kernel.name == "int4pack_cpu"
     llmopt.save(model, tmp_path)
     manifest = json.loads((tmp_path / "llmopt.json").read_text())
     for name in ("up", "down"):
@@ -638,7 +672,7 @@ def test_save_load_bfloat16_model_keeps_float32_input_scale(tmp_path, bit_equal)
 
 
 # ------------------------------------------------------------------------------------ gradients
-@pytest.mark.parametrize("kernel", ["int8_dynamic_cpu", "reference"])
+@pytest.mark.parametrize("kernel", ["int8_dynamic_cpu", "int8_onednn_cpu", "reference"])
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_act_bits_input_gradient_finite(kernel, with_scale):
     n, k = 48, 77

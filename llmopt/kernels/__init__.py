@@ -14,6 +14,8 @@ Kernels:
 * ``int8pack_cpu``: ``aten._weight_int8pack_mm`` (8-bit affine, one scale per output row).
 * ``int8_dynamic_cpu``: W8A8 for layers with ``act_bits=8``: activations quantized per token to int8,
   multiplied by symmetric per-channel int8 weights with ``torch._int_mm`` (int32 accumulation).
+* ``int8_onednn_cpu``: the same W8A8 arithmetic with the weight prepacked once for oneDNN
+  (``torch.ops.onednn.qlinear_pointwise``); preferred by ``"auto"``, 2-3x faster than ``_int_mm``.
 """
 
 from __future__ import annotations
@@ -394,12 +396,81 @@ class Int8DynamicCPUKernel(Kernel):
         return _finish(y, x, layer, lead)
 
 
+def _onednn_int8_available() -> bool:
+    """True if this PyTorch has oneDNN's prepacked int8 linear (the ops x86 inductor quantization uses)."""
+    try:
+        ops = torch.ops.onednn
+        return (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_prepack")
+                and hasattr(ops, "qlinear_pointwise"))
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+class Int8OneDNNCPUKernel(Int8DynamicCPUKernel):
+    """W8A8 as ``int8_dynamic_cpu``, with the weight prepacked once into oneDNN's blocked layout.
+
+    ``torch._int_mm`` hands oneDNN a plain int8 matrix, which oneDNN reorders into its blocked layout
+    on every call: at decode sizes the reorder costs more than the multiply (measured 0.4-0.9x of bf16
+    dense on 576x1536 and 4096x4096). Here ``qdata`` is the opaque prepacked weight
+    (``torch.ops.onednn.qlinear_prepack``, [K, N]) and the multiply is
+    ``torch.ops.onednn.qlinear_pointwise`` with the activation scale set to 1 and the per-channel
+    weight scales applied by oneDNN in float32; the per-token activation scales are applied after.
+    Same arithmetic as ``int8_dynamic_cpu`` (exact int32 accumulation of the same codes), so the two
+    agree to float32 rounding. ``to_dense()`` of the packed tensor gives the int8 codes back exactly,
+    so the runtime layout is still the only copy of the weight in memory.
+    """
+
+    name = "int8_onednn_cpu"
+
+    def unsupported_reason(self, layer: "QuantLinear", device: torch.device) -> Optional[str]:
+        reason = super().unsupported_reason(layer, device)
+        if reason is not None:
+            return reason
+        if not _onednn_int8_available():
+            return "this PyTorch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
+        return None
+
+    def to_runtime(self, layer: "QuantLinear", canonical: Tensors) -> Tensors:
+        signed = (canonical["qdata"] ^ 0x80).view(torch.int8).contiguous()
+        scale = canonical["scale"].reshape(-1).to(torch.float32).contiguous()
+        return {
+            "qdata": torch.ops.onednn.qlinear_prepack(signed, None),
+            "scale": scale,
+            # oneDNN's per-channel signature wants weight zero points; symmetric weights have none.
+            "zero_point": torch.zeros(layer.out_features, dtype=torch.int64, device=scale.device),
+        }
+
+    def _weight_kn(self, runtime: Tensors) -> Tensor:
+        return runtime["qdata"].to_dense()
+
+    def to_canonical(self, layer: "QuantLinear", runtime: Tensors) -> Tensors:
+        codes = (self._weight_kn(runtime).t().contiguous().view(torch.uint8) ^ 0x80).contiguous()
+        return {"qdata": codes, "scale": runtime["scale"].reshape(-1, 1).to(layer.scale_dtype)}
+
+    def codes(self, layer: "QuantLinear", runtime: Tensors) -> Tensor:
+        return self._weight_kn(runtime).t().contiguous().view(torch.uint8) ^ 0x80
+
+    def dequantize(self, layer: "QuantLinear", runtime: Tensors, dtype: torch.dtype) -> Tensor:
+        weight = self._weight_kn(runtime).t().to(torch.float32)
+        return (weight * runtime["scale"].unsqueeze(1)).to(dtype)
+
+    def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        codes, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]), layer.act_bits)
+        y = torch.ops.onednn.qlinear_pointwise(
+            codes.contiguous(), 1.0, 0, runtime["qdata"], runtime["scale"], runtime["zero_point"],
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )
+        return _finish(y.mul_(x_scale), x, layer, lead)
+
+
 KERNELS: Dict[str, Kernel] = {
-    k.name: k for k in (ReferenceKernel(), Int4PackCPUKernel(), Int8PackCPUKernel(), Int8DynamicCPUKernel())
+    k.name: k for k in (ReferenceKernel(), Int4PackCPUKernel(), Int8PackCPUKernel(), Int8DynamicCPUKernel(),
+                        Int8OneDNNCPUKernel())
 }
 
 # Tried in order by kernel="auto"; the reference kernel always serves as the last resort.
-_AUTO_ORDER = ("int8_dynamic_cpu", "int8pack_cpu", "int4pack_cpu")
+_AUTO_ORDER = ("int8_onednn_cpu", "int8_dynamic_cpu", "int8pack_cpu", "int4pack_cpu")
 
 
 def list_kernels() -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -358,6 +360,27 @@ class QuantLinear(nn.Module):
                 self.set_canonical({k: v.detach() for k, v in canonical.items()})
             except (ValueError, TypeError) as exc:
                 error_msgs.append(f"{prefix.rstrip('.') or 'QuantLinear'}: {exc}")
+
+    # ------------------------------------------------------------------ copies
+    def __deepcopy__(self, memo):
+        # Opaque runtime layouts (oneDNN's prepacked int8 weight) have no storage to copy: copy
+        # everything else as usual, then rebuild the kernel layout from a copy of the canonical form.
+        opaque = [name for name in self._runtime_names if self._buffers[name].layout != torch.strided]
+        canonical = {k: v.clone() for k, v in self.canonical_state().items()} if opaque else None
+        hidden = {name: self._buffers.pop(name) for name in self._runtime_names} if opaque else {}
+        names = self._runtime_names
+        try:
+            if opaque:
+                self._runtime_names = ()
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        finally:
+            self._buffers.update(hidden)
+            self._runtime_names = names
+        if canonical is not None:
+            new.set_canonical(canonical, kernel=self.requested_kernel)
+        return new
 
     # ------------------------------------------------------------------ device moves
     def _apply(self, fn, recurse=True):
