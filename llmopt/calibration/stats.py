@@ -58,25 +58,37 @@ class StatsIncrement(NamedTuple):
     col_abs: torch.Tensor
 
 
+_STATS_CHUNK_ROWS = 1024
+
+
 def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> StatsIncrement:
     """Sums for one input tensor ``x`` (``(..., in_features)``)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {in_features}")
     x = x.detach().reshape(-1, in_features)
-    xf = x.to(spec.dtype)
-    xabs = xf.abs()
-    if x.shape[0]:
-        absmax = xabs.amax(dim=0).to(torch.float32)
-    else:
-        absmax = x.new_zeros(in_features, dtype=torch.float32)
+    rows = int(x.shape[0])
     if not spec.hessian:
         xtx = None
     elif spec.product_dtype is not None and spec.product_dtype != spec.dtype:
         xp = x.to(spec.product_dtype)
         xtx = (xp.T @ xp).to(spec.dtype)
+        del xp
     else:
+        xf = x.to(spec.dtype)
         xtx = xf.T @ xf
-    return StatsIncrement(int(x.shape[0]), xtx, (xf * xf).sum(dim=0), absmax, xabs.sum(dim=0))
+        del xf
+    # Per-column sums in chunks: the callers buffer thousands of rows into one tall product, and
+    # full-size float copies of them (x, |x|, x*x) would cost more memory than the product saves.
+    col_sq = torch.zeros(in_features, dtype=spec.dtype, device=x.device)
+    col_abs = torch.zeros(in_features, dtype=spec.dtype, device=x.device)
+    absmax = torch.zeros(in_features, dtype=torch.float32, device=x.device)
+    for start in range(0, rows, _STATS_CHUNK_ROWS):
+        xf = x[start:start + _STATS_CHUNK_ROWS].to(spec.dtype)
+        col_sq += (xf * xf).sum(dim=0)
+        xf = xf.abs_()
+        col_abs += xf.sum(dim=0)
+        absmax = torch.maximum(absmax, xf.amax(dim=0).to(torch.float32))
+    return StatsIncrement(rows, xtx, col_sq, absmax, col_abs)
 
 
 class LayerStats:
