@@ -170,10 +170,10 @@ def test_manifest_with_unknown_type_or_newer_version(tmp_path, snapshot):
     model = ToyMLP()
     llmopt.compress_(model, llmopt.RTN("int4", 32))
     llmopt.save(model, tmp_path)
-    _edit_manifest(tmp_path, lambda m: m["modules"]["down"].__setitem__("type", "SparseLinear"))
+    _edit_manifest(tmp_path, lambda m: m["modules"]["down"].__setitem__("type", "NoSuchLinear"))
     skeleton = ToyMLP()
     snap = snapshot(skeleton)
-    with pytest.raises(ValueError, match="'down'.*SparseLinear"):
+    with pytest.raises(ValueError, match="'down'.*NoSuchLinear"):
         llmopt.load(skeleton, tmp_path)
     snap.check()
     _edit_manifest(tmp_path, lambda m: m.update(format_version=99))
