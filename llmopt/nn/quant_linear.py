@@ -95,7 +95,8 @@ class QuantLinear(nn.Module):
       computes ``(x * input_scale) @ W_q.T``; :meth:`dequantize_weight` returns the equivalent weight
       ``W_q * input_scale``.
     * ``act_bits=8``: activations are quantized dynamically per token to symmetric int8 (W8A8). The
-      ``int8_dynamic_cpu`` kernel multiplies int8 x int8 with ``torch._int_mm``; any other kernel
+      ``int8_onednn_cpu`` / ``int8_dynamic_cpu`` kernels multiply int8 x int8 (oneDNN with a prepacked
+      weight / ``torch._int_mm``); any other kernel
       sees the fake-quantized activations, so every kernel computes the same function.
     """
 
