@@ -1,7 +1,7 @@
 """llmopt: composable compression primitives for PyTorch models.
 
 Public surface: :func:`compress_`, :func:`save`, :func:`load`, :func:`memory_report`, the method
-configs (:class:`RTN`), :mod:`llmopt.nn` wrappers, :func:`register_format` / :class:`WeightFormat`,
+configs (:class:`RTN`, :class:`GPTQ`, :class:`AWQ`, :class:`Wanda`, :class:`SVD`, ...), :mod:`llmopt.nn` wrappers, :func:`register_format` / :class:`WeightFormat`,
 :func:`register_method`.
 """
 
@@ -30,6 +30,16 @@ from .lowrank.lora import (  # noqa: E402
 )
 from .lowrank.compensation import QuantLowRank, compensation_to_lora_  # noqa: E402
 from .quant.qat import QATLinear, convert_qat_, prepare_qat_  # noqa: E402
+from .prune import (  # noqa: E402
+    GradualPruner,
+    Magnitude,
+    SparseGPT,
+    Wanda,
+    cubic_sparsity,
+    plan_global_sparsity,
+    prune_channels_,
+    prune_heads_,
+)
 from .registry import list_methods, register_method  # noqa: E402
 
 __all__ = [
@@ -37,6 +47,8 @@ __all__ = [
     "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks",
     "LoRA", "add_lora_", "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters", "trainable_parameters",
     "QuantLowRank", "compensation_to_lora_", "QATLinear", "prepare_qat_", "convert_qat_",
+    "Magnitude", "Wanda", "SparseGPT", "plan_global_sparsity", "GradualPruner", "cubic_sparsity",
+    "prune_channels_", "prune_heads_",
     "register_method", "list_methods",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]

@@ -211,7 +211,8 @@ def compress_(
     try:
         for cfg in configs:
             entry = get_method(cfg)
-            targets, skipped = select_linears(model, include, exclude)
+            targets, skipped = select_linears(model, include, exclude,
+                                              accept=getattr(cfg, "accepts_compressed", None))
             targeted.update(targets)
             for name, reason in skipped.items():
                 if name not in swapped:

@@ -71,6 +71,9 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
         "aliases": aliases,
         "metadata": metadata or {},
     }
+    resized = _resized_record(model)
+    if resized:
+        manifest["resized"] = resized
     save_file(tensors, os.path.join(directory, TENSORS_NAME), metadata={"format": "pt", "llmopt": "1"})
     with open(os.path.join(directory, MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -125,16 +128,33 @@ def load(
         if not any(name.startswith(outer + ".") for outer in modules):
             get_submodule(skeleton, name)  # clear error if the skeleton lacks the layer
         replacements[name] = cls.from_config(entry["config"], device="meta")
+    resized = manifest.get("resized") or {}
+    for name, (out_f, in_f, has_bias) in resized.get("linears", {}).items():
+        # Structurally pruned plain Linears: rebuild them at their saved shapes (weights come from the file).
+        if name in replacements or any(name.startswith(outer + ".") for outer in modules):
+            continue
+        current = get_submodule(skeleton, name)
+        if (isinstance(current, nn.Linear) and (current.out_features, current.in_features) == (out_f, in_f)
+                and (current.bias is not None) == bool(has_bias)):
+            continue
+        dtype = current.weight.dtype if isinstance(getattr(current, "weight", None), torch.Tensor) else None
+        replacements[name] = nn.Linear(in_f, out_f, bias=bool(has_bias), device="meta", dtype=dtype)
     state = load_file(os.path.join(directory, manifest.get("tensors", TENSORS_NAME)), device=str(device))
     for alias, target in manifest.get("aliases", {}).items():
         state[alias] = state[target]
     originals = {name: set_submodule(skeleton, name, module) for name, module in replacements.items()}
+    old_values: list = []
     try:
+        _apply_resized_values(skeleton, resized, old_values)
         result = skeleton.load_state_dict(state, strict=strict, assign=True)
     except BaseException:
         for name in reversed(list(originals)):  # inner wrappers first, then the outer ones
             set_submodule(skeleton, name, originals[name])
+        for obj, attr, value in reversed(old_values):
+            setattr(obj, attr, value)
         raise
+    if resized:
+        object.__setattr__(skeleton, RESIZED_ATTR, json.loads(json.dumps(resized)))
     for names in tie_groups:
         first = _get_param(skeleton, names[0])
         if first is None:
@@ -144,6 +164,41 @@ def load(
                 _set_param(skeleton, other, first)
     del result
     return skeleton
+
+
+# Set by llmopt.prune.structured on a model whose Linears it resized: {"linears": {name: [out, in, bias]},
+# "attributes": {module: {attr: int}}, "config": {key: value}}. Written to the manifest as "resized".
+RESIZED_ATTR = "_llmopt_resized"
+
+
+def _resized_record(model: nn.Module) -> Optional[Dict[str, Any]]:
+    rec = getattr(model, RESIZED_ATTR, None)
+    if not rec:
+        return None
+    linears = {}
+    for name in rec.get("linears", {}):
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if type(m) is nn.Linear:  # wrapped later (quantized...): its wrapper's config carries the shape
+            linears[name] = [m.out_features, m.in_features, m.bias is not None]
+    return {"linears": linears, "attributes": dict(rec.get("attributes", {})),
+            "config": dict(rec.get("config", {}))}
+
+
+def _apply_resized_values(skeleton: nn.Module, resized: Dict[str, Any], undo: list) -> None:
+    """Set the recorded module attributes and config values; appends ``(obj, attr, old)`` to ``undo``."""
+    for name, attrs in resized.get("attributes", {}).items():
+        module = get_submodule(skeleton, name) if name else skeleton
+        for attr, value in attrs.items():
+            undo.append((module, attr, getattr(module, attr, None)))
+            setattr(module, attr, value)
+    config = getattr(skeleton, "config", None)
+    if config is not None:
+        for key, value in resized.get("config", {}).items():
+            undo.append((config, key, getattr(config, key, None)))
+            setattr(config, key, value)
 
 
 def _get_param(model: nn.Module, name: str) -> Optional[nn.Parameter]:

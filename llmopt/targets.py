@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -31,7 +31,8 @@ def find_linears(model: nn.Module, include: Patterns = None, exclude: Patterns =
 
 
 def select_linears(
-    model: nn.Module, include: Patterns = None, exclude: Patterns = None
+    model: nn.Module, include: Patterns = None, exclude: Patterns = None,
+    accept: Optional[Callable[[nn.Module], bool]] = None,
 ) -> "tuple[Dict[str, nn.Linear], Dict[str, str]]":
     """``{name: module}`` of the ``nn.Linear`` modules (subclasses included) selected by glob patterns.
 
@@ -39,7 +40,9 @@ def select_linears(
     (``"*.mlp.*"``, ``"lm_head"``); a pattern that matches a module also covers everything inside
     it (``include="layers.0"`` selects the Linears of block 0). Already-compressed modules and LoRA
     adapters (``lora_A``/``lora_B`` of a ``LoRALinear``) are skipped, with the reason. An include pattern that matches no module at all is an
-    error: a typo must not silently compress nothing.
+    error: a typo must not silently compress nothing. ``accept(module)``: compressed modules for which
+    it returns True are selected rather than skipped (a method that composes with another wrapper,
+    e.g. RTN quantizing the kept weights of a ``SparseLinear``).
     """
     include_list, exclude_list = _as_list(include), _as_list(exclude)
     names = [name for name, _ in model.named_modules() if name]
@@ -55,7 +58,9 @@ def select_linears(
             continue
         if _matches(name, exclude_list):
             continue
-        if is_compressed(module):
+        if is_compressed(module) and accept is not None and accept(module):
+            selected[name] = module
+        elif is_compressed(module):
             skipped[name] = f"already compressed ({type(module).__name__})"
         elif getattr(module, "is_llmopt_adapter", False):
             skipped[name] = "LoRA adapter (trained, never compressed)"

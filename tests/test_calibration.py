@@ -508,3 +508,18 @@ def test_process_block_error_propagates_and_cleans_up():
         run_blocks(model, batches_for(n=2), process_block, progress=False, device="cpu")
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
     assert model.training
+
+
+def test_compute_increment_leaves_its_input_untouched():
+    # Regression: the chunked per-column sums once took |x| in place, and .to() returns x itself
+    # when it already has the accumulation dtype, so the caller's activations were modified.
+    from llmopt.calibration.stats import StatsSpec, compute_increment
+
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(3000, 7, dtype=dtype)
+        before = x.clone()
+        inc = compute_increment(x, 7, StatsSpec(dtype=dtype))
+        assert torch.equal(x, before)
+        ref = x.double()
+        assert torch.allclose(inc.col_sq.double(), (ref * ref).sum(0), rtol=1e-5)
+        assert torch.allclose(inc.xtx.double(), ref.T @ ref, rtol=1e-5, atol=1e-9 if dtype == torch.float64 else 1e-2)

@@ -85,9 +85,9 @@ def compute_increment(x: torch.Tensor, in_features: int, spec: StatsSpec) -> Sta
     for start in range(0, rows, _STATS_CHUNK_ROWS):
         xf = x[start:start + _STATS_CHUNK_ROWS].to(spec.dtype)
         col_sq += (xf * xf).sum(dim=0)
-        xf = xf.abs_()
-        col_abs += xf.sum(dim=0)
-        absmax = torch.maximum(absmax, xf.amax(dim=0).to(torch.float32))
+        xabs = xf.abs()  # not in place: .to() returns x itself when it already has spec.dtype
+        col_abs += xabs.sum(dim=0)
+        absmax = torch.maximum(absmax, xabs.amax(dim=0).to(torch.float32))
     return StatsIncrement(rows, xtx, col_sq, absmax, col_abs)
 
 

@@ -63,9 +63,19 @@ class RTN(MethodConfig):
         """The :class:`~llmopt.quant.formats.WeightFormat` this config asks for."""
         return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
 
+    def accepts_compressed(self, module: nn.Module) -> bool:
+        """RTN also quantizes the kept weights of a float ``SparseLinear`` (prune, then quantize)."""
+        from ..nn.sparse_linear import SparseLinear
+
+        return isinstance(module, SparseLinear) and not module.quantized
+
 
 @register_method(RTN)
-def _apply_rtn(linear: nn.Linear, config: RTN, *, name: str = "") -> QuantLinear:
+def _apply_rtn(linear: nn.Module, config: RTN, *, name: str = "") -> nn.Module:
+    from ..nn.sparse_linear import SparseLinear
+
+    if isinstance(linear, SparseLinear):  # sparsity + quantization: same mask, quantized values
+        return linear.quantize(config.weight_format(), config.group_size, scale_dtype=config.scale_dtype)
     return QuantLinear.from_linear(
         linear, config.weight_format(), config.group_size,
         scale_dtype=config.scale_dtype, kernel=config.kernel,
