@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .quant_linear import dtype_name, parse_dtype
+from .common import dense_linear
 
 __all__ = ["LowRankLinear", "FACTOR_ATTR"]
 
@@ -137,14 +138,7 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dense product weight (and the bias)."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     # ------------------------------------------------------------------ memory
     def stored_bytes(self) -> int:

@@ -20,6 +20,7 @@ from ..quant.primitives import (
     quantize_weight,
     resolve_group_size,
 )
+from .common import check_linear_input, dense_linear
 
 __all__ = ["QuantLinear", "check_linear_weight", "parse_dtype"]
 
@@ -428,21 +429,10 @@ class QuantLinear(nn.Module):
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantized weight."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            raise TypeError(f"QuantLinear expects floating-point inputs, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear expects inputs with {self.in_features} features, got shape "
-                             f"{tuple(x.shape)}")
+        check_linear_input(x, self.in_features, "QuantLinear")
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         if self.act_bits is not None and not self.kernel.quantizes_activations:

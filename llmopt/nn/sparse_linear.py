@@ -47,6 +47,7 @@ from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..quant.primitives import dequantize_weight as _dequantize_codes
 from ..quant.primitives import num_groups, quantize_weight, resolve_group_size
 from .quant_linear import check_linear_weight, dtype_name, parse_dtype
+from .common import check_linear_input, dense_linear
 
 __all__ = ["SparseLinear", "RUNTIMES", "check_nm", "nm_index_bits"]
 
@@ -474,21 +475,10 @@ class SparseLinear(nn.Module):
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the dense weight (zeros included) and the bias."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            raise TypeError(f"SparseLinear expects floating-point inputs, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"SparseLinear expects inputs with {self.in_features} features, got shape "
-                             f"{tuple(x.shape)}")
+        check_linear_input(x, self.in_features, "SparseLinear")
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

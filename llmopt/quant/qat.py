@@ -54,6 +54,7 @@ from .primitives import (
     quantize_weight,
     resolve_group_size,
 )
+from ..nn.common import dense_linear
 
 __all__ = ["QATLinear", "prepare_qat_", "convert_qat_", "qat_layers"]
 
@@ -190,14 +191,7 @@ class QATLinear(nn.Module):
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A plain ``nn.Linear`` with the fake-quantized weight (as ``QuantLinear.to_linear``: the weights
         this layer multiplies by; activation quantization, if any, is not part of it)."""
-        weight = self.dequantize_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias.to(weight.dtype))
-        return linear
+        return dense_linear(self.dequantize_weight(dtype), self.bias)
 
     # ------------------------------------------------------------------ reports
     def stored_bytes(self) -> int:
