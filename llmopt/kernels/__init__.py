@@ -396,13 +396,23 @@ class Int8DynamicCPUKernel(Kernel):
         return _finish(y, x, layer, lead)
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_int8_available() -> bool:
-    """True if this PyTorch has oneDNN's prepacked int8 linear (the ops x86 inductor quantization uses)."""
+    """True if oneDNN's prepacked int8 linear (the ops x86 inductor quantization uses) exists here and
+    multiplies signed int8 activations exactly: probed once on a tiny product, since support depends
+    on the PyTorch build and the CPU's instruction set."""
     try:
         ops = torch.ops.onednn
-        return (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_prepack")
-                and hasattr(ops, "qlinear_pointwise"))
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_prepack")
+                and hasattr(ops, "qlinear_pointwise")):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(-127, 128, (3, 32), dtype=torch.int8, generator=gen)
+        w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+        y = ops.qlinear_pointwise(x, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(16),
+                                  torch.zeros(16, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], "")
+        return bool(torch.equal(y, (x.to(torch.float32) @ w.to(torch.float32).T)))
+    except Exception:  # pragma: no cover - builds or CPUs without the op: fall back to _int_mm
         return False
 
 
