@@ -14,7 +14,6 @@ JSON lines go to ``benchmarks/results/train_qlora.jsonl``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -29,7 +28,6 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
-from llmopt.calibration.runner import _malloc_trim  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 
 from bench_models import read_text  # noqa: E402
@@ -93,12 +91,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     losses = []
     started = time.perf_counter()
-    # Hand memory freed while building the model (float32 weights replaced by int4 / cast to bf16)
-    # back to the OS first: otherwise it stays in the RSS and the peak measures the loader's garbage.
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
     with evaluate.PeakMemory() as peak, evaluate.timed() as t:
         for step in range(args.steps):
             starts = torch.randint(0, train_ids.numel() - args.seq - 1, (args.batch,), generator=gen)

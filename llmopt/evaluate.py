@@ -19,6 +19,7 @@ Protocols are fixed and recorded in every result so numbers from different runs 
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import statistics
@@ -245,11 +246,18 @@ def _read_status_kib(field: str) -> Optional[int]:
 class PeakMemory:
     """Peak resident memory of this process during a ``with`` block (Linux ``VmHWM``).
 
-    The high-water mark is reset on entry (``/proc/self/clear_refs``) where the kernel allows it;
+    On entry, freed heap memory is handed back to the OS (``gc`` + glibc ``malloc_trim``), then the
+    high-water mark is reset (``/proc/self/clear_refs``) where the kernel allows it;
     ``reset`` in the result says whether it was. Also reports CUDA peak allocation when CUDA is used.
     """
 
     def __enter__(self) -> "PeakMemory":
+        # Start from what is really live: memory freed before the block (a float model replaced by a
+        # quantized one, a cast) otherwise stays in the heap and in the RSS the peak is measured from.
+        from .calibration.runner import _release_freed_memory
+
+        gc.collect()
+        _release_freed_memory()
         self.reset = False
         try:
             with open("/proc/self/clear_refs", "w") as f:
