@@ -41,6 +41,7 @@ from .prune import (  # noqa: E402
     prune_heads_,
 )
 from .registry import list_methods, register_method  # noqa: E402
+from .recipe import Recipe, Stage  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
@@ -49,6 +50,6 @@ __all__ = [
     "QuantLowRank", "compensation_to_lora_", "QATLinear", "prepare_qat_", "convert_qat_",
     "Magnitude", "Wanda", "SparseGPT", "plan_global_sparsity", "GradualPruner", "cubic_sparsity",
     "prune_channels_", "prune_heads_",
-    "register_method", "list_methods",
+    "register_method", "list_methods", "Recipe", "Stage",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]
