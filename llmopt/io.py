@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,9 @@ __all__ = ["save", "load", "register_module_type", "MANIFEST_NAME", "TENSORS_NAM
 MANIFEST_NAME = "llmopt.json"
 TENSORS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+READ_FORMAT_VERSION = 2  # highest version load() understands
+# Shards bound the extra memory of save (and of load) to about one shard, whatever the model size.
+DEFAULT_SHARD_BYTES = 512 * 2**20
 
 # type name -> class with .config() and .from_config(config, device)
 _MODULE_TYPES: Dict[str, Type[nn.Module]] = {}
@@ -39,33 +42,123 @@ def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optional[Dict[str, Any]] = None) -> str:
-    """Write ``model`` to ``directory``: ``model.safetensors`` plus an ``llmopt.json`` manifest.
+def _module_state_items(model: nn.Module) -> Iterator[Tuple[str, List[Tuple[str, torch.Tensor]]]]:
+    """``(module_name, [(key, tensor), ...])`` per module, in ``state_dict`` order, one module at a time.
+
+    Streaming: a compressed layer's canonical tensors (unpacked from a kernel layout) exist only while
+    their shard is written, never all at once. Modules with state-dict hooks fall back to one
+    ``state_dict()`` call, so hooks keep their meaning.
+    """
+    if any(m._state_dict_hooks or m._state_dict_pre_hooks for m in model.modules()):
+        yield "", list(model.state_dict().items())
+        return
+    for name, module in model.named_modules(remove_duplicate=False):
+        local: Dict[str, torch.Tensor] = {}
+        module._save_to_state_dict(local, name + "." if name else "", False)
+        if local:
+            yield name, list(local.items())
+
+
+def _storage_bytes(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def save(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    metadata: Optional[Dict[str, Any]] = None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> str:
+    """Write ``model`` to ``directory``: ``model.safetensors`` (or numbered shards) plus ``llmopt.json``.
 
     Compressed layers are saved in their canonical (portable) form; tensors shared between several
-    names (tied embeddings) are written once and recorded as aliases. Returns the directory.
+    names (tied embeddings) are written once and recorded as aliases. Tensors are written module by
+    module into shards of at most ``max_shard_bytes`` (a module's tensors always share one shard),
+    so saving needs at most about one shard of extra memory, never a second copy of the model.
+    Returns the directory.
     """
     from . import __version__
 
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     os.makedirs(directory, exist_ok=True)
-    state = model.state_dict()
-    tensors: Dict[str, torch.Tensor] = {}
+    # Storages the model owns: their tensors stay alive, so their addresses identify shared tensors.
+    owned = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        try:
+            owned.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            pass
     aliases: Dict[str, str] = {}
     seen: Dict[Any, str] = {}
-    for key, tensor in state.items():
-        if tensor.device.type == "meta":
-            raise ValueError(f"cannot save {key!r}: tensor is on the meta device")
-        skey = _storage_key(tensor)
-        if skey in seen:
-            aliases[key] = seen[skey]
-            continue
-        seen[skey] = key
-        # safetensors refuses views that share storage: give each tensor its own contiguous copy.
-        tensors[key] = tensor.detach().to("cpu").contiguous().clone()
+    keep_alive: List[torch.Tensor] = []
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    files: List[str] = []
+
+    def flush() -> None:
+        nonlocal shard_bytes
+        if shards[-1]:
+            index = len(files) + 1
+            fname = f"model-{index:05d}.safetensors"
+            save_file(shards[-1], os.path.join(directory, fname), metadata={"format": "pt", "llmopt": "1"})
+            files.append(fname)
+        shards[-1] = {}
+        shard_bytes = 0
+
+    weight_map: Dict[str, int] = {}
+    for _, items in _module_state_items(model):
+        module_tensors: Dict[str, torch.Tensor] = {}
+        for key, tensor in items:
+            if tensor.device.type == "meta":
+                raise ValueError(f"cannot save {key!r}: tensor is on the meta device")
+            tensor = tensor.detach()
+            skey = _storage_key(tensor)
+            if skey in seen:
+                aliases[key] = seen[skey]
+                continue
+            if skey[0] in owned:  # a model tensor: it outlives this loop, so its address stays unique
+                seen[skey] = key
+                keep_alive.append(tensor)
+            tensor = tensor.to("cpu")
+            # safetensors refuses views into a larger storage (fused projections) and non-contiguous
+            # tensors: only those get their own copy.
+            if not tensor.is_contiguous() or _storage_bytes(tensor) != tensor.numel() * tensor.element_size():
+                tensor = tensor.contiguous().clone()
+            module_tensors[key] = tensor
+        size = sum(t.numel() * t.element_size() for t in module_tensors.values())
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            flush()
+        for key, tensor in module_tensors.items():
+            shards[-1][key] = tensor
+            weight_map[key] = len(files)
+        shard_bytes += size
+    flush()
+    if not files:  # a model without tensors still gets a (empty) tensor file
+        save_file({}, os.path.join(directory, "model-00001.safetensors"), metadata={"format": "pt", "llmopt": "1"})
+        files.append("model-00001.safetensors")
+    if len(files) == 1:
+        os.replace(os.path.join(directory, files[0]), os.path.join(directory, TENSORS_NAME))
+        files = [TENSORS_NAME]
+    else:
+        total = len(files)
+        renamed = []
+        for i, fname in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(os.path.join(directory, fname), os.path.join(directory, final))
+            renamed.append(final)
+        files = renamed
+    if os.path.exists(os.path.join(directory, TENSORS_NAME)) and files != [TENSORS_NAME]:
+        os.remove(os.path.join(directory, TENSORS_NAME))  # stale single file from an earlier save
     manifest = {
         "llmopt_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "tensors": TENSORS_NAME,
+        # Version 2 only when sharded: a single-file save stays readable by llmopt versions before shards.
+        "format_version": FORMAT_VERSION if len(files) == 1 else 2,
+        "tensors": files[0] if len(files) == 1 else files,
         "modules": {name: {"type": type(m).__name__, "config": m.config()}
                     for name, m in _wrapped_modules(model).items()},
         "aliases": aliases,
@@ -74,10 +167,24 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
     resized = _resized_record(model)
     if resized:
         manifest["resized"] = resized
-    save_file(tensors, os.path.join(directory, TENSORS_NAME), metadata={"format": "pt", "llmopt": "1"})
+    cast = _non_persistent_dtypes(model)
+    if cast:
+        manifest["non_persistent_dtypes"] = cast
     with open(os.path.join(directory, MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return str(directory)
+
+
+def tensor_files(directory: Union[str, os.PathLike], manifest: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Paths of the safetensors files of a saved directory, in order."""
+    manifest = read_manifest(directory) if manifest is None else manifest
+    names = manifest.get("tensors", TENSORS_NAME)
+    names = [names] if isinstance(names, str) else list(names)
+    paths = [os.path.join(directory, n) for n in names]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the directory written by llmopt.save is incomplete")
+    return paths
 
 
 def read_manifest(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -87,9 +194,9 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: not a directory written by llmopt.save")
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if manifest.get("format_version", 0) > READ_FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {manifest['format_version']}; this llmopt reads up to "
-                         f"{FORMAT_VERSION}: upgrade llmopt")
+                         f"{READ_FORMAT_VERSION}: upgrade llmopt")
     return manifest
 
 
@@ -139,14 +246,33 @@ def load(
             continue
         dtype = current.weight.dtype if isinstance(getattr(current, "weight", None), torch.Tensor) else None
         replacements[name] = nn.Linear(in_f, out_f, bias=bool(has_bias), device="meta", dtype=dtype)
-    state = load_file(os.path.join(directory, manifest.get("tensors", TENSORS_NAME)), device=str(device))
-    for alias, target in manifest.get("aliases", {}).items():
-        state[alias] = state[target]
+    paths = tensor_files(directory, manifest)
+    aliases = manifest.get("aliases", {})
     originals = {name: set_submodule(skeleton, name, module) for name, module in replacements.items()}
     old_values: list = []
     try:
         _apply_resized_values(skeleton, resized, old_values)
-        result = skeleton.load_state_dict(state, strict=strict, assign=True)
+        # One shard at a time: a module's tensors are always in one shard, so each wrapper sees all of
+        # its canonical tensors in one call and converts them to its kernel layout; the shard's
+        # temporaries are freed before the next one is read.
+        missing: Optional[set] = None
+        unexpected: set = set()
+        for path in paths:
+            state = load_file(path, device=str(device))
+            for alias, target in aliases.items():
+                if target in state:
+                    state[alias] = state[target]
+            result = skeleton.load_state_dict(state, strict=False, assign=True)
+            missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+            unexpected |= set(result.unexpected_keys)
+            del state, result
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys {sorted(missing)[:20]}")
+            if unexpected:
+                parts.append(f"unexpected keys {sorted(unexpected)[:20]}")
+            raise RuntimeError(f"{directory}: state does not match the skeleton: " + "; ".join(parts))
     except BaseException:
         for name in reversed(list(originals)):  # inner wrappers first, then the outer ones
             set_submodule(skeleton, name, originals[name])
@@ -162,8 +288,42 @@ def load(
         for other in names[1:]:
             if _get_param(skeleton, other) is not None:
                 _set_param(skeleton, other, first)
-    del result
+    _restore_non_persistent_dtypes(skeleton, manifest.get("non_persistent_dtypes", {}))
+    _check_materialized(skeleton)
     return skeleton
+
+
+def _non_persistent_buffers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, torch.Tensor]]:
+    for mname, module in model.named_modules():
+        for bname in module._non_persistent_buffers_set:
+            buf = module._buffers.get(bname)
+            if buf is not None:
+                yield (f"{mname}.{bname}" if mname else bname), module, bname, buf
+
+
+def _non_persistent_dtypes(model: nn.Module) -> Dict[str, str]:
+    """Dtypes of the floating non-persistent buffers (rotary ``inv_freq``): they are not saved but are
+    recomputed by the constructor in its default dtype, and ``model.to(bfloat16)`` had cast them."""
+    return {name: str(buf.dtype).replace("torch.", "") for name, _, _, buf in _non_persistent_buffers(model)
+            if buf.is_floating_point()}
+
+
+def _restore_non_persistent_dtypes(model: nn.Module, dtypes: Dict[str, str]) -> None:
+    for name, module, bname, buf in _non_persistent_buffers(model):
+        dtype = getattr(torch, dtypes.get(name, ""), None)
+        if isinstance(dtype, torch.dtype) and buf.is_floating_point() and buf.dtype != dtype:
+            module._buffers[bname] = buf.to(dtype)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Fail clearly when a tensor was left on the meta device (a non-persistent buffer of a meta skeleton)."""
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(
+            f"after loading, {len(left)} tensor(s) are still on the meta device ({', '.join(left[:5])}"
+            f"{', ...' if len(left) > 5 else ''}): they are not in the saved file (non-persistent buffers such as "
+            "rotary inv_freq are computed at construction). Build the skeleton with parameters on meta but "
+            "buffers real: `with accelerate.init_empty_weights(): model = ...`, or use llmopt.load_pretrained")
 
 
 # Set by llmopt.prune.structured on a model whose Linears it resized: {"linears": {name: [out, in, bias]},
