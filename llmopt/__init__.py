@@ -12,6 +12,7 @@ from .analysis import memory_report, sqnr  # noqa: E402
 from .api import CompressionError, CompressionReport, compress_  # noqa: E402
 from .config import MethodConfig  # noqa: E402
 from .io import load, save  # noqa: E402
+from .hf import load_pretrained, save_pretrained  # noqa: E402
 from .quant.formats import WeightFormat, get_format, list_formats, register_format  # noqa: E402
 from .quant.rtn import RTN  # noqa: E402
 from .quant.gptq import GPTQ  # noqa: E402
@@ -45,6 +46,7 @@ from .recipe import Recipe, Stage  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
+    "save_pretrained", "load_pretrained",
     "memory_report", "sqnr", "MethodConfig", "RTN", "GPTQ", "HQQ", "AWQ", "SmoothQuant", "SVD", "plan_ranks",
     "LoRA", "add_lora_", "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters", "trainable_parameters",
     "QuantLowRank", "compensation_to_lora_", "QATLinear", "prepare_qat_", "convert_qat_",
