@@ -16,9 +16,10 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_doc_snippets_run(page):
     formats_before, methods_before = set(_FORMATS), set(_METHODS)
+    namespace = {"__name__": f"doc_{page.stem}"}  # one page reads top to bottom: later blocks see earlier names
     try:
         for i, code in enumerate(BLOCK.findall(page.read_text())):
-            exec(compile(code, f"{page.name}[block {i}]", "exec"), {"__name__": f"doc_{page.stem}_{i}"})
+            exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
     finally:
         for name in set(_FORMATS) - formats_before:
             unregister_format(name)
