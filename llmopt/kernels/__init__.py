@@ -169,13 +169,25 @@ def _unpack_int4_blocked(packed: Tensor, n: int, k: int, block_n: int, split_hal
     return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+# Filled once by _int4_layout(); a plain dict (not functools.lru_cache) so that torch.compile reads the
+# cached answer as a constant instead of tracing the probe (which builds a Generator, an opaque object).
+_INT4_LAYOUT_CACHE: Dict[str, Optional[tuple]] = {}
+
+
 def _int4_layout() -> Optional[tuple]:
     """Which known layout this PyTorch build and CPU use (``(block_n, split_halves)``), or None.
 
     The layout differs between CPU capabilities (AVX-512: blocks of 64 rows, halves; AVX2: 32, halves;
     scalar: 32, pairs), so it is detected once by packing a random probe and checking each candidate.
+    ``Int4PackCPUKernel.to_runtime`` (always eager) runs the probe, so a compiled forward or backward
+    only ever reads the cached answer.
     """
+    if "layout" not in _INT4_LAYOUT_CACHE:
+        _INT4_LAYOUT_CACHE["layout"] = _probe_int4_layout()
+    return _INT4_LAYOUT_CACHE["layout"]
+
+
+def _probe_int4_layout() -> Optional[tuple]:
     gen = torch.Generator().manual_seed(0)
     n, k = 2 * 64 + 48, 64
     probe = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
@@ -238,6 +250,7 @@ class Int4PackCPUKernel(Kernel):
             # Padded columns get code 8 (value = zero_point) and meet zero-padded activations.
             codes = F.pad(codes, (0, k_pad - layer.in_features), value=8)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        _int4_layout()  # probe eagerly now: dequantize()/to_canonical() may later run inside torch.compile
         repeat = layer.group_size // _int4_kernel_group(layer.group_size)
         scale = canonical["scale"].to(torch.bfloat16)
         zero = canonical.get("zero_point")
@@ -416,6 +429,30 @@ def _onednn_int8_available() -> bool:
         return False
 
 
+def _onednn_qlinear_eager(codes: Tensor, packed_weight: Tensor, w_scale: Tensor, w_zero: Tensor) -> Tensor:
+    """``codes [M, K] int8 @ W`` with the activation scale 1 and per-channel weight scales: float32 ``[M, N]``."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, packed_weight, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], "",
+    )
+
+
+@torch.library.custom_op("llmopt::onednn_qlinear", mutates_args=())
+def onednn_qlinear(codes: Tensor, packed_weight: Tensor, w_scale: Tensor, w_zero: Tensor) -> Tensor:
+    """oneDNN's int8 linear as one opaque op for ``torch.compile``.
+
+    Inductor lowers ``onednn.qlinear_pointwise`` itself only when the prepacked weight is a graph
+    constant (``freezing``); a module buffer is not one, and the lowering fails. Behind this op inductor
+    calls the eager kernel unchanged, and the rest of the layer (activation quantization, scaling, bias)
+    is still compiled around it. Eager calls skip the op and call oneDNN directly.
+    """
+    return _onednn_qlinear_eager(codes, packed_weight, w_scale, w_zero)
+
+
+@onednn_qlinear.register_fake
+def _onednn_qlinear_fake(codes: Tensor, packed_weight: Tensor, w_scale: Tensor, w_zero: Tensor) -> Tensor:
+    return codes.new_empty((codes.shape[0], w_scale.shape[0]), dtype=torch.float32)
+
+
 class Int8OneDNNCPUKernel(Int8DynamicCPUKernel):
     """W8A8 as ``int8_dynamic_cpu``, with the weight prepacked once into oneDNN's blocked layout.
 
@@ -467,10 +504,8 @@ class Int8OneDNNCPUKernel(Int8DynamicCPUKernel):
     def forward(self, layer: "QuantLinear", runtime: Tensors, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         codes, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]), layer.act_bits)
-        y = torch.ops.onednn.qlinear_pointwise(
-            codes.contiguous(), 1.0, 0, runtime["qdata"], runtime["scale"], runtime["zero_point"],
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )
+        qlinear = onednn_qlinear if torch.compiler.is_compiling() else _onednn_qlinear_eager
+        y = qlinear(codes.contiguous(), runtime["qdata"], runtime["scale"], runtime["zero_point"])
         return _finish(y.mul_(x_scale), x, layer, lead)
 
 

@@ -329,13 +329,15 @@ class SparseLinear(nn.Module):
             out["indices"] = pack_codes(pos, nm_index_bits(m)) if device.type != "meta" else out["indices"]
         return out
 
-    def _validate(self, canonical: Dict[str, Tensor]) -> None:
-        """Check names, shapes, dtypes and internal consistency of canonical tensors (raises ValueError)."""
+    def _validate(self, canonical: Dict[str, Tensor]) -> Optional[int]:
+        """Check names, shapes, dtypes and internal consistency of canonical tensors (raises ValueError).
+
+        Returns the number of kept weights (``None`` for tensors on the meta device)."""
         names = set(self._fixed_shapes(0))
         if set(canonical) != names:
             raise ValueError(f"expected tensors {sorted(names)}, got {sorted(canonical)}")
         if any(t.device.type == "meta" for t in canonical.values()):
-            return  # an empty skeleton (from_config on meta): nothing to check until data arrives
+            return None  # an empty skeleton (from_config on meta): nothing to check until data arrives
         nnz = 0
         if self.nm is None:
             packed = canonical["mask"]
@@ -365,12 +367,13 @@ class SparseLinear(nn.Module):
             v = canonical["values"]
             if v.numel() and not bool(torch.isfinite(v).all()):
                 raise ValueError("values have NaN/Inf entries")
+        return nnz if self.nm is None else self.out_features * self._kept_per_row()
 
     def _install(self, canonical: Dict[str, Tensor], build: bool = True) -> None:
         """Validate and take ``canonical`` as this layer's stored tensors, then rebuild the runtime form."""
         canonical = {name: t.to(self.scale_dtype) if name in ("scale", "zero_point") else t
                      for name, t in canonical.items()}
-        self._validate(canonical)
+        self.__dict__["_nnz"] = self._validate(canonical)
         for name in self._canonical_names:
             del self._buffers[_BUFFER_NAME.get(name, name)]
         for name, tensor in canonical.items():
@@ -434,6 +437,11 @@ class SparseLinear(nn.Module):
         """Number of kept weights."""
         if self.nm is not None:
             return self.out_features * self._kept_per_row()
+        # Counted once when the tensors are installed: a Python int, so that a forward under
+        # torch.compile (which unpacks exactly nnz codes) has no data-dependent shape.
+        cached = self.__dict__.get("_nnz")
+        if cached is not None:
+            return cached
         return int(unpack_codes(self._buffers["mask_bits"], 1, self.in_features).sum())
 
     def sparsity(self) -> float:

@@ -30,6 +30,7 @@ reference kernel, bf16 rounding with the fast CPU kernels.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Dict, Optional, Union
 
@@ -87,6 +88,44 @@ def _check_scale_dtype(scale_dtype: Union[str, torch.dtype]) -> torch.dtype:
     return dtype
 
 
+# Formats the compiled fake quantization may be asked for, by their JSON key (see _format_key). Filled by
+# QATLinear.__init__ (eager), so a user's unregistered format instance is found too.
+_COMPILE_FORMATS: Dict[str, WeightFormat] = {}
+
+
+def _format_key(fmt: WeightFormat) -> str:
+    key = json.dumps(fmt.to_dict(), sort_keys=True)
+    _COMPILE_FORMATS.setdefault(key, fmt)
+    return key
+
+
+@torch.library.custom_op("llmopt::qat_fake_quantize", mutates_args=())
+def qat_fake_quantize(weight: Tensor, format_key: str, group_size: int, scale_dtype: torch.dtype) -> Tensor:
+    """``fake_quantize`` as one opaque op, which :class:`QATLinear` uses under ``torch.compile``.
+
+    Inductor computes a fused ``x.to(bfloat16).to(float32)`` without the rounding (it keeps
+    intermediates in float32 unless ``emulate_precision_casts`` is set), so the scales the compiled
+    fake quantization divides by would not be the rounded ones the stored layer keeps: a few codes
+    per layer came out one step off. Behind this op the eager maths runs unchanged, bit-identical
+    to :meth:`QATLinear.to_quant_linear`; gradients are straight-through.
+    """
+    fmt = _COMPILE_FORMATS.get(format_key) or get_format(json.loads(format_key))
+    q = quantize_weight(weight.detach(), fmt, group_size, scale_dtype)
+    return dequantize_weight(q.codes, q.scale, q.zero_point, fmt, q.group_size, weight.dtype)
+
+
+@qat_fake_quantize.register_fake
+def _qat_fake_quantize_fake(weight: Tensor, format_key: str, group_size: int, scale_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(weight)
+
+
+def _qat_fake_quantize_backward(ctx: Any, grad: Tensor):
+    return grad, None, None, None
+
+
+qat_fake_quantize.register_autograd(_qat_fake_quantize_backward)
+
+
 class QATLinear(nn.Module):
     """A linear layer that trains float weights through the fake quantization of a weight format.
 
@@ -133,6 +172,7 @@ class QATLinear(nn.Module):
         self.group_size = resolve_group_size(group_size, self.in_features)
         self.scale_dtype = _check_scale_dtype(scale_dtype)
         self.act_bits = act_bits
+        self._format_key = _format_key(self.format)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         bias = getattr(linear, "bias", None)
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -173,7 +213,10 @@ class QATLinear(nn.Module):
         if weight.dtype != x.dtype and weight.dtype != torch.float32:
             # QuantLinear dequantizes in float32 and rounds once to the activation dtype: do the same.
             weight = weight.to(torch.float32)
-        w_q = fake_quantize(weight, self.format, self.group_size, self.scale_dtype)
+        if torch.compiler.is_compiling():
+            w_q = qat_fake_quantize(weight, self._format_key, self.group_size, self.scale_dtype)
+        else:
+            w_q = fake_quantize(weight, self.format, self.group_size, self.scale_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w_q.to(x.dtype), bias)
 
