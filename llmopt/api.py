@@ -303,10 +303,11 @@ def _effective_stage(stage: "Stage", include: Patterns, exclude: Patterns) -> "S
 
 
 def _record_recipe(model: nn.Module, stages: List["Stage"]) -> None:
-    """Append the applied stages to ``model._llmopt_recipe`` (a recipe dict that savers can store)."""
+    """Append the applied stages to ``model._llmopt_recipe`` (a recipe dict that savers can store;
+    overrides in their ordered list form, which survives key-sorting JSON writers)."""
     previous = getattr(model, "_llmopt_recipe", None)
     recorded = list(previous.get("stages", [])) if isinstance(previous, dict) else []
-    recorded.extend(stage.to_dict() for stage in stages)
+    recorded.extend(stage.to_dict(ordered_overrides=True) for stage in stages)
     model.__dict__["_llmopt_recipe"] = {"stages": recorded}
 
 
@@ -406,6 +407,11 @@ def _apply_stage(model: nn.Module, stage: "Stage", index: int, include: Patterns
     for name, reason in skipped.items():
         if name not in swapped:
             report.skipped[name] = reason
+    earlier = [name for name in skipped if name in swapped]
+    if earlier:
+        kinds = sorted({type(get_submodule(model, name)).__name__ for name in earlier})
+        report.notes.append(f"stage {index} ({cfg.name}): {len(earlier)} layer(s) replaced by an earlier stage "
+                            f"({', '.join(kinds)}) were left as they are: {cfg.name} does not compose with them")
     if not targets and not skipped:
         shown_include = stage.include if stage.include else include
         shown_exclude = (list(stage.exclude or []) + _as_list(exclude)) if stage.exclude else exclude

@@ -113,6 +113,25 @@ def _fields(config: StageConfig) -> List[str]:
     return [f.name for f in dataclasses.fields(config)]
 
 
+def _overrides_mapping(value: Any) -> Dict[str, Any]:
+    """``overrides`` as written: a mapping, or (the ordered form) a list of one-entry mappings."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        out: Dict[str, Any] = {}
+        for item in value:
+            if not (isinstance(item, Mapping) and len(item) == 1):
+                raise RecipeError(f"'overrides' as a list must hold one-entry {{glob: value}} mappings, got {item!r}")
+            glob, override = next(iter(item.items()))
+            if glob in out:
+                raise RecipeError(f"overrides: glob {glob!r} appears twice")
+            out[glob] = override
+        return out
+    raise RecipeError(f"'overrides' must be a mapping {{glob: value}}, got {type(value).__name__} {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------- Stage
 @dataclass
 class Stage:
@@ -225,8 +244,11 @@ class Stage:
         hit = self.match(name)
         return self.config if hit is None else self.resolve(hit[1])
 
-    def to_dict(self) -> Dict[str, Any]:
-        """``{**config.to_dict(), [include], [exclude], [overrides]}``; JSON/YAML-serialisable."""
+    def to_dict(self, ordered_overrides: bool = False) -> Dict[str, Any]:
+        """``{**config.to_dict(), [include], [exclude], [overrides]}``; JSON/YAML-serialisable.
+
+        ``ordered_overrides``: write ``overrides`` as a list of one-entry ``{glob: value}`` mappings,
+        which keeps their order (first match wins) through serialisers that sort keys."""
         data = dict(self.config.to_dict())
         clash = sorted(set(data) & set(STAGE_KEYS))
         if clash:  # a method option named like a stage key would be ambiguous in the flat form
@@ -236,9 +258,9 @@ class Stage:
         if self.exclude is not None:
             data["exclude"] = list(self.exclude)
         if self.overrides:
-            data["overrides"] = {glob: (SKIP if value is None else dict(value) if isinstance(value, dict)
-                                        else value.to_dict())
-                                 for glob, value in self.overrides.items()}
+            items = [(glob, SKIP if value is None else dict(value) if isinstance(value, dict) else value.to_dict())
+                     for glob, value in self.overrides.items()]
+            data["overrides"] = [{glob: value} for glob, value in items] if ordered_overrides else dict(items)
         return data
 
     @staticmethod
@@ -264,16 +286,9 @@ class Stage:
             raise RecipeError(f"unknown key(s) {unknown} for method {method!r}; its options: {known}; "
                               f"stage keys: {list(STAGE_KEYS)}")
         config = _build(config_cls, options, method)
-        try:
-            include = _patterns(data.get("include"), "include")
-            exclude = _patterns(data.get("exclude"), "exclude")
-        except RecipeError:
-            raise
-        overrides = data.get("overrides")
-        if overrides is not None and not isinstance(overrides, Mapping):
-            raise RecipeError(f"'overrides' must be a mapping {{glob: value}}, got {type(overrides).__name__} "
-                              f"{overrides!r}")
-        return Stage(config, include=include, exclude=exclude, overrides=dict(overrides or {}))
+        include = _patterns(data.get("include"), "include")
+        exclude = _patterns(data.get("exclude"), "exclude")
+        return Stage(config, include=include, exclude=exclude, overrides=_overrides_mapping(data.get("overrides")))
 
     def label(self) -> str:
         """Short description for reports."""
@@ -319,9 +334,10 @@ class Recipe:
                 raise RecipeError(f"stage {i} ({stage.config.name}): compression stages must come before the LoRA "
                                   f"stage (stage {seen_lora}): adapters are added last")
 
-    def to_dict(self) -> Dict[str, Any]:
-        """``{"stages": [stage.to_dict(), ...]}``."""
-        return {"stages": [stage.to_dict() for stage in self.stages]}
+    def to_dict(self, ordered_overrides: bool = False) -> Dict[str, Any]:
+        """``{"stages": [stage.to_dict(), ...]}``. ``ordered_overrides``: overrides as lists of one-entry
+        mappings, for storage by serialisers that sort keys (``llmopt.json`` manifests do)."""
+        return {"stages": [stage.to_dict(ordered_overrides) for stage in self.stages]}
 
     @staticmethod
     def from_dict(data: Union[Mapping[str, Any], List[Any]]) -> "Recipe":

@@ -122,6 +122,18 @@ def test_recipe_round_trips_through_dict_and_files(tmp_path_factory, fmt, group,
     assert list(loaded.stages[1].overrides) == list(overrides)  # order kept: first match wins
 
 
+def test_ordered_overrides_survive_key_sorting_json():
+    """llmopt.json is written with sorted keys; the ordered form keeps first-match-wins order."""
+    recipe = Recipe([Stage(RTN("int4", 64), overrides={"layers.0.*": "skip", "*.down_proj": {"format": "int8"}})])
+    stored = json.loads(json.dumps(recipe.to_dict(ordered_overrides=True), sort_keys=True))
+    assert stored["stages"][0]["overrides"] == [{"layers.0.*": "skip"}, {"*.down_proj": {"format": "int8"}}]
+    again = Recipe.from_dict(stored)
+    assert again == recipe and list(again.stages[0].overrides) == ["layers.0.*", "*.down_proj"]
+    assert again.stages[0].config_for("layers.0.down_proj") is None
+    # The plain mapping form does not survive sorting: "*" sorts before "l".
+    assert list(json.loads(json.dumps(recipe.to_dict(), sort_keys=True))["stages"][0]["overrides"])[0] == "*.down_proj"
+
+
 def test_stage_normalises_skip_and_config_dicts():
     stage = Stage(RTN("int4", 64), include="layers.*",
                   overrides={"*.o_proj": "skip", "*.q_proj": {"method": "hqq", "format": "int4"},
@@ -186,7 +198,9 @@ def test_merged_stats_spec_is_the_union():
      r"LoRA stage cannot be overridden by a 'rtn' config"),
     ({"stages": [{"method": "rtn", "include": 3}]}, r"stage 0 \(rtn\): 'include' must be a glob string"),
     ({"stages": [{"method": "rtn", "exclude": ["a", 1]}]}, r"'exclude' must be a glob string"),
-    ({"stages": [{"method": "rtn", "overrides": ["*.down_proj"]}]}, r"stage 0 \(rtn\): 'overrides' must be a mapping"),
+    ({"stages": [{"method": "rtn", "overrides": "*.down_proj"}]}, r"stage 0 \(rtn\): 'overrides' must be a mapping"),
+    ({"stages": [{"method": "rtn", "overrides": ["*.down_proj"]}]}, r"'overrides' as a list must hold one-entry"),
+    ({"stages": [{"method": "rtn", "overrides": [{"*": "skip"}, {"*": None}]}]}, r"glob '\*' appears twice"),
     ({"stages": [{"method": "rtn", "overrides": {"*": 8}}]}, r"override '\*': value must be a dict"),
     ({"stages": [{"method": 4}]}, r"stage 0: 'method' must be a string"),
     ({"stages": [{"format": "int4"}]}, r"stage 0: missing 'method'"),
@@ -258,7 +272,7 @@ def test_prune_quantize_lora_in_one_call_then_save_load(tmp_path):
     assert report.layer_configs["layers.0.down_proj"][1]["format"] == "int8"
     assert report.layer_configs["layers.0.k_proj"][1]["format"] == "int4"
     assert "layers.0.q_proj" in report.replaced and report.bytes_after < report.bytes_before
-    assert model._llmopt_recipe == recipe.to_dict()
+    assert Recipe.from_dict(model._llmopt_recipe) == recipe
     # Only the adapters train.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
@@ -271,7 +285,7 @@ def test_prune_quantize_lora_in_one_call_then_save_load(tmp_path):
     ids = _ids()
     with torch.no_grad():
         expected = model(ids)
-    llmopt.save(model, tmp_path, metadata={"recipe": recipe.to_dict()})
+    llmopt.save(model, tmp_path, metadata={"recipe": recipe.to_dict(ordered_overrides=True)})
     with torch.device("meta"):
         skeleton = ToyTransformer(tie=False)
     loaded = llmopt.load(skeleton, tmp_path)
