@@ -392,6 +392,14 @@ def compress_(
     return report
 
 
+def _note_unused_overrides(stage: "Stage", index: int, names: List[str], report: CompressionReport) -> None:
+    """A note for each override glob that matches none of the stage's layers (a typo does nothing)."""
+    unused = [glob for glob in stage.overrides if not any(_matches(name, [glob]) for name in names)]
+    if unused:
+        report.notes.append(f"stage {index} ({stage.config.name}): override(s) {', '.join(map(repr, unused))} "
+                            "matched none of the stage's layers")
+
+
 def _apply_stage(model: nn.Module, stage: "Stage", index: int, include: Patterns, exclude: Patterns,
                  calibration, swapped: Dict[str, nn.Module], targeted: set, report: CompressionReport,
                  calibration_dtype, calibration_device) -> None:
@@ -422,6 +430,7 @@ def _apply_stage(model: nn.Module, stage: "Stage", index: int, include: Patterns
     def key(c: MethodConfig) -> tuple:
         return (c.name, bool(c.needs_calibration), getattr(c, "propagate", None))
 
+    _note_unused_overrides(stage, index, list(targets) + list(skipped), report)
     passes: Dict[tuple, Dict[str, MethodConfig]] = {key(cfg): {}}
     for name, module in targets.items():
         hit = stage.match(name)
@@ -472,6 +481,7 @@ def _apply_lora_stage(model: nn.Module, stage: "Stage", index: int, include: Pat
     if not targets and not skipped:
         raise ValueError(f"lora (stage {index}): no linear layer matches include={stage.include or include!r} "
                          f"exclude={excludes!r}")
+    _note_unused_overrides(stage, index, list(targets) + list(skipped), report)
     resolved: Dict[str, Any] = {}
     for name in targets:
         hit = stage.match(name)

@@ -98,7 +98,9 @@ def test_compress_writes_a_self_contained_directory(workspace, compressed):
     ids = torch.as_tensor(tokenizer((workspace / "calib.txt").read_text())["input_ids"])
     llmopt.compress_(model, Recipe.load(workspace / "recipe.yaml"),
                      calibration=calibration_batches(ids, CALIB["samples"], CALIB["seqlen"]))
-    loaded, loaded_tokenizer = llmopt.load_pretrained(out)
+    from llmopt.hf import load_pretrained
+
+    loaded, loaded_tokenizer = load_pretrained(out)
     assert loaded_tokenizer is not None
     prompt = torch.randint(0, 40, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

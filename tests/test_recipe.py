@@ -429,3 +429,14 @@ def test_all_layers_skipped_by_overrides_is_not_an_error():
     model = _model()
     report = llmopt.compress_(model, Stage(RTN("int8", None), include=["layers.0.*"], overrides={"*": "skip"}))
     assert report.replaced == {} and len(report.skipped) == 7
+
+
+def test_unused_override_globs_are_noted_and_lora_config_alone_works():
+    model = _model()
+    report = llmopt.compress_(model, Stage(RTN("int8", None), exclude=["lm_head"],
+                                           overrides={"*.down_prj": {"format": "int4"}, "*.o_proj": "skip"}))
+    assert any("'*.down_prj'" in note and "matched none" in note for note in report.notes)
+    assert not any("'*.o_proj'" in note for note in report.notes)
+    report = llmopt.compress_(model, LoRA(rank=2), include=["*.q_proj"])
+    assert isinstance(model.layers[0].q_proj, LoRALinear) and isinstance(model.layers[0].q_proj.base, QuantLinear)
+    assert report.methods == [LoRA(rank=2).to_dict()] and set(report.replaced) == {"layers.0.q_proj", "layers.1.q_proj"}
