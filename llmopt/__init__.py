@@ -43,6 +43,7 @@ from .prune import (  # noqa: E402
 )
 from .registry import list_methods, register_method  # noqa: E402
 from .recipe import Recipe, Stage  # noqa: E402
+from .allocate import Allocation, allocate  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
@@ -53,5 +54,6 @@ __all__ = [
     "Magnitude", "Wanda", "SparseGPT", "plan_global_sparsity", "GradualPruner", "cubic_sparsity",
     "prune_channels_", "prune_heads_",
     "register_method", "list_methods", "Recipe", "Stage",
+    "allocate", "Allocation",
     "WeightFormat", "register_format", "get_format", "list_formats", "nn",
 ]
