@@ -162,7 +162,7 @@ def save(
         "modules": {name: {"type": type(m).__name__, "config": m.config()}
                     for name, m in _wrapped_modules(model).items()},
         "aliases": aliases,
-        "metadata": metadata or {},
+        "metadata": _with_recipe(model, metadata),
     }
     resized = _resized_record(model)
     if resized:
@@ -171,8 +171,17 @@ def save(
     if cast:
         manifest["non_persistent_dtypes"] = cast
     with open(os.path.join(directory, MANIFEST_NAME), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+        json.dump(manifest, f, indent=2)  # not sorted: recipe overrides are ordered (first match wins)
     return str(directory)
+
+
+def _with_recipe(model: nn.Module, metadata: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The user's metadata plus the recipe ``compress_`` recorded on the model (unless one is given)."""
+    meta = dict(metadata or {})
+    recipe = model.__dict__.get("_llmopt_recipe")
+    if recipe and "recipe" not in meta:
+        meta["recipe"] = json.loads(json.dumps(recipe))
+    return meta
 
 
 def tensor_files(directory: Union[str, os.PathLike], manifest: Optional[Dict[str, Any]] = None) -> List[str]:

@@ -92,7 +92,10 @@ def test_manifest_and_tensor_file_content(tmp_path):
 
     assert manifest["format_version"] == 1
     assert manifest["llmopt_version"] == llmopt.__version__
+    recipe = manifest["metadata"].pop("recipe")  # what compress_ applied, recorded for `llmopt report`
     assert manifest["metadata"] == {"note": "mixed", "step": 3}
+    assert [(s["method"], s["format"]) for s in recipe["stages"]] == [
+        ("rtn", "int8"), ("rtn", "int4"), ("rtn", "nf4"), ("rtn", "fp8_e4m3"), ("rtn", "int3")]
     assert manifest["aliases"] == {"lm_head.weight": "embed.weight"}
     assert set(manifest["modules"]) == set(MIXED_FORMATS)
     for name, (fmt, gs, _) in MIXED_FORMATS.items():
