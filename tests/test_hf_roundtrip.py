@@ -49,6 +49,21 @@ def _qlora(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def _recipe(model):
+    """prune -> quantize (8-bit down_proj, lm_head skipped) -> LoRA in one call, from a YAML-shaped dict."""
+    recipe = llmopt.Recipe.from_dict({"stages": [
+        {"method": "wanda", "sparsity": 0.5, "exclude": ["lm_head"]},
+        {"method": "rtn", "format": "int4", "group_size": 32, "exclude": ["lm_head"],
+         "overrides": {"*.down_proj": {"format": "int8", "group_size": None}}},
+        {"method": "lora", "rank": 4, "alpha": 8, "include": ["*q_proj", "*v_proj"]},
+    ]})
+    llmopt.compress_(model, recipe, calibration=_calibration())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+
+
 # family -> (dtype, function compressing the model in place)
 FAMILIES = {
     "rtn_int4": (torch.float32, lambda m: llmopt.compress_(m, llmopt.RTN("int4", 32), exclude=["lm_head"])),
@@ -74,6 +89,7 @@ FAMILIES = {
         calibration=_calibration())),
     "structured": (torch.float32, _structured),
     "qlora": (torch.float32, _qlora),
+    "recipe": (torch.float32, _recipe),
     "qat": (torch.float32, lambda m: llmopt.prepare_qat_(m, "int4", group_size=32, exclude=["lm_head"])),
 }
 
@@ -173,6 +189,14 @@ def test_sharded_save_writes_several_files_and_reloads(round_trip):
     assert manifest["format_version"] == 2
     for fname in manifest["tensors"]:
         assert (root / "gptq" / fname).is_file()
+
+
+def test_recipe_is_kept_in_the_saved_directory(round_trip):
+    root, expected, _ = round_trip
+    manifest = json.loads((root / "recipe" / "llmopt.json").read_text())
+    methods = [stage["method"] for stage in manifest["metadata"]["recipe"]["stages"]]
+    assert methods == ["wanda", "rtn", "lora"]
+    assert {"LoRALinear", "SparseLinear"} <= set(expected["recipe"]["types"])
 
 
 def test_tokenizer_is_saved_and_reloaded(round_trip):
