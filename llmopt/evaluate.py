@@ -36,6 +36,8 @@ __all__ = [
     "PeakMemory",
     "timed",
     "weight_bytes",
+    "DecodeRunner",
+    "compiled_decode_throughput",
 ]
 
 
@@ -310,4 +312,196 @@ def weight_bytes(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, Any
         "runtime_bytes": report.runtime_bytes,
         "linear_bits_per_weight": linear_bits / linear_weights if linear_weights else float("nan"),
         "layers": [vars(layer) for layer in report.layers],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled decoding: a static KV cache, one compiled decode step
+
+
+class DecodeRunner:
+    """Batch-1 greedy decoding of a Hugging Face causal LM, eager or with a ``torch.compile``d decode step.
+
+    ``cache="static"`` uses a ``transformers.StaticCache`` sized ``prompt_tokens + new_tokens``: every
+    decode step sees the same shapes (the write position is a tensor inside the cache), so the step
+    compiles once (``dynamic=False``) and never recompiles per token. The prefill always runs eagerly
+    (its shape differs from a step's). ``cache="dynamic"`` (eager only) is the ordinary growing cache,
+    the protocol of :func:`decode_throughput`.
+
+    :meth:`warm_up` runs one untimed generation (which compiles) and returns its first step's seconds;
+    :meth:`run` times one generation: ``new_tokens - 1`` decode steps after the prefill (the first new
+    token comes from the prefill). Runners for different variants of one model can be interleaved
+    (eager, compiled, eager, ...) so that a change in machine load hits all of them alike.
+
+    Args:
+        model: a causal LM taking ``input_ids``, ``use_cache`` and a cache argument (``cache`` in
+            transformers >= 5, ``past_key_values`` before) and returning ``.logits``; it needs a
+            ``config`` for the static cache.
+        compile: compile the decode step (``torch.compile(step, fullgraph=fullgraph, dynamic=False)``).
+        mode, options: passed to ``torch.compile`` (``options`` are inductor settings, e.g.
+            ``{"cpp_wrapper": True}``); give at most one of them.
+        skip_module_guards: skip dynamo's guards on module attributes (``guard_filter_fn`` =
+            ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): checking them costs ~1-2 ms per step
+            on a 22-layer model; only safe while the model's modules are not changed after compiling.
+        context: grad mode every run executes under (the compiled step is built and called in it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        prompt_tokens: int = 32,
+        new_tokens: int = 64,
+        compile: bool = True,
+        cache: str = "static",
+        fullgraph: bool = True,
+        mode: Optional[str] = None,
+        options: Optional[Dict[str, Any]] = None,
+        skip_module_guards: bool = False,
+        vocab_size: Optional[int] = None,
+        seed: int = 0,
+        context: Callable[[], ContextManager] = torch.inference_mode,
+    ) -> None:
+        if new_tokens < 2:
+            raise ValueError("new_tokens must be >= 2 (the first token comes from the prefill)")
+        if cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        if compile and cache != "static":
+            raise ValueError("a compiled decode step needs cache='static' (a growing cache changes shapes "
+                             "every token and would recompile)")
+        if mode is not None and options is not None:
+            raise ValueError("give torch.compile a mode or options, not both")
+        self.model = model
+        self.prompt_tokens, self.new_tokens = int(prompt_tokens), int(new_tokens)
+        self.compiled, self.cache_kind, self.context = bool(compile), cache, context
+        self.cache_arg = _cache_argument(model)
+        try:
+            accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            accepts_keep = False
+        # Only the last position's logits are needed: skips the vocabulary projection of the prompt.
+        self._keep = {"logits_to_keep": 1} if accepts_keep else {}
+        self.prompt = _random_prompt(model, vocab_size, prompt_tokens, seed)
+        self._cache = None
+        self._dynamic = None
+        if cache == "static":
+            config = getattr(model, "config", None)
+            if config is None:
+                raise TypeError("a static cache needs a Hugging Face model with a .config")
+            from transformers import StaticCache
+
+            self._cache = StaticCache(config=config, max_cache_len=self.prompt_tokens + self.new_tokens)
+        self.step: Callable[[torch.Tensor], torch.Tensor] = self._eager_step
+        if self.compiled:
+            kwargs: Dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False}
+            if mode is not None:
+                kwargs["mode"] = mode
+            opts = dict(options or {})
+            if skip_module_guards:
+                opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            if opts:
+                kwargs["options"] = opts
+            self.step = torch.compile(self._eager_step, **kwargs)
+        self.compile_s: Optional[float] = None
+
+    def _eager_step(self, token: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids=token, use_cache=True, **{self.cache_arg: self._cache}, **self._keep)
+        return _logits(output)[:, -1:].argmax(-1)
+
+    def _prefill(self) -> torch.Tensor:
+        if self._cache is not None:
+            self._cache.reset()
+            output = self.model(input_ids=self.prompt, use_cache=True, **{self.cache_arg: self._cache}, **self._keep)
+        else:
+            output = self.model(input_ids=self.prompt, use_cache=True, **self._keep)
+            self._dynamic = getattr(output, self.cache_arg)
+        return _logits(output)[:, -1:].argmax(-1)
+
+    def _generate(self) -> "tuple[list, list]":
+        """Prefill then the decode steps; returns (per-step seconds, generated token ids)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.context():
+                token = self._prefill()
+                tokens, times = [int(token)], []
+                for _ in range(self.new_tokens - 1):
+                    start = time.perf_counter()
+                    if self._cache is not None:
+                        token = self.step(token)
+                    else:
+                        output = self.model(input_ids=token, use_cache=True, **{self.cache_arg: self._dynamic},
+                                            **self._keep)
+                        self._dynamic = getattr(output, self.cache_arg)
+                        token = _logits(output)[:, -1:].argmax(-1)
+                    tokens.append(int(token))  # reads the token: the step has really finished
+                    times.append(time.perf_counter() - start)
+        finally:
+            self.model.train(was_training)
+            if self._cache is None:
+                self._dynamic = None
+        return times, tokens
+
+    def warm_up(self) -> float:
+        """One untimed generation; returns the seconds of its first decode step (the compile, if any)."""
+        times, _ = self._generate()
+        if self.compiled and self.compile_s is None:
+            self.compile_s = times[0]
+        return times[0]
+
+    def run(self) -> Dict[str, Any]:
+        """One timed generation: ``{"seconds", "tokens_per_s", "ms_per_step", "tokens"}``."""
+        times, tokens = self._generate()
+        seconds = sum(times)
+        return {"seconds": seconds, "tokens_per_s": len(times) / seconds, "ms_per_step": 1000 * seconds / len(times),
+                "tokens": tokens}
+
+
+def compiled_decode_throughput(
+    model: nn.Module,
+    new_tokens: int = 64,
+    *,
+    prompt_tokens: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    compile: bool = True,
+    fullgraph: bool = True,
+    mode: Optional[str] = None,
+    options: Optional[Dict[str, Any]] = None,
+    skip_module_guards: bool = False,
+    vocab_size: Optional[int] = None,
+    seed: int = 0,
+    context: Callable[[], ContextManager] = torch.inference_mode,
+) -> Dict[str, Any]:
+    """Tokens per second of batch-1 greedy decoding with a static KV cache and a compiled decode step.
+
+    Same protocol as :func:`decode_throughput` (prefill excluded, median of ``repeats`` timed runs after
+    ``warmup`` untimed ones) but on a ``StaticCache``, with the decode step compiled once by
+    ``torch.compile(..., fullgraph=True, dynamic=False)`` (``compile=False``: the same protocol eagerly).
+    Warm-up runs, and with them the compile, are not timed; ``compile_s`` is the first warm-up step
+    (compile plus one step), ``recompiles`` counts graphs compiled during the timed runs (0 expected).
+    See :class:`DecodeRunner` for the arguments.
+    """
+    runner = DecodeRunner(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, compile=compile,
+                          fullgraph=fullgraph, mode=mode, options=options, skip_module_guards=skip_module_guards,
+                          vocab_size=vocab_size, seed=seed, context=context)
+    for _ in range(max(warmup, 1 if compile else 0)):
+        runner.warm_up()
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    runs = [runner.run() for _ in range(repeats)]
+    median = statistics.median(run["seconds"] for run in runs)
+    steps = new_tokens - 1
+    return {
+        "tokens_per_s": steps / median,
+        "ms_per_step": 1000 * median / steps,
+        "compiled": bool(compile),
+        "compile_s": runner.compile_s,
+        "recompiles": counters["stats"]["unique_graphs"] - graphs_before,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "times_s": [run["seconds"] for run in runs],
+        "tokens": runs[-1]["tokens"] if runs else None,
     }
