@@ -157,6 +157,7 @@ def test_quant_linear_input_scale_compiles():
     _check(q2, x, q2.dequantize_weight(torch.float64), q2.bias, BF16_EAGER, BF16_REF)
 
 
+@pytest.mark.slow
 def test_fast_kernel_backward_compiles():
     """The int4 CPU op has no derivative: QuantLinear's autograd.Function supplies ``grad_x = grad_y @ W``
     (dequantized in the backward). It traces whole, and its backward compiles too."""
@@ -336,3 +337,25 @@ def test_qat_linear_compiles_bit_exact(fmt, group_size, act_bits):
     with torch.no_grad():
         x = _x()
         assert torch.equal(results[0][0].detach(), layer.to_quant_linear(kernel="reference")(x))
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def test_compiled_decode_matches_eager_and_never_recompiles():
+    """``evaluate.compiled_decode_throughput``: a StaticCache keeps every decode step's shapes equal, so the
+    step compiles once (fullgraph) during the warm-up and the timed runs add no graph. A float32 model
+    (int4 layers on the int4 CPU kernel) gives the same greedy tokens compiled and eager."""
+    pytest.importorskip("transformers")
+    import llmopt
+    from llmopt import evaluate
+    from llmopt.models import speed_model
+
+    model = speed_model("tiny")
+    llmopt.compress_(model, llmopt.RTN(format="int4", group_size=64), exclude=["lm_head"])
+    assert model.model.layers[0].mlp.up_proj.kernel.name == "int4pack_cpu"
+    kwargs = dict(prompt_tokens=5, repeats=2)
+    compiled = evaluate.compiled_decode_throughput(model, 6, **kwargs)
+    eager = evaluate.compiled_decode_throughput(model, 6, compile=False, **kwargs)
+    assert compiled["compiled"] and compiled["recompiles"] == 0 and compiled["compile_s"] > 0
+    assert eager["compile_s"] is None and len(eager["tokens"]) == 6
+    assert compiled["tokens"] == eager["tokens"]
+    assert compiled["tokens_per_s"] > 0 and len(compiled["times_s"]) == 2
