@@ -15,12 +15,14 @@ For each of the two models, three decoders run side by side (:class:`llmopt.eval
 Each decoder is warmed up, then ``--rounds`` rounds each time every decoder once, in turn (so a change
 of machine load hits all alike); tokens/s are medians over the rounds of ``new_tokens - 1`` decode steps
 (prefill excluded). Check: compiled int4 >= 1.3x eager int4, against the faster of the two eager
-protocols. ``--profile`` adds a torch.profiler breakdown of one eager and one compiled int4 step
+protocols. Also measured between rounds: the weight matmuls alone (every Linear / QuantLinear on one
+token, back to back), the floor no decoder can go below without faster kernels; eager step / floor is
+the most compilation could gain. ``--profile`` adds a torch.profiler breakdown of one eager and one compiled int4 step
 (where the time goes: the int4 matmuls and the bf16 lm_head against everything else).
 
 Output: ``benchmarks/results/compile.{md,jsonl}`` (also printed).
 Usage: ``python benchmarks/bench_compile.py [--size 1b|tiny] [--rounds 5] [--new-tokens 64]
-[--threads N] [--profile] [--cpp-wrapper] [--skip-module-guards]``. ``--size tiny``: a quick check of the
+[--threads N] [--profile] [--cpp-wrapper] [--keep-module-guards]``. ``--size tiny``: a quick check of the
 script (seconds of decoding; its ratio is overhead-bound and says nothing about the 1b target).
 """
 
@@ -44,6 +46,7 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.evaluate import DecodeRunner  # noqa: E402
+from llmopt.kernels import _int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 
 from timing import _LoadProbe  # noqa: E402
@@ -60,7 +63,7 @@ def make_runners(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, 
         "eager": DecodeRunner(model, compile=False, cache="dynamic", **common),
         "eager static": DecodeRunner(model, compile=False, cache="static", **common),
         "compiled": DecodeRunner(model, compile=True, options=options,
-                                 skip_module_guards=args.skip_module_guards, **common),
+                                 skip_module_guards=not args.keep_module_guards, **common),
     }
 
 
@@ -80,12 +83,14 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
     graphs_before = counters["stats"]["unique_graphs"]
     seconds: Dict[str, List[float]] = {name: [] for name in runners}
     tokens: Dict[str, List[int]] = {}
+    floors: List[float] = []
     probe = _LoadProbe().start()
     for _ in range(args.rounds):
         for name, runner in runners.items():
             run = runner.run()
             seconds[name].append(run["seconds"])
             tokens[name] = run["tokens"]
+        floors.append(matmul_floor_ms(model))
     foreign = probe.stop()
     steps = args.new_tokens - 1
     tps = {name: steps / statistics.median(v) for name, v in seconds.items()}
@@ -98,6 +103,9 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
            "compiled_vs_eager": tps["compiled"] / tps["eager"],
            "compiled_vs_eager_static": tps["compiled"] / tps["eager static"],
            "compiled_vs_best_eager": tps["compiled"] / max(tps["eager"], tps["eager static"]),
+           "matmul_floor_ms": statistics.median(floors),
+           "ceiling_vs_best_eager": statistics.median(floors) and
+           (1000 / max(tps["eager"], tps["eager static"])) / statistics.median(floors),
            "compile_s": runners["compiled"].compile_s, "warm_up_s": warm,
            "recompiles_while_timed": counters["stats"]["unique_graphs"] - graphs_before,
            "same_tokens_as_eager_static": same, "foreign_cpus": foreign, "rounds": args.rounds,
@@ -111,6 +119,33 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
           f"{row['compiled_vs_eager_static']:.2f}x", flush=True)
     del runners
     return row
+
+
+def matmul_floor_ms(model: torch.nn.Module, repeats: int = 7) -> float:
+    """Milliseconds per decode step spent in the weight matmuls alone: every Linear / QuantLinear of the
+    model applied to one bf16 token, back to back (the int4 layers call the aten kernel directly). No
+    decoder, eager or compiled, can beat this without faster matmul kernels."""
+    calls = []
+    for module in model.modules():
+        if isinstance(module, llmopt.nn.QuantLinear) and module.kernel.name == "int4pack_cpu":
+            x = torch.randn(1, module.num_groups * module.group_size, dtype=torch.bfloat16)
+            args = (x, module._buffers["qdata"], _int4_kernel_group(module.group_size),
+                    module._buffers["scale_and_zero"])
+            calls.append((torch.ops.aten._weight_int4pack_mm_for_cpu, args))
+        elif isinstance(module, llmopt.nn.QuantLinear):
+            x = torch.randn(1, module.in_features, dtype=torch.bfloat16)
+            calls.append((module.kernel.forward, (module, module._buffers, x)))
+        elif isinstance(module, torch.nn.Linear):
+            x = torch.randn(1, module.in_features, dtype=module.weight.dtype)
+            calls.append((torch.nn.functional.linear, (x, module.weight, module.bias)))
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for fn, args in calls:
+                fn(*args)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
 
 
 def profile_step(runner: DecodeRunner, steps: int = 6) -> Dict[str, Any]:
@@ -140,14 +175,16 @@ def markdown(header: Dict[str, Any], rows: List[Dict[str, Any]], checks: List[st
     lines = [f"# Compiled decode benchmark ({header['date']}, {header['size']})", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "size")]
     lines += ["", f"| speed_model({header['size']!r}) | eager tok/s | eager static tok/s | compiled tok/s "
-              "| compiled / eager | compiled / eager static | compile s | same greedy tokens as eager static | other CPUs busy |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| compiled / eager | compiled / eager static | compile s | same greedy tokens as eager static "
+              "| matmuls alone ms/step | ceiling (best eager / matmuls) | other CPUs busy |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["tokens_per_s"]
         foreign = f"{r['foreign_cpus']:.2f}" if r["foreign_cpus"] is not None else "?"
         lines.append(f"| {r['model']} | {t['eager']:.2f} | {t['eager static']:.2f} | {t['compiled']:.2f} | "
                      f"{r['compiled_vs_eager']:.2f}x | {r['compiled_vs_eager_static']:.2f}x | "
-                     f"{r['compile_s']:.1f} | {r['same_tokens_as_eager_static']['compiled']:.0%} | {foreign} |")
+                     f"{r['compile_s']:.1f} | {r['same_tokens_as_eager_static']['compiled']:.0%} | "
+                     f"{r['matmul_floor_ms']:.1f} | {r['ceiling_vs_best_eager']:.2f}x | {foreign} |")
     for r in rows:
         if "profile" not in r:
             continue
@@ -174,8 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--models", default="bf16,int4", help="comma list of bf16, int4")
     parser.add_argument("--profile", action="store_true", help="profile one eager and one compiled int4 step")
     parser.add_argument("--cpp-wrapper", action="store_true", help="inductor cpp_wrapper (slower compile)")
-    parser.add_argument("--skip-module-guards", action="store_true",
-                        help="skip dynamo's module guards on every step (unsafe if modules change)")
+    parser.add_argument("--keep-module-guards", action="store_true",
+                        help="check dynamo's guards on module attributes every step (default: skipped with "
+                             "torch.compiler.skip_guard_on_all_nn_modules_unsafe; the modules never change here)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "compile.jsonl"))
     args = parser.parse_args(argv)
     if args.new_tokens is None:
@@ -189,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"{args.rounds} interleaved rounds, medians",
               "compile": "torch.compile(decode_step, fullgraph=True, dynamic=False), StaticCache"
                          + (", cpp_wrapper" if args.cpp_wrapper else "")
-                         + (", module guards skipped" if args.skip_module_guards else ""),
+                         + (", module guards skipped" if not args.keep_module_guards else ""),
               "int4": "compress_(RTN(format='int4', group_size=64), exclude=['lm_head']), kernel int4pack_cpu"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     started = time.perf_counter()
@@ -216,6 +254,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 checks.append(f"compiled int4 decode >= {TARGET}x eager int4 (faster eager protocol): {verdict} "
                               f"({ratio:.2f}x; vs eager {r['compiled_vs_eager']:.2f}x, vs eager static "
                               f"{r['compiled_vs_eager_static']:.2f}x){note}")
+                best_eager_ms = 1000 / max(r["tokens_per_s"]["eager"], r["tokens_per_s"]["eager static"])
+                checks.append(f"int4 weight matmuls alone: {r['matmul_floor_ms']:.1f} ms of the faster eager step's "
+                              f"{best_eager_ms:.1f} ms ({r['matmul_floor_ms'] / best_eager_ms:.0%}): removing all "
+                              f"other work would give at most {r['ceiling_vs_best_eager']:.2f}x; compiled step "
+                              f"{1000 / r['tokens_per_s']['compiled']:.1f} ms")
             if r["recompiles_while_timed"]:
                 checks.append(f"{r['model']}: {r['recompiles_while_timed']} recompiles during the timed runs")
         header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
