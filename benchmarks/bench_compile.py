@@ -17,7 +17,8 @@ of machine load hits all alike); tokens/s are medians over the rounds of ``new_t
 (prefill excluded). Check: compiled int4 >= 1.3x eager int4, against the faster of the two eager
 protocols. Also measured between rounds: the weight matmuls alone (every Linear / QuantLinear on one
 token, back to back), the floor no decoder can go below without faster kernels; eager step / floor is
-the most compilation could gain. ``--profile`` adds a torch.profiler breakdown of one eager and one compiled int4 step
+the most compilation could gain. And the bytes of weights a step must read against the machine's
+read bandwidth (``torch.sum`` over 1 GiB): a bound no decoder can beat at batch 1. ``--profile`` adds a torch.profiler breakdown of one eager and one compiled int4 step
 (where the time goes: the int4 matmuls and the bf16 lm_head against everything else).
 
 Output: ``benchmarks/results/compile.{md,jsonl}`` (also printed).
@@ -49,7 +50,7 @@ from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.kernels import _int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 
-from timing import _LoadProbe  # noqa: E402
+from timing import _LoadProbe, measure_read_bandwidth  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 TARGET = 1.3
@@ -103,6 +104,8 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
            "compiled_vs_eager": tps["compiled"] / tps["eager"],
            "compiled_vs_eager_static": tps["compiled"] / tps["eager static"],
            "compiled_vs_best_eager": tps["compiled"] / max(tps["eager"], tps["eager static"]),
+           "weight_bytes_per_step": weight_bytes_per_step(model),
+           "achieved_gbps": {k: weight_bytes_per_step(model) * v / 1e9 for k, v in tps.items()},
            "matmul_floor_ms": statistics.median(floors),
            "ceiling_vs_best_eager": statistics.median(floors) and
            (1000 / max(tps["eager"], tps["eager static"])) / statistics.median(floors),
@@ -119,6 +122,18 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
           f"{row['compiled_vs_eager_static']:.2f}x", flush=True)
     del runners
     return row
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step must read at least: every Linear / QuantLinear weight (in its runtime
+    layout, scales included) once. Embedding (one row), norms and the small KV cache are left out."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, llmopt.nn.QuantLinear):
+            total += module.runtime_bytes()
+        elif isinstance(module, torch.nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
 
 
 def matmul_floor_ms(model: torch.nn.Module, repeats: int = 7) -> float:
@@ -176,15 +191,18 @@ def markdown(header: Dict[str, Any], rows: List[Dict[str, Any]], checks: List[st
     lines += [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "size")]
     lines += ["", f"| speed_model({header['size']!r}) | eager tok/s | eager static tok/s | compiled tok/s "
               "| compiled / eager | compiled / eager static | compile s | same greedy tokens as eager static "
-              "| matmuls alone ms/step | ceiling (best eager / matmuls) | other CPUs busy |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| matmuls alone ms/step | ceiling (best eager / matmuls) | weight MB/step | eager / compiled GB/s "
+              "| other CPUs busy |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["tokens_per_s"]
         foreign = f"{r['foreign_cpus']:.2f}" if r["foreign_cpus"] is not None else "?"
         lines.append(f"| {r['model']} | {t['eager']:.2f} | {t['eager static']:.2f} | {t['compiled']:.2f} | "
                      f"{r['compiled_vs_eager']:.2f}x | {r['compiled_vs_eager_static']:.2f}x | "
                      f"{r['compile_s']:.1f} | {r['same_tokens_as_eager_static']['compiled']:.0%} | "
-                     f"{r['matmul_floor_ms']:.1f} | {r['ceiling_vs_best_eager']:.2f}x | {foreign} |")
+                     f"{r['matmul_floor_ms']:.1f} | {r['ceiling_vs_best_eager']:.2f}x | "
+                     f"{r['weight_bytes_per_step'] / 1e6:.0f} | {r['achieved_gbps']['eager']:.1f} / "
+                     f"{r['achieved_gbps']['compiled']:.1f} | {foreign} |")
     for r in rows:
         if "profile" not in r:
             continue
@@ -234,6 +252,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     with open(args.out, "w") as out:
         out.write(json.dumps({"type": "header", **header}) + "\n")
+        bandwidth = measure_read_bandwidth(size_mib=1024 if args.size == "1b" else 256)
+        header["read bandwidth"] = (f"{bandwidth['gbps']:.1f} GB/s (torch.sum over {bandwidth['size_mib']} MiB, "
+                                    f"{torch.get_num_threads()} threads; other CPUs busy "
+                                    f"{bandwidth['foreign_cpus'] or 0:.2f})")
+        print(f"  read bandwidth {bandwidth['gbps']:.1f} GB/s", flush=True)
+        args.bandwidth_gbps = bandwidth["gbps"]
         model = speed_model(args.size, dtype=torch.bfloat16)
         if "bf16" in models:
             rows.append(measure("bf16 dense", model, args, out))
@@ -255,6 +279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                               f"({ratio:.2f}x; vs eager {r['compiled_vs_eager']:.2f}x, vs eager static "
                               f"{r['compiled_vs_eager_static']:.2f}x){note}")
                 best_eager_ms = 1000 / max(r["tokens_per_s"]["eager"], r["tokens_per_s"]["eager static"])
+                bytes_ms = r["weight_bytes_per_step"] / 1e9 / args.bandwidth_gbps * 1000
+                checks.append(f"int4 step reads >= {r['weight_bytes_per_step'] / 1e6:.0f} MB of weights: "
+                              f"{bytes_ms:.1f} ms at the measured {args.bandwidth_gbps:.1f} GB/s; eager runs at "
+                              f"{max(r['achieved_gbps']['eager'], r['achieved_gbps']['eager static']):.1f} GB/s, "
+                              f"compiled at {r['achieved_gbps']['compiled']:.1f} GB/s; bandwidth bound on any "
+                              f"speed-up over the faster eager: {best_eager_ms / bytes_ms:.2f}x")
                 checks.append(f"int4 weight matmuls alone: {r['matmul_floor_ms']:.1f} ms of the faster eager step's "
                               f"{best_eager_ms:.1f} ms ({r['matmul_floor_ms'] / best_eager_ms:.0%}): removing all "
                               f"other work would give at most {r['ceiling_vs_best_eager']:.2f}x; compiled step "
