@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -252,10 +252,11 @@ def solve_budget(costs: Sequence[Sequence[Optional[int]]], errors: Sequence[Sequ
     states = extra // unit + 1
     inf = float("inf")
     dp = torch.zeros(states, dtype=torch.float64)  # least error of the items so far within s units
+    index_dtype = torch.int16 if max(len(f) for f in fronts) < 2**15 else torch.int32
     choices = []
     for front in fronts:
         best = torch.full((states,), inf, dtype=torch.float64)
-        arg = torch.zeros(states, dtype=torch.int32)
+        arg = torch.zeros(states, dtype=index_dtype)
         for j, (c, e, _) in enumerate(front):
             shift = -(-(c - front[0][0]) // unit)
             if shift >= states:
@@ -264,7 +265,7 @@ def solve_budget(costs: Sequence[Sequence[Optional[int]]], errors: Sequence[Sequ
             cand[shift:] = dp[:states - shift] + e
             better = cand < best
             best = torch.where(better, cand, best)
-            arg = torch.where(better, torch.tensor(j, dtype=torch.int32), arg)
+            arg = torch.where(better, torch.tensor(j, dtype=index_dtype), arg)
         dp = best
         choices.append(arg)
     pick = [0] * len(fronts)
@@ -451,14 +452,14 @@ def _model_has_loss(model: nn.Module, calibration: Sequence[Any], loss_fn) -> bo
         return True
     if not _accepts_labels(model):
         return False
-    from .calibration.runner import _TrainingState, _input_device, _no_cache_kwargs, _normalize_batches
+    from .calibration.runner import _input_device, _no_cache_kwargs, _normalize_batches, _TrainingState
 
     prepared = _normalize_batches(model, calibration[:1])
     try:
         with _TrainingState(model), torch.no_grad():
             loss, _ = _loss_and_items(model, calibration[0], prepared[0], None, _no_cache_kwargs(model),
                                       _input_device(model))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure with labels means "no usable loss": fall back to output
         return False
     return loss is not None
 
@@ -470,7 +471,7 @@ def _gradient_statistics(model: nn.Module, targets: Dict[str, nn.Module], calibr
     output channel of each target. Gradients flow only to the targets' weights; requires_grad flags,
     existing ``.grad`` tensors and train/eval flags are restored afterwards. ``dtype`` (bfloat16 /
     float16): forwards and backwards under autocast (about 2x faster on CPUs with bf16 units)."""
-    from .calibration.runner import _TrainingState, _input_device, _no_cache_kwargs, _normalize_batches
+    from .calibration.runner import _input_device, _no_cache_kwargs, _normalize_batches, _TrainingState
 
     prepared = _normalize_batches(model, calibration)
     extra = _no_cache_kwargs(model)
@@ -660,11 +661,18 @@ def allocate(
     ``Wanda(...)``, ...); block-scope ones (AWQ, SmoothQuant) are refused. ``sensitivity``:
     ``"fisher"`` (squared loss gradients per weight), ``"kfac"`` (output error weighted by squared
     loss gradients per output channel), ``"output"`` (output error), ``"weight"`` (weight error, no
-    data) or ``"auto"``: ``"kfac"`` when the model returns a loss (a Hugging Face CausalLM given
-    ``labels``, or ``loss_fn(model, batch)`` given) and ``"output"`` otherwise (see docs/allocate.md for
-    the comparison that chose the default). ``calibration``: batches as for ``compress_`` (needed by
-    every mode but ``"weight"`` and by calibrated candidates); their statistics come from one
-    block-by-block pass over the float model. ``calibration_dtype``: as ``compress_``.
+    data) or ``"auto"``: ``"fisher"`` when the model returns a loss (a Hugging Face CausalLM given
+    ``labels``, or ``loss_fn(model, batch)`` given; it beat ``"kfac"`` at 2 of 3 budgets on SmolLM2,
+    see docs/allocate.md) and ``"output"`` otherwise. ``calibration``: batches as for ``compress_``
+    (needed by every mode but ``"weight"`` and by calibrated candidates); their statistics come from
+    one block-by-block pass over the float model. ``loss_fn(model, batch)``: the mean loss of one
+    batch, for models that do not return one given ``labels``. ``calibration_dtype`` (bfloat16):
+    calibration forwards, and the gradient passes under autocast, in that dtype (faster, as
+    ``compress_``). ``progress``: progress bars.
+
+    Raises ``ValueError`` for empty candidates, both or neither of ``target_bits``/``target_bytes``, a
+    budget below the cheapest candidate in every layer, missing calibration, a block-scope candidate,
+    or a layer whose candidates fail (named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"allocate expects an nn.Module, got {type(model).__name__}")
@@ -742,7 +750,13 @@ def allocate(
             for name in rest:
                 measure(name, stats.get(name))
     else:
-        for name in targets:
+        names = list(targets)
+        try:
+            from tqdm.auto import tqdm
+            names = tqdm(names, desc="allocate: candidates per layer", unit="layer", disable=not progress)
+        except ImportError:  # pragma: no cover
+            pass
+        for name in names:
             measure(name, None)
     costs = {name: costs[name] for name in targets}
     errors = {name: errors[name] for name in targets}
