@@ -40,9 +40,8 @@ import torch.nn as nn  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import RTN, evaluate  # noqa: E402
 from llmopt.lowrank.compensation import QuantLowRank  # noqa: E402
-from llmopt.models import load_causal_lm  # noqa: E402
 
-from bench_models import calibration_batches, read_text  # noqa: E402
+from bench_models import load_smollm2_quality  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 EXCLUDE = ["lm_head"]
@@ -101,9 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = settings(args.quick)
     torch.manual_seed(0)
     started = time.perf_counter()
-    base, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
-    cfg["eval_ids"] = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
-    calibration = calibration_batches(tokenizer, cfg["calib_samples"], cfg["calib_len"])
+    base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),

