@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
@@ -270,22 +271,20 @@ def _stage_configs(stage: "Stage") -> List[Any]:
     return out
 
 
-def _escape(name: str) -> str:
-    """A glob matching exactly ``name``."""
-    import glob
-
-    return glob.escape(name)
+def _merged_globs(stage: "Stage", include: Patterns, exclude: Patterns) -> "tuple[Optional[List[str]], Optional[List[str]], List[str]]":
+    """``(include, exclude, call_include)`` for a stage inside a ``compress_`` call: the stage's include
+    (else the call's), both excludes; ``call_include`` must also pass when the stage has its own include."""
+    call_include = _as_list(include)
+    excludes = list(stage.exclude or []) + _as_list(exclude)
+    return (stage.include if stage.include else (call_include or None)), (excludes or None), call_include
 
 
 def _select_for_stage(model: nn.Module, stage: "Stage", include: Patterns, exclude: Patterns,
-                      accept=None) -> "tuple[Dict[str, nn.Module], Dict[str, str]]":
-    """``select_linears`` with the stage's globs and the call's (a layer must pass both)."""
-    call_include = _as_list(include)
-    stage_include = stage.include
-    excludes = list(stage.exclude or []) + _as_list(exclude)
-    first_include = stage_include if stage_include else (call_include or None)
-    selected, skipped = select_linears(model, first_include, excludes or None, accept=accept)
-    if stage_include and call_include:
+                      select=select_linears, **kwargs: Any) -> "tuple[Dict[str, nn.Module], Dict[str, str]]":
+    """``select(model, include, exclude, **kwargs)`` with the stage's globs and the call's (a layer must pass both)."""
+    first_include, excludes, call_include = _merged_globs(stage, include, exclude)
+    selected, skipped = select(model, first_include, excludes, **kwargs)
+    if stage.include and call_include:
         selected = {n: m for n, m in selected.items() if _matches(n, call_include)}
         skipped = {n: r for n, r in skipped.items() if _matches(n, call_include)}
     return selected, skipped
@@ -297,9 +296,8 @@ def _effective_stage(stage: "Stage", include: Patterns, exclude: Patterns) -> "S
 
     if include is None and exclude is None:
         return stage
-    excludes = list(stage.exclude or []) + _as_list(exclude)
-    return Stage(stage.config, include=stage.include if stage.include else (_as_list(include) or None),
-                 exclude=excludes or None, overrides=dict(stage.overrides))
+    first_include, excludes, _ = _merged_globs(stage, include, exclude)
+    return Stage(stage.config, include=first_include, exclude=excludes, overrides=dict(stage.overrides))
 
 
 def _record_recipe(model: nn.Module, stages: List["Stage"]) -> None:
@@ -400,6 +398,16 @@ def _note_unused_overrides(stage: "Stage", index: int, names: List[str], report:
                             "matched none of the stage's layers")
 
 
+def _resolve_layer(stage: "Stage", index: int, name: str, report: CompressionReport) -> Optional[Any]:
+    """The layer's config in this stage (first matching override, else the stage's); ``None`` when an
+    override skips it, recorded in ``report.skipped``."""
+    hit = stage.match(name)
+    layer_cfg = stage.config if hit is None else stage.resolve(hit[1])
+    if layer_cfg is None:
+        report.skipped[name] = f"stage {index} ({stage.config.name}): skipped by override {hit[0]!r}"
+    return layer_cfg
+
+
 def _apply_stage(model: nn.Module, stage: "Stage", index: int, include: Patterns, exclude: Patterns,
                  calibration, swapped: Dict[str, nn.Module], targeted: set, report: CompressionReport,
                  calibration_dtype, calibration_device) -> None:
@@ -433,10 +441,8 @@ def _apply_stage(model: nn.Module, stage: "Stage", index: int, include: Patterns
     _note_unused_overrides(stage, index, list(targets) + list(skipped), report)
     passes: Dict[tuple, Dict[str, MethodConfig]] = {key(cfg): {}}
     for name, module in targets.items():
-        hit = stage.match(name)
-        layer_cfg = cfg if hit is None else stage.resolve(hit[1])
+        layer_cfg = _resolve_layer(stage, index, name, report)
         if layer_cfg is None:
-            report.skipped[name] = f"stage {index} ({cfg.name}): skipped by override {hit[0]!r}"
             continue
         if is_compressed(module) and not (hasattr(layer_cfg, "accepts_compressed")
                                           and layer_cfg.accepts_compressed(module)):
@@ -470,29 +476,17 @@ def _apply_lora_stage(model: nn.Module, stage: "Stage", index: int, include: Pat
     """A LoRA stage: ``add_lora_`` once per group of layers sharing a resolved LoRA config."""
     from .lowrank.lora import _lora_targets, add_lora_, trainable_parameters
 
-    call_include = _as_list(include)
-    excludes = list(stage.exclude or []) + _as_list(exclude)
-    targets, skipped = _lora_targets(model, stage.include if stage.include else (call_include or None),
-                                     excludes or None)
-    if stage.include and call_include:
-        targets = {n: m for n, m in targets.items() if _matches(n, call_include)}
-        skipped = {n: r for n, r in skipped.items() if _matches(n, call_include)}
+    targets, skipped = _select_for_stage(model, stage, include, exclude, select=_lora_targets)
     report.skipped.update(skipped)
     if not targets and not skipped:
+        _, excludes, _ = _merged_globs(stage, include, exclude)
         raise ValueError(f"lora (stage {index}): no linear layer matches include={stage.include or include!r} "
-                         f"exclude={excludes!r}")
+                         f"exclude={excludes or []!r}")
     _note_unused_overrides(stage, index, list(targets) + list(skipped), report)
-    resolved: Dict[str, Any] = {}
-    for name in targets:
-        hit = stage.match(name)
-        layer_cfg = stage.config if hit is None else stage.resolve(hit[1])
-        if layer_cfg is None:
-            report.skipped[name] = f"stage {index} (lora): skipped by override {hit[0]!r}"
-            continue
-        resolved[name] = layer_cfg
+    resolved = {name: cfg for name in targets if (cfg := _resolve_layer(stage, index, name, report)) is not None}
     for layer_cfg, names in _group_by_config(list(resolved), resolved):
         before = {name: get_submodule(model, name) for name in names}
-        lora_report = add_lora_(model, layer_cfg, include=[_escape(name) for name in names])
+        lora_report = add_lora_(model, layer_cfg, include=[glob.escape(name) for name in names])
         for name in lora_report.replaced:
             swapped.setdefault(name, before[name])
             targeted.add(name)
