@@ -66,9 +66,7 @@ def save_pretrained(
         tokenizer.save_pretrained(directory)
     architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
     meta = dict(metadata or {})
-    meta[HF_METADATA_KEY] = {"architectures": architectures, "class": type(model).__name__,
-                             "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                                               torch.float32)).replace("torch.", "")}
+    meta[HF_METADATA_KEY] = {"architectures": architectures, "class": type(model).__name__}
     save(model, directory, metadata=meta, max_shard_bytes=max_shard_bytes)
     return str(directory)
 

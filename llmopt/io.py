@@ -42,21 +42,21 @@ def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _module_state_items(model: nn.Module) -> Iterator[Tuple[str, List[Tuple[str, torch.Tensor]]]]:
-    """``(module_name, [(key, tensor), ...])`` per module, in ``state_dict`` order, one module at a time.
+def _module_state_items(model: nn.Module) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """``[(key, tensor), ...]`` per module, in ``state_dict`` order, one module at a time.
 
     Streaming: a compressed layer's canonical tensors (unpacked from a kernel layout) exist only while
     their shard is written, never all at once. Modules with state-dict hooks fall back to one
     ``state_dict()`` call, so hooks keep their meaning.
     """
     if any(m._state_dict_hooks or m._state_dict_pre_hooks for m in model.modules()):
-        yield "", list(model.state_dict().items())
+        yield list(model.state_dict().items())
         return
     for name, module in model.named_modules(remove_duplicate=False):
         local: Dict[str, torch.Tensor] = {}
         module._save_to_state_dict(local, name + "." if name else "", False)
         if local:
-            yield name, list(local.items())
+            yield list(local.items())
 
 
 def _storage_bytes(t: torch.Tensor) -> Optional[int]:
@@ -86,7 +86,8 @@ def save(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     os.makedirs(directory, exist_ok=True)
-    # Storages the model owns: their tensors stay alive, so their addresses identify shared tensors.
+    # Storages the model owns outlive this call, so their addresses identify shared tensors; a
+    # temporary's address may be reused once it is freed, so temporaries are never deduplicated.
     owned = set()
     for t in list(model.parameters()) + list(model.buffers()):
         try:
@@ -95,23 +96,19 @@ def save(
             pass
     aliases: Dict[str, str] = {}
     seen: Dict[Any, str] = {}
-    keep_alive: List[torch.Tensor] = []
-    shards: List[Dict[str, torch.Tensor]] = [{}]
+    shard: Dict[str, torch.Tensor] = {}
     shard_bytes = 0
     files: List[str] = []
 
     def flush() -> None:
-        nonlocal shard_bytes
-        if shards[-1]:
-            index = len(files) + 1
-            fname = f"model-{index:05d}.safetensors"
-            save_file(shards[-1], os.path.join(directory, fname), metadata={"format": "pt", "llmopt": "1"})
+        nonlocal shard, shard_bytes
+        if shard or not files:  # a model without tensors still gets an (empty) tensor file
+            fname = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(directory, fname), metadata={"format": "pt", "llmopt": "1"})
             files.append(fname)
-        shards[-1] = {}
-        shard_bytes = 0
+        shard, shard_bytes = {}, 0
 
-    weight_map: Dict[str, int] = {}
-    for _, items in _module_state_items(model):
+    for items in _module_state_items(model):
         module_tensors: Dict[str, torch.Tensor] = {}
         for key, tensor in items:
             if tensor.device.type == "meta":
@@ -121,9 +118,8 @@ def save(
             if skey in seen:
                 aliases[key] = seen[skey]
                 continue
-            if skey[0] in owned:  # a model tensor: it outlives this loop, so its address stays unique
+            if skey[0] in owned:
                 seen[skey] = key
-                keep_alive.append(tensor)
             tensor = tensor.to("cpu")
             # safetensors refuses views into a larger storage (fused projections) and non-contiguous
             # tensors: only those get their own copy.
@@ -131,16 +127,11 @@ def save(
                 tensor = tensor.contiguous().clone()
             module_tensors[key] = tensor
         size = sum(t.numel() * t.element_size() for t in module_tensors.values())
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
+        if shard and shard_bytes + size > max_shard_bytes:
             flush()
-        for key, tensor in module_tensors.items():
-            shards[-1][key] = tensor
-            weight_map[key] = len(files)
+        shard.update(module_tensors)
         shard_bytes += size
     flush()
-    if not files:  # a model without tensors still gets a (empty) tensor file
-        save_file({}, os.path.join(directory, "model-00001.safetensors"), metadata={"format": "pt", "llmopt": "1"})
-        files.append("model-00001.safetensors")
     if len(files) == 1:
         os.replace(os.path.join(directory, files[0]), os.path.join(directory, TENSORS_NAME))
         files = [TENSORS_NAME]
@@ -152,8 +143,9 @@ def save(
             os.replace(os.path.join(directory, fname), os.path.join(directory, final))
             renamed.append(final)
         files = renamed
-    if os.path.exists(os.path.join(directory, TENSORS_NAME)) and files != [TENSORS_NAME]:
-        os.remove(os.path.join(directory, TENSORS_NAME))  # stale single file from an earlier save
+    for fname in os.listdir(directory):  # tensor files of an earlier save into the same directory
+        if fname.startswith("model") and fname.endswith(".safetensors") and fname not in files:
+            os.remove(os.path.join(directory, fname))
     manifest = {
         "llmopt_version": __version__,
         # Version 2 only when sharded: a single-file save stays readable by llmopt versions before shards.
