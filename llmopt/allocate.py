@@ -725,30 +725,11 @@ def allocate(
 
     needs_stats = mode in _NEEDS_HESSIAN or any(cfg.needs_calibration for cfg in candidates)
     if needs_stats:
-        from .calibration import StatsSpec, collect_stats, find_blocks, run_blocks
+        from .calibration import StatsSpec, float_layer_stats, spec_for_dtype
 
-        spec = StatsSpec(hessian=True, dtype=torch.float64)
-        if calibration_dtype in (torch.bfloat16, torch.float16):
-            spec = dataclasses.replace(spec, product_dtype=calibration_dtype, dtype=torch.float32)
-
-        def process_block(index: int, block: nn.Module, stats) -> None:
-            for name, layer_stats in stats.items():
-                if name in targets and name not in costs:
-                    measure(name, layer_stats)
-
-        try:
-            find_blocks(model)
-            has_blocks = True
-        except ValueError:
-            has_blocks = False
-        if has_blocks:
-            run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
-                       dtype=calibration_dtype, propagate="float", progress=progress)
-        rest = [name for name in targets if name not in costs]
-        if rest:
-            stats = collect_stats(model, calibration, spec, include=rest)
-            for name in rest:
-                measure(name, stats.get(name))
+        spec = spec_for_dtype(StatsSpec(hessian=True, dtype=torch.float64), calibration_dtype)
+        float_layer_stats(model, calibration, spec, list(targets), measure, dtype=calibration_dtype,
+                          progress=progress)
     else:
         names = list(targets)
         try:

@@ -167,15 +167,11 @@ def _compress_with_calibration(model: nn.Module, entry, configs: Dict[str, Metho
     statistics they need, a layer-scope handler gets each layer's own config, and a block-scope
     handler is called once per group of layers of the block sharing a config. Returns the names of
     the targets that were replaced."""
-    from .calibration import collect_stats, find_blocks, run_blocks
+    from .calibration import collect_stats, find_blocks, run_blocks, spec_for_dtype
 
     distinct = [cfg for cfg, _ in _group_by_config(list(configs), configs)]
     spec = merged_stats_spec(distinct)
-    if calibration_dtype in (torch.bfloat16, torch.float16) and spec.hessian:
-        # Activations are already in that dtype: x^T x products in it too (~4x faster). Their rounding
-        # (2**-9) then dominates any accumulation error, so float32 sums are as good as float64 ones
-        # and 3x cheaper (measured on SmolLM2: 0.8 s instead of 2.3 s per block at 128 x 512 tokens).
-        spec = dataclasses.replace(spec, product_dtype=calibration_dtype, dtype=torch.float32)
+    spec = spec_for_dtype(spec, calibration_dtype)  # bf16 calibration: bf16 products, float32 sums
     propagate = getattr(distinct[0], "propagate", "quantized")
 
     skipped = {} if skipped is None else skipped

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import functools
 import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -670,3 +671,53 @@ def collect_stats(
     finally:
         hooks.remove()
     return hooks.stats
+
+
+def spec_for_dtype(spec: StatsSpec, dtype: Optional[torch.dtype]) -> StatsSpec:
+    """``spec`` for calibration forwards run in ``dtype``: with bf16/fp16 activations the ``x^T x``
+    products are computed in that dtype too (~4x faster); their rounding (2**-9) then dominates any
+    accumulation error, so float32 sums are as good as float64 ones and 3x cheaper (measured on
+    SmolLM2: 0.8 s instead of 2.3 s per block at 128 x 512 tokens)."""
+    if dtype in (torch.bfloat16, torch.float16) and spec.hessian:
+        return dataclasses.replace(spec, product_dtype=dtype, dtype=torch.float32)
+    return spec
+
+
+def float_layer_stats(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    stats_spec: StatsSpec,
+    names: Sequence[str],
+    on_stats: Callable[[str, Optional[LayerStats]], None],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+) -> None:
+    """Statistics of the **float** model's inputs to each linear in ``names``, one layer at a time:
+    ``on_stats(name, stats)`` is called once per name (``stats`` is ``None`` for a layer that saw no
+    input). Layers of the repeated blocks are served block by block (only one block's statistics live
+    at a time), the others (``lm_head``, a model without blocks) by one plain forward afterwards. For
+    measurements on the unmodified model (rank planning, sensitivity), never for compression."""
+    done: set = set()
+    wanted = set(names)
+
+    def serve(stats: Dict[str, LayerStats]) -> None:
+        for name, layer_stats in stats.items():
+            if name in wanted and name not in done:
+                done.add(name)
+                on_stats(name, layer_stats)
+
+    try:
+        find_blocks(model)
+        has_blocks = True
+    except ValueError:
+        has_blocks = False
+    if has_blocks:
+        run_blocks(model, batches, lambda index, block, stats: serve(stats), stats_spec=stats_spec,
+                   include=sorted(wanted), dtype=dtype, propagate="float", progress=progress)
+    rest = [name for name in names if name not in done]
+    if rest:
+        stats = collect_stats(model, batches, stats_spec, include=rest)
+        for name in rest:
+            done.add(name)
+            on_stats(name, stats.get(name))

@@ -453,7 +453,7 @@ def plan_ranks(
     same ``include``/``exclude``, calibration and ``activation_aware`` / ``variant`` / ``damp``. The model
     is not modified. Factors of already factorized layers are left out.
     """
-    from ..calibration import collect_stats, find_blocks, run_blocks
+    from ..calibration import float_layer_stats, spec_for_dtype
     from ..targets import select_linears
 
     config = SVD(param_ratio=param_ratio, activation_aware=activation_aware, variant=variant, damp=damp)
@@ -472,32 +472,16 @@ def plan_ranks(
     else:
         if not calibration:
             raise ValueError("plan_ranks(activation_aware=True) needs calibration data; pass calibration=[...]")
-        spec = config.stats_spec()
-        if calibration_dtype in (torch.bfloat16, torch.float16) and spec.hessian:
-            # as compress_ does: products in the calibration dtype, float32 sums
-            spec = dataclasses.replace(spec, product_dtype=calibration_dtype, dtype=torch.float32)
+        spec = spec_for_dtype(config.stats_spec(), calibration_dtype)  # as compress_ does
 
-        def add(stats: Dict[str, LayerStats]) -> None:
-            for name, layer_stats in stats.items():
-                if name in targets and name not in spectra:
-                    try:
-                        spectra[name] = _spectrum(targets[name], config, layer_stats)
-                    except Exception as exc:
-                        raise ValueError(f"plan_ranks: layer {name!r}: {exc}") from exc
+        def add(name: str, layer_stats: Optional[LayerStats]) -> None:
+            if layer_stats is None:
+                raise ValueError(f"plan_ranks: layer {name!r} received no inputs during calibration")
+            try:
+                spectra[name] = _spectrum(targets[name], config, layer_stats)
+            except Exception as exc:
+                raise ValueError(f"plan_ranks: layer {name!r}: {exc}") from exc
 
-        try:
-            find_blocks(model)
-            has_blocks = True
-        except ValueError:
-            has_blocks = False
-        if has_blocks:
-            run_blocks(model, calibration, lambda i, block, stats: add(stats), stats_spec=spec,
-                       include=sorted(targets), dtype=calibration_dtype, propagate="float")
-        rest = [name for name in targets if name not in spectra]
-        if rest:
-            add(collect_stats(model, calibration, spec, include=rest))
-        missing = [name for name in targets if name not in spectra]
-        if missing:
-            raise ValueError(f"plan_ranks: layer(s) {missing[:5]} received no inputs during calibration")
+        float_layer_stats(model, calibration, spec, list(targets), add, dtype=calibration_dtype)
     shapes = {name: tuple(linear.weight.shape) for name, linear in targets.items()}
     return allocate_ranks(spectra, shapes, param_ratio)
