@@ -404,18 +404,18 @@ class DecodeRunner:
             self.step = torch.compile(self._eager_step, **kwargs)
         self.compile_s: Optional[float] = None
 
-    def _eager_step(self, token: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=token, use_cache=True, **{self.cache_arg: self._cache}, **self._keep)
-        return _logits(output)[:, -1:].argmax(-1)
-
-    def _prefill(self) -> torch.Tensor:
-        if self._cache is not None:
-            self._cache.reset()
-            output = self.model(input_ids=self.prompt, use_cache=True, **{self.cache_arg: self._cache}, **self._keep)
-        else:
-            output = self.model(input_ids=self.prompt, use_cache=True, **self._keep)
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """One model call on the runner's cache (static, or the growing one of the previous call);
+        returns the greedy next token."""
+        cache = self._cache if self._cache is not None else self._dynamic
+        extra = {self.cache_arg: cache} if cache is not None else {}
+        output = self.model(input_ids=ids, use_cache=True, **extra, **self._keep)
+        if self._cache is None:
             self._dynamic = getattr(output, self.cache_arg)
         return _logits(output)[:, -1:].argmax(-1)
+
+    def _eager_step(self, token: torch.Tensor) -> torch.Tensor:
+        return self._forward(token)
 
     def _generate(self) -> "tuple[list, list]":
         """Prefill then the decode steps; returns (per-step seconds, generated token ids)."""
@@ -423,23 +423,19 @@ class DecodeRunner:
         self.model.eval()
         try:
             with self.context():
-                token = self._prefill()
+                if self._cache is not None:
+                    self._cache.reset()
+                self._dynamic = None
+                token = self._forward(self.prompt)  # the prefill: always eager (its shape differs)
                 tokens, times = [int(token)], []
                 for _ in range(self.new_tokens - 1):
                     start = time.perf_counter()
-                    if self._cache is not None:
-                        token = self.step(token)
-                    else:
-                        output = self.model(input_ids=token, use_cache=True, **{self.cache_arg: self._dynamic},
-                                            **self._keep)
-                        self._dynamic = getattr(output, self.cache_arg)
-                        token = _logits(output)[:, -1:].argmax(-1)
+                    token = self.step(token)
                     tokens.append(int(token))  # reads the token: the step has really finished
                     times.append(time.perf_counter() - start)
         finally:
             self.model.train(was_training)
-            if self._cache is None:
-                self._dynamic = None
+            self._dynamic = None
         return times, tokens
 
     def warm_up(self) -> float:
