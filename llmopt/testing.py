@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .analysis import sqnr
 
-__all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear"]
+__all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear", "word_tokenizer"]
 
 
 class CustomLinear(nn.Linear):
@@ -82,3 +82,15 @@ class ToyTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))
+
+
+def word_tokenizer(words: Iterable[str]):
+    """A Hugging Face fast tokenizer built offline (no hub): one id per word (split on whitespace),
+    ``[UNK]``/``[BOS]``/``[EOS]`` first. Needs ``transformers`` (and its ``tokenizers``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")

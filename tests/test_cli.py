@@ -19,6 +19,7 @@ import llmopt  # noqa: E402
 from llmopt.cli import calibration_batches, main  # noqa: E402
 from llmopt.models import load_causal_lm, speed_model  # noqa: E402
 from llmopt.recipe import Recipe  # noqa: E402
+from llmopt.testing import word_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the quick brown fox jumps over a lazy dog while small models learn to compress weights into fewer "
@@ -50,23 +51,13 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout)
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny HF model directory (random LlamaForCausalLM + tokenizer), calibration text and a recipe."""
     root = tmp_path_factory.mktemp("cli")
     model = speed_model("tiny")
     model.save_pretrained(root / "base")
-    _tokenizer().save_pretrained(root / "base")
+    word_tokenizer(WORDS).save_pretrained(root / "base")
     rng = random.Random(0)
     (root / "calib.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(16)) for _ in range(40)))
     (root / "eval.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(16)) for _ in range(10)))

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from llmopt.models import speed_model  # noqa: E402
+from llmopt.testing import word_tokenizer  # noqa: E402
 
 NEW_TOKENS = 8
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 300]])
@@ -116,13 +117,8 @@ LOADER = textwrap.dedent("""
 
 def _tiny_tokenizer():
     """A word-level tokenizer built offline (no hub): enough to check it is saved and reloaded."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    pytest.importorskip("tokenizers")
+    return word_tokenizer(f"w{i}" for i in range(100))
 
 
 def _compress_all(root, expected) -> None:
