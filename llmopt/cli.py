@@ -131,13 +131,13 @@ def _recipe_text(recipe: Any) -> str:
 # ---------------------------------------------------------------------------------------------- compress
 def cmd_compress(args: argparse.Namespace) -> int:
     """Load a model, apply a recipe with calibration text, save with ``llmopt.hf.save_pretrained``."""
-    from .api import CompressionError, compress_
+    from .api import CompressionError, _stage_configs, compress_
     from .recipe import Recipe
 
     # Every input is checked before the (slow) model load.
     recipe = Recipe.load(args.recipe)
     needs = [f"stage {i} ({cfg.name})" for i, stage in enumerate(recipe.stages)
-             for cfg in _configs(stage) if getattr(cfg, "needs_calibration", False)]
+             for cfg in _stage_configs(stage) if getattr(cfg, "needs_calibration", False)]
     text = _read_text(args.calib, "calibration") if args.calib else None
     if needs and text is None:
         raise CliError(f"{needs[0]} needs calibration data: pass --calib TEXT_FILE")
@@ -173,12 +173,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print(f"skipped {name}: {reason}")
         print(f"saved to {args.out}")
     return 0
-
-
-def _configs(stage) -> list:
-    from .api import _stage_configs
-
-    return _stage_configs(stage)
 
 
 # ---------------------------------------------------------------------------------------------- report
