@@ -50,8 +50,8 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import HQQ, RTN, evaluate  # noqa: E402
-from llmopt.analysis import memory_report  # noqa: E402
-from llmopt.targets import find_linears  # noqa: E402
+from llmopt.core.measure import memory_report  # noqa: E402
+from llmopt.core.targets import find_linears  # noqa: E402
 
 from bench_models import load_smollm2_quality, write_markdown  # noqa: E402
 

@@ -39,7 +39,7 @@ import torch.nn as nn  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import RTN, evaluate  # noqa: E402
-from llmopt.lowrank.compensation import QuantLowRank  # noqa: E402
+from llmopt.methods.lowrank.compensation import QuantLowRank  # noqa: E402
 
 from bench_models import load_smollm2_quality  # noqa: E402
 

@@ -74,8 +74,8 @@ from timing import (  # noqa: E402
 )
 
 from llmopt.nn import QuantLinear  # noqa: E402
-from llmopt.quant.formats import get_format  # noqa: E402
-from llmopt.quant.primitives import quantize_weight  # noqa: E402
+from llmopt.core.formats import get_format  # noqa: E402
+from llmopt.core.primitives import quantize_weight  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- config
 # (name, out_features N, in_features K)

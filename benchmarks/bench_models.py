@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm, smollm2_gguf_path, speed_model  # noqa: E402
-from llmopt.registry import get_method, list_methods  # noqa: E402
+from llmopt.methods.base import get_method, list_methods  # noqa: E402
 
 DATA = os.path.join(HERE, "data")
 RESULTS = os.path.join(HERE, "results")

@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
-from llmopt.analysis import memory_report  # noqa: E402
-from llmopt.prune.magnitude import Magnitude  # noqa: E402
-from llmopt.prune.sparsegpt import SparseGPT  # noqa: E402
-from llmopt.prune.wanda import Wanda  # noqa: E402
+from llmopt.core.measure import memory_report  # noqa: E402
+from llmopt.methods.prune.magnitude import Magnitude  # noqa: E402
+from llmopt.methods.prune.sparsegpt import SparseGPT  # noqa: E402
+from llmopt.methods.prune.wanda import Wanda  # noqa: E402
 
 from bench_models import load_smollm2_quality, write_markdown  # noqa: E402
 

@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
-from llmopt.prune.structured import prune_channels_  # noqa: E402
+from llmopt.methods.prune.structured import prune_channels_  # noqa: E402
 
 from bench_models import load_smollm2_quality, read_text, write_markdown  # noqa: E402
 

@@ -48,7 +48,8 @@ import torch  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
-from llmopt.quant.qat import convert_qat_, prepare_qat_, qat_layers  # noqa: E402
+from llmopt.methods.quant.qat import convert_qat_, prepare_qat_  # noqa: E402
+from llmopt.nn.qat_linear import qat_layers
 
 from bench_models import read_text  # noqa: E402
 

@@ -5,33 +5,27 @@ configs (:class:`RTN`, :class:`GPTQ`, :class:`AWQ`, :class:`Wanda`, :class:`SVD`
 :func:`register_method`.
 """
 
-__version__ = "0.1.0"
+from . import _compat
+from ._version import __version__
+
+_compat.install()
 
 from . import nn  # noqa: E402  (registers wrapper types for save/load)
-from .analysis import memory_report, sqnr  # noqa: E402
-from .api import CompressionError, CompressionReport, compress_  # noqa: E402
-from .config import MethodConfig  # noqa: E402
-from .io import load, save  # noqa: E402
-from .hf import load_pretrained, save_pretrained  # noqa: E402
-from .quant.formats import WeightFormat, get_format, list_formats, register_format  # noqa: E402
-from .quant.rtn import RTN  # noqa: E402
-from .quant.gptq import GPTQ  # noqa: E402
-from .quant.hqq import HQQ  # noqa: E402
-from .quant.awq import AWQ  # noqa: E402
-from .quant.smoothquant import SmoothQuant  # noqa: E402
-from .lowrank.svd import SVD, plan_ranks  # noqa: E402
-from .lowrank.lora import (  # noqa: E402
-    LoRA,
-    add_lora_,
-    load_adapters,
-    merge_lora_,
-    save_adapters,
-    trainable_parameters,
-    unmerge_lora_,
+from .core.errors import CompressionError  # noqa: E402
+from .core.formats import WeightFormat, get_format, list_formats, register_format  # noqa: E402
+from .core.measure import memory_report, sqnr  # noqa: E402
+from .io.adapters import load_adapters, save_adapters
+from .io.hf import load_pretrained, save_pretrained  # noqa: E402
+from .io.save import load, save  # noqa: E402
+from .methods.base import (  # noqa: E402
+    MethodConfig,  # noqa: E402
+    list_methods,
+    register_method,
 )
-from .lowrank.compensation import QuantLowRank, compensation_to_lora_  # noqa: E402
-from .quant.qat import QATLinear, convert_qat_, prepare_qat_  # noqa: E402
-from .prune import (  # noqa: E402
+from .methods.lowrank.compensation import QuantLowRank, compensation_to_lora_  # noqa: E402
+from .methods.lowrank.lora import LoRA, add_lora_, merge_lora_, trainable_parameters, unmerge_lora_
+from .methods.lowrank.svd import SVD, plan_ranks  # noqa: E402
+from .methods.prune import (
     GradualPruner,
     Magnitude,
     SparseGPT,
@@ -41,9 +35,16 @@ from .prune import (  # noqa: E402
     prune_channels_,
     prune_heads_,
 )
-from .registry import list_methods, register_method  # noqa: E402
-from .recipe import Recipe, Stage  # noqa: E402
-from .allocate import Allocation, allocate  # noqa: E402
+from .methods.quant.awq import AWQ  # noqa: E402
+from .methods.quant.gptq import GPTQ  # noqa: E402
+from .methods.quant.hqq import HQQ  # noqa: E402
+from .methods.quant.qat import convert_qat_, prepare_qat_
+from .methods.quant.rtn import RTN  # noqa: E402
+from .methods.quant.smoothquant import SmoothQuant  # noqa: E402
+from .nn.qat_linear import QATLinear  # noqa: E402
+from .pipeline.allocate import Allocation, allocate  # noqa: E402
+from .pipeline.api import CompressionReport, compress_
+from .pipeline.recipe import Recipe, Stage  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",

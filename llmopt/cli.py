@@ -86,10 +86,10 @@ def calibration_batches(ids: torch.Tensor, samples: int, seqlen: int) -> List[to
 def _load_any(source: str, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, saved_manifest_or_None)``: an llmopt directory (``save_pretrained``) or any
     source :func:`llmopt.models.load_causal_lm` takes."""
-    from .io import MANIFEST_NAME, read_manifest
+    from .io.save import MANIFEST_NAME, read_manifest
 
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, MANIFEST_NAME)):
-        from .hf import load_pretrained
+        from .io.hf import load_pretrained
 
         manifest = read_manifest(source)
         model, tokenizer = load_pretrained(source)
@@ -112,7 +112,7 @@ def _print_json(data: Any) -> None:
 def _recipe_dict(stored: Any) -> Any:
     """A stored recipe in its canonical form (stage keys in order, overrides as a mapping); as stored
     when it does not parse (e.g. a method this installation lacks)."""
-    from .recipe import Recipe, RecipeError
+    from .pipeline.recipe import Recipe, RecipeError
 
     if not stored:
         return None
@@ -123,7 +123,7 @@ def _recipe_dict(stored: Any) -> Any:
 
 
 def _recipe_text(recipe: Any) -> str:
-    from .recipe import _yaml_dump
+    from .pipeline.recipe import _yaml_dump
 
     return _yaml_dump(recipe).rstrip() if recipe else "(no recipe recorded)"
 
@@ -131,8 +131,9 @@ def _recipe_text(recipe: Any) -> str:
 # ---------------------------------------------------------------------------------------------- compress
 def cmd_compress(args: argparse.Namespace) -> int:
     """Load a model, apply a recipe with calibration text, save with ``llmopt.hf.save_pretrained``."""
-    from .api import CompressionError, _stage_configs, compress_
-    from .recipe import Recipe
+    from .core.errors import CompressionError
+    from .pipeline.api import _stage_configs, compress_
+    from .pipeline.recipe import Recipe
 
     # Every input is checked before the (slow) model load.
     recipe = Recipe.load(args.recipe)
@@ -145,7 +146,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if os.path.isfile(args.out):
         raise CliError(f"--out {args.out!r} is a file; give a directory")
 
-    from .hf import save_pretrained
+    from .io.hf import save_pretrained
     from .models import load_causal_lm
 
     model, tokenizer, _info = load_causal_lm(args.model, dtype=args.dtype)
@@ -178,8 +179,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     """Memory per layer (stored bytes, bits per weight), totals, and the recipe of a saved directory."""
-    from .analysis import memory_report
-    from .io import MANIFEST_NAME, read_manifest
+    from .core.measure import memory_report
+    from .io.save import MANIFEST_NAME, read_manifest
 
     directory = args.directory
     if not os.path.isdir(directory):
@@ -189,7 +190,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CliError(f"{directory!r} has no config.json: written by llmopt.save, not save_pretrained "
                        "(load it with llmopt.load(skeleton, dir))")
-    from .hf import load_pretrained
+    from .io.hf import load_pretrained
 
     manifest = read_manifest(directory)
     model, _tokenizer = load_pretrained(directory, with_tokenizer=False)
@@ -320,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.func is None:
         _parser().print_help()
         return 2
-    from .recipe import RecipeError
+    from .pipeline.recipe import RecipeError
 
     try:
         return args.func(args)

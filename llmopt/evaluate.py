@@ -301,7 +301,7 @@ def weight_bytes(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, Any
     ``exclude``: last components of layer names left out of the bits-per-weight average
     (e.g. ``("lm_head",)`` when that layer is deliberately kept dense).
     """
-    from .analysis import memory_report
+    from .core.measure import memory_report
 
     report = memory_report(model)
     layers = [layer for layer in report.layers if layer.name.split(".")[-1] not in exclude]

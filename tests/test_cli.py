@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 import llmopt  # noqa: E402
 from llmopt.cli import calibration_batches, main  # noqa: E402
 from llmopt.models import load_causal_lm, speed_model  # noqa: E402
-from llmopt.recipe import Recipe  # noqa: E402
+from llmopt.pipeline.recipe import Recipe  # noqa: E402
 from llmopt.testing import word_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_compress_writes_a_self_contained_directory(workspace, compressed):
     ids = torch.as_tensor(tokenizer((workspace / "calib.txt").read_text())["input_ids"])
     llmopt.compress_(model, Recipe.load(workspace / "recipe.yaml"),
                      calibration=calibration_batches(ids, CALIB["samples"], CALIB["seqlen"]))
-    from llmopt.hf import load_pretrained
+    from llmopt.io.hf import load_pretrained
 
     loaded, loaded_tokenizer = load_pretrained(out)
     assert loaded_tokenizer is not None

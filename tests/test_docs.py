@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from llmopt.quant.formats import _FORMATS, unregister_format
-from llmopt.registry import _METHODS, unregister_method
+from llmopt.core.formats import _FORMATS, unregister_format
+from llmopt.methods.base import _METHODS, unregister_method
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)

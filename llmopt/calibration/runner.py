@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from ..targets import Patterns, _as_list, _matches, is_compressed
+from ..core.targets import Patterns, _as_list, _matches, is_compressed
 from .graph import SourceTracer
 from .stats import LayerStats, StatsSpec, compute_increment
 

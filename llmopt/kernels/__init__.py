@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant.formats import AffineFormat
-from ..quant.packing import pack_codes, unpack_codes
-from ..quant.primitives import dequantize_weight, quantize_activations
+from ..core.formats import AffineFormat
+from ..core.packing import pack_codes, unpack_codes
+from ..core.primitives import dequantize_weight, quantize_activations
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..nn.quant_linear import QuantLinear

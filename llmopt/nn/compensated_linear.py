@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..io import register_module_type
-from .quant_linear import QuantLinear, dtype_name, parse_dtype
+from ..core.checks import dtype_name, parse_dtype
+from .base import register_module_type
+from .quant_linear import QuantLinear
 
 __all__ = ["CompensatedLinear"]
 

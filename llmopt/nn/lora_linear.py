@@ -37,11 +37,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..io import register_module_type
-from ..quant.formats import WeightFormat, get_format
-from ..quant.primitives import dequantize_weight as _dequantize_codes
-from ..quant.primitives import quantize_weight
-from .quant_linear import QuantLinear, dtype_name, parse_dtype
+from ..core.checks import dtype_name, parse_dtype
+from ..core.formats import WeightFormat, get_format
+from ..core.primitives import dequantize_weight as _dequantize_codes
+from ..core.primitives import quantize_weight
+from .base import register_module_type
+from .quant_linear import QuantLinear
 
 __all__ = ["LoRALinear", "base_weight", "LORA_INITS", "Requantizer"]
 
@@ -466,7 +467,7 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ save / load (llmopt.save)
     def config(self) -> Dict[str, Any]:
         """JSON-serialisable description (used by ``llmopt.save``); the base is described inside."""
-        from ..io import _MODULE_TYPES
+        from .base import _MODULE_TYPES
 
         base = self.base
         name = type(base).__name__
@@ -486,7 +487,7 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any], device: Optional[Union[str, torch.device]] = None) -> "LoRALinear":
         """Empty layer (base included) from :meth:`config` output; values come from a state dict."""
-        from ..io import _MODULE_TYPES
+        from .base import _MODULE_TYPES
 
         spec = config["base"]
         if spec["type"] == "Linear":

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .quant_linear import dtype_name, parse_dtype
-from .common import dense_linear
+from ..core.checks import dtype_name, parse_dtype
+from .base import dense_linear
 
 __all__ = ["LowRankLinear", "FACTOR_ATTR"]
 

@@ -3,62 +3,28 @@
 from __future__ import annotations
 
 import copy
-
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..kernels import Kernel, select_kernel
-from ..quant.formats import WeightFormat, get_format
-from ..quant.packing import pack_codes, packed_row_bytes
-from ..quant.primitives import (
+from ..core.checks import check_linear_input, check_linear_weight, dtype_name, parse_dtype
+from ..core.formats import WeightFormat, get_format
+from ..core.packing import pack_codes, packed_row_bytes
+from ..core.primitives import (
     ACT_BITS,
     fake_quantize_activations,
     num_groups,
     quantize_weight,
     resolve_group_size,
 )
-from .common import check_linear_input, dense_linear
+from ..kernels import Kernel, select_kernel
+from .base import dense_linear
 
-__all__ = ["QuantLinear", "check_linear_weight", "parse_dtype"]
+__all__ = ["QuantLinear"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64}
 _CANONICAL_KEYS = ("qdata", "scale", "zero_point")
-
-
-def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (float dtypes only)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _FLOAT_DTYPES:
-            return dtype
-    elif isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.replace("torch.", "")]
-    raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def check_linear_weight(weight: Tensor) -> None:
-    """Raise a clear error for weights that cannot be quantized (meta, non-float, non-finite)."""
-    if weight.device.type == "meta":
-        raise ValueError("weight is on the meta device (no data to quantize); materialize the model first")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"unsupported weight dtype {weight.dtype}; expected a floating dtype")
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    if weight.numel() == 0:
-        raise ValueError("weight is empty")
-    # A single float32 sum is non-finite whenever any element is NaN/Inf (and ~40x cheaper than
-    # isfinite over the whole tensor); only then count exactly (a huge-but-finite sum is re-checked).
-    if not torch.isfinite(weight.sum(dtype=torch.float32)) and not torch.isfinite(weight).all():
-        bad = (~torch.isfinite(weight)).sum().item()
-        raise ValueError(f"weight has {bad} NaN/Inf values")
 
 
 class _FastKernelMatmul(torch.autograd.Function):

@@ -41,35 +41,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..io import register_module_type
-from ..quant.formats import WeightFormat, get_format
-from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
-from ..quant.primitives import dequantize_weight as _dequantize_codes
-from ..quant.primitives import num_groups, quantize_weight, resolve_group_size
-from .quant_linear import check_linear_weight, dtype_name, parse_dtype
-from .common import check_linear_input, dense_linear
+from ..core.checks import check_linear_input, check_linear_weight, check_nm, dtype_name, parse_dtype
+from ..core.formats import WeightFormat, get_format
+from ..core.packing import pack_codes, packed_row_bytes, unpack_codes
+from ..core.primitives import dequantize_weight as _dequantize_codes
+from ..core.primitives import num_groups, quantize_weight, resolve_group_size
+from .base import dense_linear, register_module_type
 
-__all__ = ["SparseLinear", "RUNTIMES", "check_nm", "nm_index_bits"]
+__all__ = ["SparseLinear", "RUNTIMES", "nm_index_bits"]
 
 RUNTIMES = ("dense", "compressed", "semi_structured")
 # The packed bitmask is stored as "mask" (state dict / file) but held in the buffer "mask_bits": the
 # attribute name "mask" belongs to the mask() method of the shared interface.
 _BUFFER_NAME = {"mask": "mask_bits"}
-
-
-def check_nm(nm: Any) -> Optional[Tuple[int, int]]:
-    """Validate an N:M pattern: ``None`` or ``(n, m)`` integers with ``0 < n < m <= 256``."""
-    if nm is None:
-        return None
-    if (not isinstance(nm, (tuple, list)) or len(nm) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in nm)):
-        raise ValueError(f"nm must be None or a pair of integers (n, m), got {nm!r}")
-    n, m = int(nm[0]), int(nm[1])
-    if not 0 < n < m:
-        raise ValueError(f"nm=({n}, {m}): need 0 < N < M (keep N weights out of every M)")
-    if m > 256:
-        raise ValueError(f"nm=({n}, {m}): M must be at most 256 (positions are stored in one byte)")
-    return n, m
 
 
 def nm_index_bits(m: int) -> int:
@@ -146,7 +130,7 @@ class SparseLinear(nn.Module):
         if runtime not in RUNTIMES:
             raise ValueError(f"SparseLinear: runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.nm = check_nm(tuple(nm) if isinstance(nm, list) else nm)
+        self.nm = None if nm is None else check_nm(nm)
         if self.nm is not None and self.in_features % self.nm[1]:
             raise ValueError(f"SparseLinear: in_features {in_features} is not a multiple of M={self.nm[1]} "
                              f"(nm={self.nm})")
@@ -189,7 +173,7 @@ class SparseLinear(nn.Module):
             raise type(exc)(f"{where}: {exc}") from None
         n_out, k = weight.shape
         mask = _bool_mask(mask, (n_out, k), where).to(weight.device)
-        nm = check_nm(tuple(nm) if isinstance(nm, list) else nm)
+        nm = None if nm is None else check_nm(nm)
         value_dtype = parse_dtype(dtype) if dtype is not None else weight.dtype
         _check_bias(bias, n_out, where)
         w = weight.detach()
@@ -238,7 +222,7 @@ class SparseLinear(nn.Module):
             need = "needs" if fmt.has_zero_point else "takes no"
             raise ValueError(f"{where}: format {fmt.name!r} {need} zero_point")
         mask = _bool_mask(mask, (n_out, k), where).to(codes.device)
-        nm = check_nm(tuple(nm) if isinstance(nm, list) else nm)
+        nm = None if nm is None else check_nm(nm)
         _check_bias(bias, n_out, where)
         codes = codes.to(torch.uint8)
         if nm is not None:

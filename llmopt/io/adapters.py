@@ -1,0 +1,177 @@
+"""LoRA adapters on disk, apart from the model: ``adapters.safetensors`` + ``adapters.json``. No pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .._version import __version__
+from ..core.targets import get_submodule, replace_modules, restore_modules
+from ..methods.lowrank.lora import (
+    LoRAError,
+    LoRAReport,
+    _freeze_all_but_adapters,
+    _requires_grad_flags,
+    _restore_flags,
+    _total_parameters,
+    lora_layers,
+    trainable_parameters,
+)
+from ..nn.lora_linear import LoRALinear
+
+__all__ = ["lora_state_dict", "save_adapters", "load_adapters", "ADAPTERS_MANIFEST", "ADAPTERS_TENSORS"]
+
+ADAPTERS_MANIFEST = "adapters.json"
+ADAPTERS_TENSORS = "adapters.safetensors"
+ADAPTERS_FORMAT_VERSION = 1
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter tensors only: ``{"<layer>.lora_A.weight": ..., "<layer>.lora_B.weight": ...,
+    ["<layer>.lora_magnitude": ...]}`` (detached, not copied)."""
+    return {f"{name}.{key}": p.detach() for name, layer in lora_layers(model).items()
+            for key, p in layer.adapter_parameters().items()}
+
+
+def save_adapters(model: nn.Module, directory: Union[str, os.PathLike],
+                  metadata: Optional[Dict[str, Any]] = None) -> str:
+    """Write the adapters of ``model`` to ``directory``: ``adapters.safetensors`` + ``adapters.json``.
+
+    The JSON holds each wrapped layer's name and settings (rank, alpha, dropout, rsLoRA, DoRA, init,
+    dtype, shape). No pickle. Returns the directory.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapters: the model has no LoRALinear layers")
+    os.makedirs(directory, exist_ok=True)
+    tensors = {key: t.to("cpu").contiguous().clone() for key, t in lora_state_dict(model).items()}
+    manifest = {
+        "kind": "llmopt-lora-adapters",
+        "format_version": ADAPTERS_FORMAT_VERSION,
+        "llmopt_version": __version__,
+        "tensors": ADAPTERS_TENSORS,
+        "layers": {name: layer.settings() for name, layer in layers.items()},
+        "metadata": metadata or {},
+    }
+    save_file(tensors, os.path.join(directory, ADAPTERS_TENSORS), metadata={"format": "pt", "llmopt": "lora"})
+    with open(os.path.join(directory, ADAPTERS_MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return str(directory)
+
+
+_MATCHED_SETTINGS = ("rank", "alpha", "use_rslora", "use_dora", "dtype", "in_features", "out_features")
+
+
+def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freeze_base: bool = True
+                  ) -> LoRAReport:
+    """Load adapters written by :func:`save_adapters` into ``model``; all or nothing, bit-exact.
+
+    A named layer that is already a ``LoRALinear`` gets its adapter tensors replaced (its settings
+    must match the file's); a plain layer (``nn.Linear``, ``QuantLinear``, ...) is wrapped first.
+    Adapters initialised with PiSSA/LoftQ were trained against a modified base: they can only be
+    loaded into layers that already carry it (rebuild it by running the same ``add_lora_`` on the
+    same original model), or save the whole model with ``llmopt.save`` instead.
+    """
+    path = os.path.join(directory, ADAPTERS_MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a directory written by save_adapters")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("kind") != "llmopt-lora-adapters":
+        raise ValueError(f"{path} is not an llmopt adapter manifest")
+    if manifest.get("format_version", 0) > ADAPTERS_FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {manifest['format_version']}; this llmopt reads up to "
+                         f"{ADAPTERS_FORMAT_VERSION}: upgrade llmopt")
+    tensors = load_file(os.path.join(directory, manifest.get("tensors", ADAPTERS_TENSORS)))
+    start = time.perf_counter()
+    report = LoRAReport()
+
+    # 1. Validate everything before touching the model.
+    plan: Dict[str, Dict[str, Any]] = {}
+    used = set()
+    for name, settings in manifest["layers"].items():
+        try:
+            module = get_submodule(model, name)
+        except KeyError:
+            raise LoRAError(f"{directory}: the model has no layer {name!r}") from None
+        if isinstance(module, LoRALinear):
+            if module.merged:
+                raise LoRAError(f"layer {name!r} is merged: unmerge it before loading adapters")
+            ours = module.settings()
+            diff = [f"{k}={settings.get(k)!r} (layer has {ours[k]!r})" for k in _MATCHED_SETTINGS
+                    if settings.get(k) != ours[k]]
+            if diff:
+                raise LoRAError(f"layer {name!r}: adapters in {directory} do not match: {', '.join(diff)}")
+        else:
+            if settings.get("init", "gaussian") != "gaussian":
+                raise LoRAError(f"layer {name!r}: these adapters were initialised with {settings['init']!r}, "
+                                "which also changed the base weights; run the same add_lora_ on the original "
+                                "model first, then load them (or save the whole model with llmopt.save)")
+            if (getattr(module, "in_features", None), getattr(module, "out_features", None)) != \
+                    (settings["in_features"], settings["out_features"]):
+                raise LoRAError(f"layer {name!r}: shape {getattr(module, 'in_features', None)} -> "
+                                f"{getattr(module, 'out_features', None)} does not match the adapters' "
+                                f"{settings['in_features']} -> {settings['out_features']}")
+        r, n_in, n_out = settings["rank"], settings["in_features"], settings["out_features"]
+        shapes = {"lora_A.weight": (r, n_in), "lora_B.weight": (n_out, r)}
+        if settings["use_dora"]:
+            shapes["lora_magnitude"] = (n_out,)
+        values = {}
+        for key, shape in shapes.items():
+            full = f"{name}.{key}"
+            t = tensors.get(full)
+            if t is None:
+                raise LoRAError(f"{directory}: tensor {full!r} is missing")
+            if tuple(t.shape) != shape or str(t.dtype).replace("torch.", "") != settings["dtype"]:
+                raise LoRAError(f"{directory}: tensor {full!r} is {str(t.dtype)} {tuple(t.shape)}, expected "
+                                f"{settings['dtype']} {shape}")
+            values[key] = t
+            used.add(full)
+        plan[name] = {"module": module, "settings": settings, "values": values}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise LoRAError(f"{directory}: tensors {extra[:5]} belong to no listed layer")
+
+    # 2. Build wrappers for plain layers, then swap and copy (undone on any failure).
+    flags = _requires_grad_flags(model)
+    swapped: Dict[str, nn.Module] = {}
+    previous: List[tuple] = []
+    try:
+        new: Dict[str, nn.Module] = {}
+        for name, item in plan.items():
+            if not isinstance(item["module"], LoRALinear):
+                s = item["settings"]
+                try:
+                    new[name] = LoRALinear(item["module"], s["rank"], s["alpha"], s["dropout"], s["use_rslora"],
+                                           s["use_dora"], dtype=s["dtype"])
+                except Exception as exc:
+                    raise LoRAError(f"layer {name!r} (load adapters): {exc}") from exc
+        swapped = replace_modules(model, new)
+        with torch.no_grad():
+            for name, item in plan.items():
+                params = get_submodule(model, name).adapter_parameters()
+                for key, value in item["values"].items():
+                    p = params[key]
+                    previous.append((p, p.detach().clone()))
+                    p.copy_(value.to(p.device))
+        if freeze_base:
+            _freeze_all_but_adapters(model)
+    except BaseException:
+        with torch.no_grad():
+            for p, value in previous:
+                p.copy_(value)
+        restore_modules(model, swapped)
+        _restore_flags(flags)
+        raise
+    for name in plan:
+        report.replaced[name] = repr(get_submodule(model, name))
+    report.trainable_parameters = trainable_parameters(model)
+    report.total_parameters = _total_parameters(model)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,1 @@
+"""Whole-model entry points: ``compress_``, recipes, mixed precision by budget, reports."""
