@@ -82,3 +82,14 @@ def calibration():
 @pytest.fixture(name="bit_equal")
 def _bit_equal_fixture():
     return bit_equal
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny matmuls: faster there, and immune to a busy machine (two
+    OpenMP threads spin-wait ~10x slower when the other core is taken). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

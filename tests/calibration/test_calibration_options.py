@@ -14,12 +14,7 @@ from llmopt.calibration.stats import compute_increment
 from llmopt.testing import ToyTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
 def _model(seed: int = 0) -> ToyTransformer:

@@ -25,13 +25,7 @@ CARRIED = ("o_proj", "down_proj")
 LINEARS = {f"layers.{i}.{n}" for i in (0, 1) for n in FOLDED + CARRIED} | {"lm_head"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
 def _gen(seed):

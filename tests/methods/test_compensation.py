@@ -26,13 +26,7 @@ from llmopt.methods.base import get_method
 from llmopt.testing import ToyTransformer, sqnr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
 def _apply(linear: nn.Module, cfg: QuantLowRank, stats=None) -> CompensatedLinear:

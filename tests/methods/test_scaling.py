@@ -26,13 +26,7 @@ GATE_UP = [f"{P}.gate_proj", f"{P}.up_proj"]
 ALL = QKV + [f"{P}.o_proj"] + GATE_UP + [f"{P}.down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
 def _gen(seed):
