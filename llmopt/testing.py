@@ -138,7 +138,8 @@ def _bit_equal(a: Tensor, b: Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _relative_error(got: Tensor, expected: Tensor) -> float:
@@ -167,7 +168,8 @@ def _check_one_spec(kernel: Kernel, spec: KernelSpec, device: torch.device, gen:
 
     def assert_round_trip(when: str) -> None:
         back = kernel.to_canonical(spec, runtime)
-        assert set(back) == set(originals), f"{where}: to_canonical {when} gives {sorted(back)}, expected {sorted(originals)}"
+        assert set(back) == set(originals), (
+            f"{where}: to_canonical {when} gives {sorted(back)}, expected {sorted(originals)}")
         for name, tensor in originals.items():
             assert _bit_equal(back[name], tensor), (
                 f"{where}: canonical -> runtime -> canonical changed {name!r} {when} "
@@ -177,7 +179,8 @@ def _check_one_spec(kernel: Kernel, spec: KernelSpec, device: torch.device, gen:
 
     codes = unpack_codes(originals["qdata"], spec.format.bits, k)
     got_codes = kernel.codes(spec, runtime)
-    assert got_codes.dtype == torch.uint8 and torch.equal(got_codes, codes), f"{where}: codes() differ from the stored codes"
+    assert got_codes.dtype == torch.uint8 and torch.equal(got_codes, codes), (
+        f"{where}: codes() differ from the stored codes")
 
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         expected = dequantize_weight(codes, originals["scale"], originals.get("zero_point"), spec.format,
@@ -264,12 +267,14 @@ def check_kernel(
     report = KernelCheck(kern.name)
     for fmt, group_size, (n, k), scale_dtype, bits, bias in itertools.product(
             fmts, group_sizes, shapes, scale_dtypes, act_bits, biases):
-        spec = KernelSpec(format=fmt, in_features=k, out_features=n, group_size=resolve_group_size(group_size, k),
-                          scale_dtype=scale_dtype, act_bits=bits, has_bias=bias)
-        where = f"kernel {kern.name!r} on {spec.describe()}" + ("" if fmt.options() == {} else f" {fmt.options()}")
+        spec = KernelSpec(format=fmt, in_features=k, out_features=n,
+                          group_size=resolve_group_size(group_size, k), scale_dtype=scale_dtype,
+                          act_bits=bits, has_bias=bias)
+        where = f"kernel {kern.name!r} on {spec.describe()}" + (f" {fmt.options()}" if fmt.options() else "")
         reason = kern.unsupported_reason(spec, device)
         if reason is not None:
-            assert isinstance(reason, str) and reason.strip(), f"{where}: refused without a reason ({reason!r})"
+            assert isinstance(reason, str) and reason.strip(), (
+                f"{where}: refused without a reason ({reason!r})")
             report.refused.append((where, reason))
             continue
         _check_one_spec(kern, spec, device, gen, leads, act_dtypes, tolerances, where)

@@ -61,10 +61,12 @@ class KernelSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"KernelSpec.{name} must be a positive integer, got {value!r}")
         if self.group_size > self.in_features:
-            raise ValueError(f"KernelSpec.group_size={self.group_size} exceeds in_features={self.in_features} "
+            raise ValueError(f"KernelSpec.group_size={self.group_size} exceeds "
+                             f"in_features={self.in_features} "
                              "(resolve it first: per-channel is group_size == in_features)")
         if not isinstance(self.scale_dtype, torch.dtype) or not self.scale_dtype.is_floating_point:
-            raise TypeError(f"KernelSpec.scale_dtype must be a floating torch.dtype, got {self.scale_dtype!r}")
+            raise TypeError(f"KernelSpec.scale_dtype must be a floating torch.dtype, "
+                            f"got {self.scale_dtype!r}")
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise ValueError(f"KernelSpec.act_bits must be None or one of {ACT_BITS}, got {self.act_bits!r}")
 
@@ -80,7 +82,8 @@ class KernelSpec:
 
     def describe(self) -> str:
         """``"int4 g64 256->128 scales=bfloat16"`` plus ``a8`` / ``+bias`` when set: for messages."""
-        extras = (f" a{self.act_bits}" if self.act_bits is not None else "") + (" +bias" if self.has_bias else "")
+        extras = f" a{self.act_bits}" if self.act_bits is not None else ""
+        extras += " +bias" if self.has_bias else ""
         scale = str(self.scale_dtype).replace("torch.", "")
         return (f"{self.format.name or type(self.format).__name__} g{self.group_size} "
                 f"{self.in_features}->{self.out_features} scales={scale}{extras}")
@@ -147,7 +150,8 @@ def bf16_rows(x: Tensor, k_pad: int) -> Tensor:
     return x2.contiguous()
 
 
-def finish_output(y: Tensor, x: Tensor, bias: Optional[Tensor], out_features: int, lead: Sequence[int]) -> Tensor:
+def finish_output(y: Tensor, x: Tensor, bias: Optional[Tensor], out_features: int,
+                  lead: Sequence[int]) -> Tensor:
     """Add the bias in the kernel's output dtype, cast back to the input dtype, restore leading dims."""
     if bias is not None:
         y = y + bias.to(y.dtype) if y.dtype != torch.float32 else y + bias

@@ -34,14 +34,16 @@ def onednn_int8_available() -> bool:
         x = torch.randint(-127, 128, (3, 32), dtype=torch.int8, generator=gen)
         w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
         y = ops.qlinear_pointwise(x, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(16),
-                                  torch.zeros(16, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], "")
+                                  torch.zeros(16, dtype=torch.int64), None, 1.0, 0, torch.float32,
+                                  "none", [], "")
         return bool(torch.equal(y, (x.to(torch.float32) @ w.to(torch.float32).T)))
     except Exception:  # pragma: no cover - builds or CPUs without the op: fall back to _int_mm
         return False
 
 
 def _onednn_qlinear_eager(codes: Tensor, packed_weight: Tensor, w_scale: Tensor, w_zero: Tensor) -> Tensor:
-    """``codes [M, K] int8 @ W`` with the activation scale 1 and per-channel weight scales: float32 ``[M, N]``."""
+    """``codes [M, K] int8 @ W`` with the activation scale 1 and per-channel weight scales: float32
+    ``[M, N]``."""
     return torch.ops.onednn.qlinear_pointwise(
         codes, 1.0, 0, packed_weight, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], "",
     )

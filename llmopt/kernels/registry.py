@@ -16,8 +16,8 @@ import torch
 
 from .base import Kernel, KernelSpec, is_cpu, log_once
 
-__all__ = ["register_kernel", "unregister_kernel", "get_kernel", "list_kernels", "auto_order", "select_kernel",
-           "REFERENCE", "AUTO"]
+__all__ = ["register_kernel", "unregister_kernel", "get_kernel", "list_kernels", "auto_order",
+           "select_kernel", "REFERENCE", "AUTO"]
 
 # The kernel every layer can fall back on: pure torch, any device, any format.
 REFERENCE = "reference"

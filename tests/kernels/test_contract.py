@@ -54,7 +54,8 @@ def test_kernel_contract(kernel, fmt):
         missing_op = [reason for _, reason in report.refused if reason.startswith("this PyTorch has no")]
         if missing_op:
             pytest.skip(f"{kernel}: {missing_op[0]}")
-    assert report.served, f"{kernel} served no spec of {fmt}; reasons: {sorted({r for _, r in report.refused})}"
+    reasons = sorted({reason for _, reason in report.refused})
+    assert report.served, f"{kernel} served no spec of {fmt}; reasons: {reasons}"
 
 
 def test_check_kernel_catches_a_broken_round_trip():
