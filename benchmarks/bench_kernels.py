@@ -73,6 +73,7 @@ from timing import (  # noqa: E402
     wait_for_quiet,
 )
 
+from llmopt.kernels import auto_order, get_kernel  # noqa: E402
 from llmopt.nn import QuantLinear  # noqa: E402
 from llmopt.core.formats import get_format  # noqa: E402
 from llmopt.core.primitives import quantize_weight  # noqa: E402
@@ -330,6 +331,9 @@ def run(args: argparse.Namespace) -> int:
     shapes = select_shapes(args.shapes, args.quick)
     m_values = select_m(args.m, args.quick)
     contenders = select_contenders(args.contenders, args.no_fp32_input)
+    for contender in contenders:  # an unknown kernel name fails now, not after minutes of probes
+        if contender.kind == "quant" and contender.kernel != "auto":
+            get_kernel(contender.kernel)
     llc = last_level_cache_bytes()
     if args.warm:
         working_set = 0
@@ -378,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
         "shapes": [{"name": s[0], "N": s[1], "K": s[2]} for s in shapes],
         "m_values": m_values,
         "contenders": [c.name for c in contenders],
+        "kernel_auto_order": auto_order(),  # what kernel="auto" tried, highest priority first
         "timing": {"statistic": "median of per-call wall times", **timing_kw,
                    "retries": args.retries, "retry_budget_s": args.retry_budget_s,
                    "max_foreign_cpus": args.max_foreign_cpus},

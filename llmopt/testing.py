@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
+from .core.formats import WeightFormat, get_format, list_formats
 from .core.measure import sqnr
+from .core.packing import pack_codes, unpack_codes
+from .core.primitives import (
+    dequantize_weight,
+    fake_quantize_activations,
+    quantize_activations,
+    quantize_weight,
+    resolve_group_size,
+)
+from .kernels import Kernel, KernelSpec, get_kernel
 
-__all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear", "word_tokenizer"]
+__all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear", "word_tokenizer",
+           "check_kernel", "KernelCheck", "format_variants"]
 
 
 class CustomLinear(nn.Linear):
@@ -94,3 +108,175 @@ def word_tokenizer(words: Iterable[str]):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def format_variants(name: str) -> List[WeightFormat]:
+    """The registered format ``name``, plus its other ``symmetric`` setting when it has that option
+    (``int4`` -> asymmetric and symmetric int4): the variants a kernel contract is checked on."""
+    fmt = get_format(name)
+    variants = [fmt]
+    try:
+        variants.append(get_format(name, symmetric=not getattr(fmt, "symmetric", False)))
+    except ValueError:  # no symmetric option (codebook and float formats), or not for these bits
+        pass
+    return variants
+
+
+@dataclass
+class KernelCheck:
+    """What :func:`check_kernel` covered: the specs the kernel served (and passed) and those it refused."""
+
+    kernel: str
+    served: List[str] = field(default_factory=list)
+    refused: List[Tuple[str, str]] = field(default_factory=list)  # (spec, reason)
+
+
+def _bit_equal(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape, device and bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _relative_error(got: Tensor, expected: Tensor) -> float:
+    return float((got.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _canonical_tensors(spec: KernelSpec, weight: Tensor) -> Dict[str, Tensor]:
+    """The stored form of ``weight`` quantized by round to nearest for ``spec``."""
+    q = quantize_weight(weight, spec.format, spec.group_size, spec.scale_dtype)
+    canonical = {"qdata": pack_codes(q.codes, spec.format.bits), "scale": q.scale}
+    if q.zero_point is not None:
+        canonical["zero_point"] = q.zero_point
+    return canonical
+
+
+def _check_one_spec(kernel: Kernel, spec: KernelSpec, device: torch.device, gen: torch.Generator,
+                    leads: Sequence[Tuple[int, ...]], act_dtypes: Sequence[torch.dtype],
+                    rtol: Mapping[torch.dtype, float], where: str) -> None:
+    n, k = spec.out_features, spec.in_features
+    weight = (torch.randn(n, k, generator=gen) * (0.5 + torch.rand(n, 1, generator=gen))).to(device)
+    canonical = _canonical_tensors(spec, weight)
+    originals = {name: t.clone() for name, t in canonical.items()}
+
+    # canonical -> runtime -> canonical, bit for bit (to_runtime gets copies: it may reuse its inputs).
+    runtime = kernel.to_runtime(spec, {name: t.clone() for name, t in canonical.items()})
+
+    def assert_round_trip(when: str) -> None:
+        back = kernel.to_canonical(spec, runtime)
+        assert set(back) == set(originals), (
+            f"{where}: to_canonical {when} gives {sorted(back)}, expected {sorted(originals)}")
+        for name, tensor in originals.items():
+            assert _bit_equal(back[name], tensor), (
+                f"{where}: canonical -> runtime -> canonical changed {name!r} {when} "
+                f"({back[name].dtype} {tuple(back[name].shape)} vs {tensor.dtype} {tuple(tensor.shape)})")
+
+    assert_round_trip("after to_runtime")
+
+    codes = unpack_codes(originals["qdata"], spec.format.bits, k)
+    got_codes = kernel.codes(spec, runtime)
+    assert got_codes.dtype == torch.uint8 and torch.equal(got_codes, codes), (
+        f"{where}: codes() differ from the stored codes")
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        expected = dequantize_weight(codes, originals["scale"], originals.get("zero_point"), spec.format,
+                                     spec.group_size, dtype)
+        got = kernel.dequantize(spec, runtime, dtype)
+        assert got.dtype == dtype and torch.equal(got, expected), (
+            f"{where}: dequantize({dtype}) differs from the reference dequantization "
+            f"(max abs diff {float((got.double() - expected.double()).abs().max()):.3g})")
+
+    weight64 = dequantize_weight(codes, originals["scale"], originals.get("zero_point"), spec.format,
+                                 spec.group_size, torch.float64)
+    bias = torch.randn(n, generator=gen).to(device) if spec.has_bias else None
+    # The layer hands forward() its whole buffer dict: a kernel must ignore entries it does not own.
+    runtime_seen = {**runtime, "input_scale": torch.ones(k, device=device)}
+    for act_dtype, lead in itertools.product(act_dtypes, leads):
+        x = torch.randn(*lead, k, generator=gen).to(device=device, dtype=act_dtype)
+        x_in, x64 = x, x.double()
+        if spec.act_bits is not None:
+            act_codes, act_scale = quantize_activations(x, spec.act_bits)
+            x64 = act_codes.double() * act_scale.double()
+            if not kernel.quantizes_activations:  # as QuantLinear does: such kernels see fake-quantized input
+                x_in = fake_quantize_activations(x, spec.act_bits)
+        # Broadcast and sum rather than a float64 matmul: exact enough, and no BLAS threads to wait for.
+        expected = (x64.unsqueeze(-2) * weight64).sum(-1) + (bias.double() if bias is not None else 0.0)
+        y = kernel.forward(spec, runtime_seen, x_in, bias)
+        case = f"{where} x={act_dtype} {tuple(x.shape)}"
+        assert y.dtype == act_dtype and tuple(y.shape) == (*lead, n), (
+            f"{case}: forward gave {y.dtype} {tuple(y.shape)}, expected {act_dtype} {(*lead, n)}")
+        err = _relative_error(y, expected)
+        assert err <= rtol[act_dtype], f"{case}: forward relative error {err:.3g} > {rtol[act_dtype]:.3g}"
+    assert_round_trip("after forward")
+
+
+def check_kernel(
+    kernel: Union[str, Kernel],
+    formats: Optional[Iterable[Union[str, WeightFormat]]] = None,
+    *,
+    group_sizes: Sequence[Optional[int]] = (32, 64, None),
+    shapes: Sequence[Tuple[int, int]] = ((64, 128), (48, 72)),
+    scale_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32),
+    act_bits: Sequence[Optional[int]] = (None, 8),
+    biases: Sequence[bool] = (True, False),
+    act_dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    leads: Sequence[Tuple[int, ...]] = ((1,), (2, 3)),
+    rtol: Union[float, Mapping[torch.dtype, float]] = 1e-2,
+    device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
+) -> KernelCheck:
+    """Check a kernel's contract on every spec of a grid; raise ``AssertionError`` naming the first
+    spec that breaks it. Returns what was served and what was refused.
+
+    Grid: ``formats`` (names or instances; default every registered format, both ``symmetric``
+    settings where the format has that option, see :func:`format_variants`) x ``group_sizes``
+    (``None``: per channel) x ``shapes`` (``(out_features, in_features)``) x ``scale_dtypes`` x
+    ``act_bits`` x ``biases``. For each spec the kernel refuses on ``device``, the reason must be a
+    non-empty string. For each spec it accepts, on a random weight quantized by round to nearest:
+
+    * canonical -> :meth:`~Kernel.to_runtime` -> :meth:`~Kernel.to_canonical` is bit-exact (again
+      after the forward calls: forward must not modify the runtime tensors);
+    * :meth:`~Kernel.codes` equals the stored codes (uint8);
+    * :meth:`~Kernel.dequantize` equals the reference dequantization exactly, in float32, float64
+      and bfloat16;
+    * :meth:`~Kernel.forward` (inputs ``[*lead, in_features]`` of each of ``act_dtypes``; bias as the
+      spec says) returns the input's dtype and shape, and is within relative (Frobenius-norm) error
+      ``rtol`` of the float64 product with the dequantized weight. With ``act_bits``, the float64
+      product uses the per-token quantized activations; a kernel that does not quantize activations
+      itself is handed them fake-quantized, as ``QuantLinear`` does. ``rtol`` is one number or a
+      ``{activation dtype: tolerance}`` mapping; the default 1e-2 fits kernels that compute in
+      bfloat16 (measured ~3e-3).
+    """
+    kern = get_kernel(kernel) if isinstance(kernel, str) else kernel
+    if not isinstance(kern, Kernel):
+        raise TypeError(f"check_kernel needs a kernel name or a Kernel instance, got {kernel!r}")
+    tolerances = dict(rtol) if isinstance(rtol, Mapping) else {dtype: float(rtol) for dtype in act_dtypes}
+    missing = [dtype for dtype in act_dtypes if dtype not in tolerances]
+    if missing:
+        raise ValueError(f"check_kernel: rtol has no tolerance for activation dtypes {missing}")
+    if formats is None:
+        fmts = [variant for name in list_formats() for variant in format_variants(name)]
+    else:
+        fmts = [get_format(f) for f in formats]
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    report = KernelCheck(kern.name)
+    for fmt, group_size, (n, k), scale_dtype, bits, bias in itertools.product(
+            fmts, group_sizes, shapes, scale_dtypes, act_bits, biases):
+        spec = KernelSpec(format=fmt, in_features=k, out_features=n,
+                          group_size=resolve_group_size(group_size, k), scale_dtype=scale_dtype,
+                          act_bits=bits, has_bias=bias)
+        where = f"kernel {kern.name!r} on {spec.describe()}" + (f" {fmt.options()}" if fmt.options() else "")
+        reason = kern.unsupported_reason(spec, device)
+        if reason is not None:
+            assert isinstance(reason, str) and reason.strip(), (
+                f"{where}: refused without a reason ({reason!r})")
+            report.refused.append((where, reason))
+            continue
+        _check_one_spec(kern, spec, device, gen, leads, act_dtypes, tolerances, where)
+        report.served.append(where)
+    return report

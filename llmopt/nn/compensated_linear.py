@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.checks import dtype_name, parse_dtype
-from .base import register_module_type
+from .lora_linear import LoRALinear
 from .quant_linear import QuantLinear
 
 __all__ = ["CompensatedLinear"]
@@ -145,13 +145,11 @@ class CompensatedLinear(QuantLinear):
         return y + F.linear(F.linear(x, down), up).to(y.dtype)
 
     def to_lora(self, alpha: Optional[float] = None, dropout: float = 0.0,
-                dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
+                dtype: Optional[Union[str, torch.dtype]] = None) -> LoRALinear:
         """A :class:`~llmopt.nn.LoRALinear` over :meth:`to_quant_linear` whose trainable adapters start at
         the factors (``lora_A = down``, ``lora_B = up / scaling``): QLoRA fine-tuning that starts from this
         layer's function (up to the adapter ``dtype``, by default the factors'). ``alpha`` defaults to
         ``rank`` (scaling 1)."""
-        from .lora_linear import LoRALinear
-
         alpha = float(self.rank if alpha is None else alpha)
         adapter_dtype = parse_dtype(dtype) if dtype is not None else self.factor_dtype
         layer = LoRALinear(self.to_quant_linear(), self.rank, alpha, dropout, dtype=adapter_dtype, _empty=True)
@@ -172,9 +170,10 @@ class CompensatedLinear(QuantLinear):
     def runtime_bytes(self) -> int:
         return super().runtime_bytes() + self._factor_bytes()
 
-    def bits_per_weight(self) -> float:
-        """Stored bits per weight: codes and scales plus the factors (bias excluded)."""
-        return super().bits_per_weight() + 8.0 * self._factor_bytes() / (self.in_features * self.out_features)
+    def weight_bytes(self) -> float:
+        """Stored bytes of codes and scales plus both factors (bias excluded): what
+        :meth:`bits_per_weight` counts."""
+        return super().weight_bytes() + self._factor_bytes()
 
     # ------------------------------------------------------------------ state dict: QuantLinear's + factors
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -215,6 +214,3 @@ class CompensatedLinear(QuantLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, factor_dtype={dtype_name(self.factor_dtype)}"
-
-
-register_module_type(CompensatedLinear)

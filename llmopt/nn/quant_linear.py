@@ -19,8 +19,8 @@ from ..core.primitives import (
     quantize_weight,
     resolve_group_size,
 )
-from ..kernels import Kernel, select_kernel
-from .base import dense_linear
+from ..kernels import Kernel, KernelSpec, select_kernel
+from .base import CompressedLinear
 
 __all__ = ["QuantLinear"]
 
@@ -37,17 +37,17 @@ class _FastKernelMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return layer.kernel.forward(layer, layer._buffers, x)
+        return layer.kernel.forward(layer.kernel_spec, layer._buffers, x, layer.bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # The raw quantized weight: the input scale (if any) was applied before this function.
         layer = ctx.layer
-        weight = layer.kernel.dequantize(layer, layer._runtime(), grad.dtype)
+        weight = layer.kernel.dequantize(layer.kernel_spec, layer._runtime(), grad.dtype)
         return grad @ weight, None
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CompressedLinear):
     """Linear layer with weights stored as packed codes plus per-group ``scale``/``zero_point``.
 
     The stored (canonical) form is ``qdata`` uint8 ``[out, ceil(in * bits / 8)]``, ``scale`` and
@@ -65,9 +65,10 @@ class QuantLinear(nn.Module):
       ``int8_onednn_cpu`` / ``int8_dynamic_cpu`` kernels multiply int8 x int8 (oneDNN with a prepacked
       weight / ``torch._int_mm``); any other kernel
       sees the fake-quantized activations, so every kernel computes the same function.
-    """
 
-    is_llmopt_compressed = True
+    ``kernel_spec`` (a :class:`~llmopt.kernels.KernelSpec`, built once) is all a kernel learns about
+    the layer.
+    """
 
     def __init__(
         self,
@@ -114,8 +115,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
             self.input_scale = None
+        self.kernel_spec = KernelSpec(
+            format=self.format, in_features=self.in_features, out_features=self.out_features,
+            group_size=self.group_size, scale_dtype=self.scale_dtype, act_bits=self.act_bits,
+            has_bias=bool(bias),
+        )
         self._runtime_names: tuple = ()
-        self.kernel: Kernel = select_kernel(self, "reference", device)
+        self.kernel: Kernel = select_kernel(self.kernel_spec, "reference", device)
         self.set_canonical(canonical)
 
     # ------------------------------------------------------------------ construction
@@ -205,7 +211,7 @@ class QuantLinear(nn.Module):
 
     def canonical_state(self) -> Dict[str, Tensor]:
         """The portable stored form: ``qdata`` (row-packed codes), ``scale`` and ``zero_point``."""
-        return self.kernel.to_canonical(self, self._runtime())
+        return self.kernel.to_canonical(self.kernel_spec, self._runtime())
 
     def _expected_shapes(self) -> Dict[str, tuple]:
         shapes = {
@@ -233,9 +239,9 @@ class QuantLinear(nn.Module):
         requested = self.requested_kernel if kernel is None else kernel
         device = canonical["qdata"].device
         # Validate the kernel before touching any state, so a refused kernel leaves the layer intact.
-        chosen = select_kernel(self, "reference" if device.type == "meta" else requested, device)
+        chosen = select_kernel(self.kernel_spec, "reference" if device.type == "meta" else requested, device)
         self.requested_kernel = requested
-        runtime = chosen.to_runtime(self, canonical)
+        runtime = chosen.to_runtime(self.kernel_spec, canonical)
         for name in self._runtime_names:
             del self._buffers[name]
         for name, tensor in runtime.items():
@@ -273,9 +279,10 @@ class QuantLinear(nn.Module):
                 total += extra.numel() * extra.element_size()
         return total
 
-    def bits_per_weight(self) -> float:
-        """Stored bits per weight, parameters included (bias excluded)."""
-        return 8.0 * self._stored_weight_bytes() / (self.in_features * self.out_features)
+    def weight_bytes(self) -> float:
+        """Stored bytes of codes and parameters: what :meth:`bits_per_weight` counts (bias and input
+        scale excluded)."""
+        return float(self._stored_weight_bytes())
 
     # ------------------------------------------------------------------ state dict: always canonical
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401
@@ -385,17 +392,13 @@ class QuantLinear(nn.Module):
         """The float weight ``[out, in]`` this layer multiplies by (default: the bias/param dtype)."""
         dtype = dtype or self.weight_dtype
         if self.input_scale is None:
-            return self.kernel.dequantize(self, self._runtime(), dtype)
-        weight = self.kernel.dequantize(self, self._runtime(), torch.float32) * self.input_scale
+            return self.kernel.dequantize(self.kernel_spec, self._runtime(), dtype)
+        weight = self.kernel.dequantize(self.kernel_spec, self._runtime(), torch.float32) * self.input_scale
         return weight.to(dtype)
 
     def codes(self) -> Tensor:
         """Unpacked integer codes ``[out, in]`` (uint8)."""
-        return self.kernel.codes(self, self._runtime())
-
-    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dequantized weight."""
-        return dense_linear(self.dequantize_weight(dtype), self.bias)
+        return self.kernel.codes(self.kernel_spec, self._runtime())
 
     def forward(self, x: Tensor) -> Tensor:
         check_linear_input(x, self.in_features, "QuantLinear")
@@ -408,7 +411,7 @@ class QuantLinear(nn.Module):
         if self.kernel.name != "reference" and x.requires_grad and torch.is_grad_enabled():
             return _FastKernelMatmul.apply(x, self)
         # _buffers holds the kernel's runtime tensors (plus input_scale): no dict to build per call.
-        return self.kernel.forward(self, self._buffers, x)
+        return self.kernel.forward(self.kernel_spec, self._buffers, x, self.bias)
 
     def config(self) -> Dict[str, Any]:
         """JSON-serialisable constructor arguments (used by ``llmopt.save``)."""

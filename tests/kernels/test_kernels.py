@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmopt.kernels import get_kernel, list_kernels, log_once
+from llmopt.kernels.int4_cpu import int4_nibble_sources, unpack_int4_cpu
 from llmopt.nn import QuantLinear
 
 
@@ -79,9 +80,10 @@ def test_int4_layout_roundtrip_exact(n16, k, gs, bits, sym, seed):
     layer = _layer(16 * n16, k, f"int{bits}", gs, kernel="reference", seed=seed, symmetric=sym)
     canonical = layer.canonical_state()
     kernel = get_kernel("int4pack_cpu")
-    if kernel.unsupported_reason(layer, torch.device("cpu")) is not None:
+    spec = layer.kernel_spec
+    if kernel.unsupported_reason(spec, torch.device("cpu")) is not None:
         return
-    back = kernel.to_canonical(layer, kernel.to_runtime(layer, canonical))
+    back = kernel.to_canonical(spec, kernel.to_runtime(spec, canonical))
     assert set(back) == set(canonical)
     for key in canonical:
         assert torch.equal(back[key], canonical[key]), key
@@ -89,15 +91,13 @@ def test_int4_layout_roundtrip_exact(n16, k, gs, bits, sym, seed):
 
 @pytest.mark.parametrize("n,k", [(64, 64), (16, 32), (208, 96), (48, 128)])
 def test_int4_fast_unpack_agrees_with_generic_probe(n, k):
-    from llmopt.kernels import _int4_nibble_sources, _unpack_int4_cpu
-
     codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(_unpack_int4_cpu(packed, n, k).to(torch.int32), codes)
+    assert torch.equal(unpack_int4_cpu(packed, n, k).to(torch.int32), codes)
     flat = packed.reshape(-1)
     nibbles = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(-1)
     generic = torch.empty(n * k, dtype=torch.uint8)
-    generic[_int4_nibble_sources(n, k, torch.device("cpu"))] = nibbles
+    generic[int4_nibble_sources(n, k, torch.device("cpu"))] = nibbles
     assert torch.equal(generic.view(n, k).to(torch.int32), codes)
 
 
@@ -116,7 +116,7 @@ def test_int8_layout_roundtrip_exact():
     layer = _layer(40, 77, "int8", None, kernel="reference")
     kernel = get_kernel("int8pack_cpu")
     canonical = layer.canonical_state()
-    back = kernel.to_canonical(layer, kernel.to_runtime(layer, canonical))
+    back = kernel.to_canonical(layer.kernel_spec, kernel.to_runtime(layer.kernel_spec, canonical))
     for key in canonical:
         assert torch.equal(back[key], canonical[key])
 

@@ -393,7 +393,7 @@ def test_int8_dynamic_layout_round_trip_exact(scale_dtype, bit_equal, w8a8_kerne
         assert torch.equal(fast.dequantize_weight(torch.float64), by_hand)
     kernel = get_kernel(w8a8_kernel)
     canonical = ref.canonical_state()
-    back = kernel.to_canonical(ref, kernel.to_runtime(ref, canonical))
+    back = kernel.to_canonical(ref.kernel_spec, kernel.to_runtime(ref.kernel_spec, canonical))
     for key in canonical:
         assert bit_equal(back[key], canonical[key]), key
 
@@ -468,7 +468,7 @@ def test_set_kernel_int8_dynamic_refused_leaves_layer_intact(bit_equal, w8a8_ker
 
 def test_int8_dynamic_needs_cpu(w8a8_kernel):
     layer = _layer(16, 32, "reference")
-    reason = get_kernel(w8a8_kernel).unsupported_reason(layer, torch.device("meta"))
+    reason = get_kernel(w8a8_kernel).unsupported_reason(layer.kernel_spec, torch.device("meta"))
     assert reason is not None and "CPU" in reason
     layer.to("meta")
     assert layer.kernel.name == "reference"

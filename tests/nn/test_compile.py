@@ -95,7 +95,7 @@ def _w8a8(kernel: str, seed: int = 0) -> QuantLinear:
 
 def _skip_unless_kernel(name: str, layer_factory) -> None:
     probe = layer_factory("reference")
-    reason = get_kernel(name).unsupported_reason(probe, torch.device("cpu"))
+    reason = get_kernel(name).unsupported_reason(probe.kernel_spec, torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
 
