@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 import llmopt  # noqa: E402
 from llmopt.evaluate import DecodeRunner  # noqa: E402
-from llmopt.kernels import _int4_kernel_group  # noqa: E402
+from llmopt.kernels.int4_cpu import int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 
 from timing import _LoadProbe, measure_read_bandwidth  # noqa: E402
@@ -144,12 +144,12 @@ def matmul_floor_ms(model: torch.nn.Module, repeats: int = 7) -> float:
     for module in model.modules():
         if isinstance(module, llmopt.nn.QuantLinear) and module.kernel.name == "int4pack_cpu":
             x = torch.randn(1, module.num_groups * module.group_size, dtype=torch.bfloat16)
-            args = (x, module._buffers["qdata"], _int4_kernel_group(module.group_size),
+            args = (x, module._buffers["qdata"], int4_kernel_group(module.group_size),
                     module._buffers["scale_and_zero"])
             calls.append((torch.ops.aten._weight_int4pack_mm_for_cpu, args))
         elif isinstance(module, llmopt.nn.QuantLinear):
             x = torch.randn(1, module.in_features, dtype=torch.bfloat16)
-            calls.append((module.kernel.forward, (module, module._buffers, x)))
+            calls.append((module.kernel.forward, (module.kernel_spec, module._buffers, x, module.bias)))
         elif isinstance(module, torch.nn.Linear):
             x = torch.randn(1, module.in_features, dtype=module.weight.dtype)
             calls.append((torch.nn.functional.linear, (x, module.weight, module.bias)))
