@@ -30,11 +30,22 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...calibration import LayerStats, StatsSpec
+from ...calibration import LayerStats, StatsSpec, float_layer_stats, spec_for_dtype
 from ...core.checks import check_linear_weight
 from ...core.errors import SkipLayer
+from ...core.targets import select_linears
 from ...nn.lowrank_linear import FACTOR_ATTR, LowRankLinear
-from ...solvers.decompose import Decomposition, Shape, _check_rank, _work_dtype, decompose, truncated_svd
+from ...solvers.decompose import (
+    Decomposition,
+    Shape,
+    _check_rank,
+    _work_dtype,
+    asvd_scales,
+    decompose,
+    scaled_svd,
+    truncated_svd,
+    whitened_svd,
+)
 from ..base import MethodConfig, register_method
 
 __all__ = ["SVD", "Decomposition", "truncated_svd", "rank_from", "saves_parameters", "allocate_ranks",
@@ -295,8 +306,6 @@ def is_factor(module: nn.Module) -> bool:
 def _layer_decomposition(weight: Tensor, config: SVD, stats: Optional[LayerStats]) -> Decomposition:
     if not config.activation_aware:
         return decompose(weight)
-    from ...solvers.decompose import asvd_scales, scaled_svd, whitened_svd
-
     if stats is None or stats.count == 0:
         raise ValueError("activation-aware SVD needs calibration statistics for this layer (it received no "
                          "inputs)")
@@ -375,9 +384,6 @@ def plan_ranks(
     same ``include``/``exclude``, calibration and ``activation_aware`` / ``variant`` / ``damp``. The model
     is not modified. Factors of already factorized layers are left out.
     """
-    from ...calibration import float_layer_stats, spec_for_dtype
-    from ...core.targets import select_linears
-
     config = SVD(param_ratio=param_ratio, activation_aware=activation_aware, variant=variant, damp=damp)
     targets, _ = select_linears(model, include, exclude)
     targets = {name: m for name, m in targets.items() if not is_factor(m)}

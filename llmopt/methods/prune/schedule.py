@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...core.targets import find_linears, replace_modules
+from ...nn.sparse_linear import SparseLinear
 from .patterns import global_sparsities, num_pruned, parse_pattern, select_mask
 
 __all__ = ["cubic_sparsity", "GradualPruner"]
@@ -279,8 +280,6 @@ class GradualPruner:
         default the weight's); returns ``{name: SparseLinear}``. The N:M layout is used when the masks
         follow the pattern (the schedule has ended), the bitmask layout otherwise. Layers never pruned
         (before ``begin_step``) are left alone. All-or-nothing: on error the model is unchanged."""
-        from ...nn.sparse_linear import SparseLinear
-
         self.apply_masks()
         new: Dict[str, nn.Module] = {}
         for name, mask in self.masks.items():
