@@ -44,7 +44,8 @@ def parse_scale_dtype(scale_dtype: "str | torch.dtype") -> torch.dtype:
     except ValueError:
         dtype = None
     if dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype: unsupported dtype {scale_dtype!r}; expected one of {_SCALE_DTYPE_NAMES}")
+        raise ValueError(f"scale_dtype: unsupported dtype {scale_dtype!r}; "
+                         f"expected one of {_SCALE_DTYPE_NAMES}")
     return dtype
 
 

@@ -36,8 +36,8 @@ _ANY_WIDTH = 1 << 30
 
 def _check_format(value: Any) -> Any:
     if isinstance(value, (WeightFormat, dict)):
-        raise ValueError(f"format must be a registered format name such as 'int4' (a scheme is saved as JSON), "
-                         f"got {value!r}; to start from a WeightFormat use WeightQuant.from_format(fmt, ...)")
+        raise ValueError(f"format must be a registered format name such as 'int4' (a scheme is saved "
+                         f"as JSON), got {value!r}; for a WeightFormat use WeightQuant.from_format(fmt)")
     return value  # the name itself is checked when the format is built, together with its options
 
 
@@ -121,7 +121,7 @@ class WeightQuant:
 
     @classmethod
     def field_names(cls) -> tuple:
-        """The scheme's fields, in order: ``("format", "group_size", "symmetric", "scale_dtype", "kernel")``."""
+        """The scheme's fields in order: ``format, group_size, symmetric, scale_dtype, kernel``."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
     # ------------------------------------------------------------------ what methods need
@@ -144,7 +144,8 @@ class WeightQuant:
         return resolve_group_size(self.group_size, in_features)
 
     def group_label(self) -> str:
-        """``"g64"``, or ``"channel"`` for ``group_size=None`` (``-1`` shows as ``"g-1"``, as it always has)."""
+        """``"g64"``, or ``"channel"`` for ``group_size=None`` (``-1`` shows as ``"g-1"``, as it always
+        has in the methods' labels)."""
         return "channel" if self.group_size is None else f"g{self.group_size}"
 
     def label(self) -> str:
@@ -160,7 +161,7 @@ class WeightQuant:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
-        """``{"format": ..., "group_size": ..., "symmetric": ..., "scale_dtype": ..., "kernel": ...}``: JSON."""
+        """``{"format": ..., "group_size": ..., ...}``, every field in order; JSON-serialisable."""
         return {name: getattr(self, name) for name in self.field_names()}
 
     @classmethod
@@ -188,5 +189,6 @@ class WeightQuant:
                     raise ValueError(f"{field.name}={fields[field.name]!r} contradicts the format {fmt!r}")
                 fields[field.name] = value
         if options:
-            raise ValueError(f"format {fmt.name!r} has option(s) {sorted(options)} that a WeightQuant does not carry")
+            raise ValueError(f"format {fmt.name!r} has option(s) {sorted(options)} that a WeightQuant "
+                             f"does not carry")
         return cls(fmt.name, group_size, **fields)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight, parse_dtype
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number, parse_dtype
 from ...core.errors import SkipLayer
 from ...core.scheme import WeightQuant
 from ...core.targets import replace_modules
@@ -124,19 +124,14 @@ class QuantLowRank(QuantizesWeights, MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
+        check_int("rank", self.rank, 1)
+        check_choice("base", self.base, BASES)
         super().__post_init__()  # unknown format / bad options fail here, before any layer is touched
         if self.factor_dtype is not None:
             parse_dtype(self.factor_dtype)
-        if not isinstance(self.activation_aware, bool):
-            raise ValueError(f"activation_aware must be True or False, got {self.activation_aware!r}")
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 <= self.damp < 1):
-            raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
-        if self.propagate not in ("float", "quantized"):
-            raise ValueError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
+        check_flag("activation_aware", self.activation_aware)
+        check_number("damp", self.damp, 0, 1, high_open=True)
+        check_choice("propagate", self.propagate, ("float", "quantized"))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import NM, check_linear_weight, check_nm
+from ...core.checks import NM, check_choice, check_int, check_linear_weight, check_nm, check_number
 from ...core.formats import WeightFormat, get_format
 from ...core.primitives import QuantizedWeight, num_groups, parse_scale_dtype, resolve_group_size, to_groups
 from ...nn.sparse_linear import SparseLinear
@@ -235,8 +235,9 @@ class SparseGPT(PruneOptions, QuantizesWeights, MethodConfig):
     ``"layer"``: exact count per layer, rows may differ, as the paper). ``block_size``: mask-selection block (the paper's ``Bs``).
     ``damp``: relative Hessian damping. ``format`` (e.g. ``"int4"``): quantize the kept weights in the
     same sweep, with ``group_size`` / ``symmetric`` / ``scale_dtype`` as GPTQ; the result then stores
-    codes (``SparseLinear.from_quantized``; ``config.scheme`` is then a :class:`~llmopt.core.scheme.WeightQuant`,
-    ``None`` without a format). ``value_dtype``: dtype of stored float values (no format).
+    codes (``SparseLinear.from_quantized``; ``config.scheme`` is then a
+    :class:`~llmopt.core.scheme.WeightQuant`, ``None`` without a format). ``value_dtype``: dtype of
+    stored float values (no format).
     ``propagate``: what feeds the next block during calibration, ``"quantized"`` (the pruned block's
     outputs, as the reference implementation) or ``"float"``.
     """
@@ -261,15 +262,12 @@ class SparseGPT(PruneOptions, QuantizesWeights, MethodConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if not (isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0):
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_int("block_size", self.block_size, 1)
         if self.nm is not None and self.block_size % self.nm[1]:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M = {self.nm[1]} "
                              f"(pattern {self.pattern})")
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 1):
-            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
+        check_choice("propagate", self.propagate, ("quantized", "float"))
         if self.format is None:
             if self.group_size is not None or self.symmetric is not None:
                 raise ValueError("group_size / symmetric apply only with a quantization format (format='int4', ...)")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
 from ...calibration.graph import InputSource
-from ...core.checks import check_linear_weight
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import WeightFormat
 from ...core.primitives import dequantize_weight, num_groups, quantize_weight, resolve_group_size
 from ...nn.quant_linear import QuantLinear
@@ -203,15 +203,13 @@ class AWQ(QuantizesWeights, MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
         super().__post_init__()  # the quantization scheme
-        for field in ("grid", "clip_grid"):
-            value = getattr(self, field)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
+        check_int("grid", self.grid, 1)
+        check_int("clip_grid", self.clip_grid, 1)
+        check_number("max_shrink", self.max_shrink, 0, 1, high_open=True)
+        for flag in ("duo_scaling", "clip", "fold"):
+            check_flag(flag, getattr(self, flag))
 
     @staticmethod
     def stats_spec() -> StatsSpec:

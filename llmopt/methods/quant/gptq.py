@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import WeightFormat, get_format
 from ...core.primitives import QuantizedWeight, num_groups, parse_scale_dtype, resolve_group_size, to_groups
 from ...nn.quant_linear import QuantLinear
@@ -193,13 +193,11 @@ class GPTQ(QuantizesWeights, MethodConfig):
     propagate: str = "quantized"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
         super().__post_init__()  # the quantization scheme
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
-            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_flag("act_order", self.act_order)
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
+        check_int("block_size", self.block_size, 1)
 
     @staticmethod
     def stats_spec() -> StatsSpec:

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...core.checks import check_linear_weight
+from ...core.checks import check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import AffineFormat, WeightFormat, get_format
 from ...core.primitives import QuantizedWeight, parse_scale_dtype, resolve_group_size, to_groups
 from ...core.scheme import WeightQuant
@@ -70,16 +70,13 @@ def check_hqq_format(fmt: Union[str, WeightFormat]) -> AffineFormat:
 
 
 def _check_options(iters, lp_norm, beta, kappa, round_zero=False) -> None:
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
-    if isinstance(lp_norm, bool) or not isinstance(lp_norm, (int, float)) or not 0 < lp_norm <= 1:
-        raise ValueError(f"lp_norm must be a number in (0, 1], got {lp_norm!r}")
+    check_int("iters", iters, 0)
+    check_number("lp_norm", lp_norm, 0, 1, low_open=True)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 < beta < math.inf):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not (1 <= kappa < math.inf):
         raise ValueError(f"kappa must be a finite number >= 1, got {kappa!r}")
-    if not isinstance(round_zero, bool):
-        raise ValueError(f"round_zero must be True or False, got {round_zero!r}")
+    check_flag("round_zero", round_zero)
 
 
 def _shrink(e: Tensor, beta: float, p: float) -> Tensor:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
 from ...calibration.graph import InputSource
-from ...core.checks import check_linear_weight
+from ...core.checks import check_choice, check_flag, check_linear_weight, check_number
 from ...core.primitives import quantize_weight
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
@@ -77,12 +77,10 @@ class SmoothQuant(QuantizesWeights, MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not (isinstance(self.alpha, (int, float))
-                                                                           and 0 <= self.alpha <= 1)):
-            raise ValueError(f"alpha must be None or in [0, 1], got {self.alpha!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
+        if self.alpha is not None:
+            check_number("alpha (None: no smoothing)", self.alpha, 0, 1)
+        check_flag("fold", self.fold)
         super().__post_init__()  # the quantization scheme
 
     @staticmethod
