@@ -15,6 +15,9 @@ Two ways to carry the fields:
   inherit :class:`QuantizesWeights` alone and declare the fields they expose, where they always were.
   The mixin finds them by name; a scheme field the config does not declare takes the config's
   ``scheme_fixed`` value (SmoothQuant: int8, symmetric, per channel) or the scheme's default.
+* A config that names them otherwise maps them: LoRA would set
+  ``scheme_field_names = {"format": "quantize_base", "group_size": "quant_group_size"}`` and
+  ``scheme_optional = True`` (no ``quantize_base``: no quantization).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class QuantizesWeights:
     * ``scheme_fixed``: scheme fields the method fixes instead of exposing them (SmoothQuant's int8).
     * ``scheme_optional``: ``format=None`` means "no quantization" (``scheme`` is then ``None``), as in
       SparseGPT, which prunes and optionally quantizes in the same sweep.
+    * ``scheme_field_names``: ``{scheme field: config field}`` for a config whose saved keys name them
+      otherwise (LoRA's ``quantize_base`` / ``quant_group_size``); errors then name the config's field.
 
     ``__post_init__`` builds and checks the scheme, so a config whose own ``__post_init__`` checks more
     calls ``super().__post_init__()``. Method-specific limits (HQQ: asymmetric affine formats only) go in
@@ -52,6 +57,7 @@ class QuantizesWeights:
 
     scheme_fixed: ClassVar[Mapping[str, Any]] = {}
     scheme_optional: ClassVar[bool] = False
+    scheme_field_names: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
         scheme = self._build_scheme()
@@ -59,16 +65,25 @@ class QuantizesWeights:
             check_kernel_name(scheme.kernel)
             self.check_scheme(scheme)
         object.__setattr__(self, "_scheme", scheme)  # not a field: to_dict, ==, hash and repr ignore it
+        parent = getattr(super(), "__post_init__", None)  # cooperative: a base may check more
+        if parent is not None:
+            parent()
 
     def _scheme_values(self) -> Dict[str, Any]:
         """The scheme's fields as this config sets them (declared field, else fixed, else the default)."""
         own = {f.name for f in dataclasses.fields(self)}
         values: Dict[str, Any] = {}
         for name in WeightQuant.field_names():
+            attribute = self.scheme_field_names.get(name, name)
             if name in self.scheme_fixed:
                 values[name] = self.scheme_fixed[name]
-            elif name in own:
-                values[name] = getattr(self, name)
+            elif attribute in own:
+                values[name] = getattr(self, attribute)
+                if attribute != name:  # check it alone first, so that the error names the config's field
+                    try:
+                        WeightQuant.check_field(name, values[name])
+                    except ValueError as exc:
+                        raise ValueError(f"{attribute}: {exc}") from None
         return values
 
     def _build_scheme(self) -> Optional[WeightQuant]:

@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import pickle
+from typing import Optional
 
 import pytest
 import torch
@@ -287,6 +288,27 @@ def test_a_new_config_adopts_the_scheme_in_one_line():
     assert Checked().scheme == WeightQuant()
     with pytest.raises(ValueError, match="steps"):
         Checked(steps=0)
+
+
+def test_a_config_with_its_own_field_names_and_an_optional_format():
+    """LoRA's shape: ``quantize_base`` (a format name or None) and ``quant_group_size``."""
+    @dataclasses.dataclass(frozen=True)
+    class Adapters(QuantizesWeights, MethodConfig):
+        name = "toy_adapters"
+        scheme_optional = True
+        scheme_field_names = {"format": "quantize_base", "group_size": "quant_group_size"}
+        rank: int = 8
+        quantize_base: Optional[str] = None
+        quant_group_size: Optional[int] = 64
+
+    assert Adapters().scheme is None and Adapters().weight_format() is None
+    assert Adapters(quantize_base="nf4").scheme == WeightQuant("nf4", 64)
+    assert Adapters(quantize_base="int4", quant_group_size=None).weight_format() == get_format("int4")
+    with pytest.raises(ValueError, match=r"quant_group_size: group_size .*got 0"):
+        Adapters(quant_group_size=0)
+    with pytest.raises(ValueError, match="unknown weight format 'int5'"):
+        Adapters(quantize_base="int5")
+    assert list(Adapters().to_dict()) == ["method", "rank", "quantize_base", "quant_group_size"]
 
 
 # ------------------------------------------------------------------------------ serialised forms, pinned
