@@ -185,7 +185,7 @@ class WeightQuant:
         for field in dataclasses.fields(cls):
             if field.metadata["format_option"] and field.name in options:
                 value = options.pop(field.name)
-                if fields.get(field.name, value) != value:
+                if fields.get(field.name) is not None and fields[field.name] != value:  # None: not given
                     raise ValueError(f"{field.name}={fields[field.name]!r} contradicts the format {fmt!r}")
                 fields[field.name] = value
         if options:

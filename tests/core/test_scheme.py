@@ -144,6 +144,9 @@ def test_from_format_takes_instances_dicts_and_names():
     assert WeightQuant.from_format(built, 32).weight_format() == built
     with pytest.raises(ValueError, match="contradicts"):
         WeightQuant.from_format(get_format("int4", symmetric=True), 64, symmetric=False)
+    # None means "not given" (prepare_qat_'s default), so the format's own option stands
+    assert WeightQuant.from_format(get_format("int4", symmetric=True), 64, symmetric=None).symmetric is True
+    assert WeightQuant.from_format("int4", 64, symmetric=True).symmetric is True
 
 
 def test_from_format_refuses_options_a_scheme_cannot_carry():
