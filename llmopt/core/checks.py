@@ -5,14 +5,15 @@ Each raises a clear ``ValueError``/``TypeError`` naming the problem; callers add
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Tuple, Union
+from typing import Any, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["parse_dtype", "dtype_name", "check_linear_weight", "check_linear_input", "check_nm", "FLOAT_DTYPES",
-           "MAX_NM_M", "NM"]
+           "MAX_NM_M", "NM", "check_choice", "check_flag", "check_int", "check_number"]
 
 MAX_NM_M = 256
 NM = Tuple[int, int]
@@ -81,3 +82,44 @@ def check_nm(nm: object) -> NM:
     if m > MAX_NM_M:
         raise ValueError(f"N:M pattern {n}:{m}: M must be <= {MAX_NM_M}")
     return n, m
+
+
+# ----------------------------------------------------------------------------------------------
+# Option values of method configs: one message per kind of mistake, naming the option.
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else ``"name must be 'a' or 'b', got ..."``."""
+    if not any(value == choice and type(value) is type(choice) for choice in choices):
+        if len(choices) == 2:
+            allowed = f"{choices[0]!r} or {choices[1]!r}"
+        else:
+            allowed = f"one of {tuple(choices)}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False`` (not ``1``, ``"yes"``, ...)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` if it is a real number (not a bool, not NaN) in the interval ``[low, high]``, each end
+    excluded with ``low_open`` / ``high_open``; the message shows the interval, e.g. ``(0, 1)``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value

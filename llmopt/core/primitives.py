@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import parse_dtype
 from .formats import WeightFormat
 
 __all__ = [
     "QuantizedWeight",
+    "SCALE_DTYPES",
+    "parse_scale_dtype",
     "resolve_group_size",
     "num_groups",
     "to_groups",
@@ -30,6 +33,20 @@ __all__ = [
 ]
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SCALE_DTYPE_NAMES = "float32, float16, bfloat16"
+
+
+def parse_scale_dtype(scale_dtype: "str | torch.dtype") -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``, for the dtype quantization parameters are
+    stored in; anything but float32, float16 or bfloat16 is a ``ValueError`` naming ``scale_dtype``."""
+    try:
+        dtype = parse_dtype(scale_dtype)
+    except ValueError:
+        dtype = None
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype: unsupported dtype {scale_dtype!r}; "
+                         f"expected one of {_SCALE_DTYPE_NAMES}")
+    return dtype
 
 
 @dataclass
@@ -83,8 +100,7 @@ def quantize_weight(
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    scale_dtype = parse_scale_dtype(scale_dtype)
     n, k = weight.shape
     gs = resolve_group_size(group_size, k)
     groups = to_groups(weight, gs)

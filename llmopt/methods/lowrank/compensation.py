@@ -31,17 +31,18 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight, parse_dtype
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number, parse_dtype
 from ...core.errors import SkipLayer
-from ...core.formats import WeightFormat, get_format
-from ...core.primitives import SCALE_DTYPES, resolve_group_size
+from ...core.scheme import WeightQuant
 from ...core.targets import replace_modules
-from ...kernels import list_kernels
 from ...nn.compensated_linear import CompensatedLinear
 from ...nn.lowrank_linear import FACTOR_ATTR
 from ...nn.quant_linear import QuantLinear
-from ...solvers.decompose import Decomposition, _check_rank, decompose
+from ...solvers.decompose import Decomposition, _check_rank, decompose, whitened_svd
 from ..base import MethodConfig, register_method
+from ..quant.hqq import check_hqq_format, hqq_quantize
+from ..quantized import QuantizesWeights
+from .lora import _freeze_all_but_adapters
 from .svd import is_factor
 
 __all__ = ["QuantLowRank", "CompensatedLinear", "decompose_residual", "compensation_factors",
@@ -65,8 +66,6 @@ def decompose_residual(residual: Tensor, hessian: Optional[Tensor] = None, damp:
         raise ValueError(f"expected a 2-D residual [out_features, in_features], got {tuple(residual.shape)}")
     if hessian is None:
         return decompose(residual)
-    from ...solvers.decompose import whitened_svd
-
     return whitened_svd(residual, hessian, damp)
 
 
@@ -89,13 +88,14 @@ def compensation_factors(residual: Tensor, rank: int, *, hessian: Optional[Tenso
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantLowRank(MethodConfig):
+class QuantLowRank(QuantizesWeights, MethodConfig):
     """Quantize every targeted ``nn.Linear``, then add a rank-``r`` correction of the quantization error.
 
     Replaces each layer with a :class:`~llmopt.nn.CompensatedLinear` computing ``deq(Q) x + L (R x)``.
 
     Args:
-        format, group_size, symmetric, scale_dtype, kernel: the quantization ``Q`` (as :class:`~llmopt.RTN`).
+        format, group_size, symmetric, scale_dtype, kernel: the quantization ``Q`` (as :class:`~llmopt.RTN`;
+            ``config.scheme``, a :class:`~llmopt.core.scheme.WeightQuant`).
         rank: rank ``r`` of the correction (at most ``min(N, K)`` of every targeted layer).
         activation_aware: fit the correction to the output error on calibration inputs (whitened SVD
             with the layer's input Hessian; needs ``calibration=``) instead of the weight error.
@@ -110,6 +110,7 @@ class QuantLowRank(MethodConfig):
 
     name = "quant_lowrank"
 
+    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
     format: str = "int3"
     group_size: Optional[int] = 64
     symmetric: Optional[bool] = None
@@ -123,24 +124,14 @@ class QuantLowRank(MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
-        self.weight_format()  # unknown format / bad options fail here, before any layer is touched
-        resolve_group_size(self.group_size, 1 << 30)
-        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
+        check_int("rank", self.rank, 1)
+        check_choice("base", self.base, BASES)
+        super().__post_init__()  # unknown format / bad options fail here, before any layer is touched
         if self.factor_dtype is not None:
             parse_dtype(self.factor_dtype)
-        if not isinstance(self.activation_aware, bool):
-            raise ValueError(f"activation_aware must be True or False, got {self.activation_aware!r}")
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 <= self.damp < 1):
-            raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
-        if self.propagate not in ("float", "quantized"):
-            raise ValueError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
+        check_flag("activation_aware", self.activation_aware)
+        check_number("damp", self.damp, 0, 1, high_open=True)
+        check_choice("propagate", self.propagate, ("float", "quantized"))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -150,14 +141,9 @@ class QuantLowRank(MethodConfig):
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(hessian=True, dtype=torch.float64)
 
-    def weight_format(self) -> WeightFormat:
-        """The :class:`~llmopt.quant.formats.WeightFormat` of ``Q``."""
-        fmt = get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
+    def check_scheme(self, scheme: WeightQuant) -> None:
         if self.base == "hqq":
-            from ..quant.hqq import _check_affine
-
-            fmt = _check_affine(fmt)  # asymmetric affine only
-        return fmt
+            check_hqq_format(scheme.weight_format())  # HQQ refits a zero point: asymmetric affine only
 
     @classmethod
     def examples(cls):
@@ -170,29 +156,26 @@ class QuantLowRank(MethodConfig):
         return []  # benchmarks/bench_compensation.py measures it
 
     def label(self) -> str:
-        group = "channel" if self.group_size is None else f"g{self.group_size}"
-        sym = " sym" if self.symmetric else ""
         how = "whitened" if self.activation_aware else "plain"
         extra = " quantized-propagation" if self.activation_aware and self.propagate != "float" else ""
-        return f"{self.base} {self.format}{sym} {group} + rank {self.rank} {how}{extra}"
+        return f"{self.base} {self.scheme.label()} + rank {self.rank} {how}{extra}"
 
 
 def quantize_base(linear: nn.Module, config: QuantLowRank) -> QuantLinear:
     """``Q``: the ``QuantLinear`` (bias included) that :class:`~llmopt.RTN` (or HQQ) would build for ``linear``."""
     weight = linear.weight
     check_linear_weight(weight)
-    fmt = config.weight_format()
+    scheme = config.scheme
+    fmt = scheme.weight_format()
     if config.base == "rtn":
-        return QuantLinear.from_linear(linear, fmt, config.group_size, scale_dtype=config.scale_dtype,
-                                       kernel=config.kernel)
-    from ..quant.hqq import hqq_quantize
-
-    q = hqq_quantize(weight.detach(), fmt, config.group_size, scale_dtype=parse_dtype(config.scale_dtype),
+        return QuantLinear.from_linear(linear, fmt, scheme.group_size, scale_dtype=scheme.scale_dtype,
+                                       kernel=scheme.kernel)
+    q = hqq_quantize(weight.detach(), fmt, scheme.group_size, scale_dtype=scheme.scale_torch_dtype,
                      round_zero=True)
     bias = getattr(linear, "bias", None)
     return QuantLinear.from_codes(q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
                                   bias=bias.detach() if bias is not None else None, dtype=weight.dtype,
-                                  kernel=config.kernel)
+                                  kernel=scheme.kernel)
 
 
 @register_method(QuantLowRank)
@@ -234,8 +217,6 @@ def compensation_to_lora_(model: nn.Module, *, alpha: Optional[float] = None, dr
     QLoRA. With ``freeze_base`` every other parameter gets ``requires_grad=False`` (as ``add_lora_``).
     Returns ``{name: repr of the new layer}``. ``merge_lora_`` afterwards re-quantizes ``W_q + B A``.
     """
-    from .lora import _freeze_all_but_adapters
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompensatedLinear)}
     if not layers:
         raise ValueError("compensation_to_lora_: the model has no CompensatedLinear layer")

@@ -30,11 +30,22 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight
+from ...calibration import LayerStats, StatsSpec, float_layer_stats, spec_for_dtype
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.errors import SkipLayer
+from ...core.targets import select_linears
 from ...nn.lowrank_linear import FACTOR_ATTR, LowRankLinear
-from ...solvers.decompose import Decomposition, Shape, _check_rank, _work_dtype, decompose, truncated_svd
+from ...solvers.decompose import (
+    Decomposition,
+    Shape,
+    _check_rank,
+    _work_dtype,
+    asvd_scales,
+    decompose,
+    scaled_svd,
+    truncated_svd,
+    whitened_svd,
+)
 from ..base import MethodConfig, register_method
 
 __all__ = ["SVD", "Decomposition", "truncated_svd", "rank_from", "saves_parameters", "allocate_ranks",
@@ -53,12 +64,9 @@ def saves_parameters(rank: int, shape: Shape) -> bool:
     return rank * (n + k) < n * k
 
 
-def _check_ratio(label: str, value: Any, low_open: bool = True, high_closed: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value
-    ok = ok and (value <= 1 if high_closed else value < 1)
-    if not ok:
-        interval = "(0, 1]" if high_closed else "(0, 1)"
-        raise ValueError(f"{label} must be a number in {interval}, got {value!r}")
+def _check_ratio(label: str, value: Any, high_closed: bool = True) -> None:
+    """A ratio in ``(0, 1]`` (``(0, 1)`` without ``high_closed``)."""
+    check_number(label, value, 0, 1, low_open=True, high_open=not high_closed)
 
 
 def rank_from(
@@ -219,9 +227,8 @@ class SVD(MethodConfig):
         if len(rules) != 1:
             raise ValueError(f"SVD needs exactly one rank rule out of rank=, rank_ratio=, energy=, param_ratio=, "
                              f"ranks=; got {', '.join(rules) if rules else 'none'}")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
-                                      or self.rank < 1):
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.rank is not None:
+            check_int("rank", self.rank, 1)
         if self.rank_ratio is not None:
             _check_ratio("rank_ratio", self.rank_ratio)
         if self.energy is not None:
@@ -237,16 +244,12 @@ class SVD(MethodConfig):
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                     raise ValueError(f"ranks[{key!r}] must be an integer >= 1 or None (dense), got {value!r}")
             object.__setattr__(self, "ranks", dict(self.ranks))  # a private copy
-        if not isinstance(self.activation_aware, bool):
-            raise ValueError(f"activation_aware must be True or False, got {self.activation_aware!r}")
-        if self.variant not in ("whiten", "asvd"):
-            raise ValueError(f"variant must be 'whiten' or 'asvd', got {self.variant!r}")
+        check_flag("activation_aware", self.activation_aware)
+        check_choice("variant", self.variant, ("whiten", "asvd"))
         if self.variant == "asvd" and not self.activation_aware:
             raise ValueError("variant='asvd' scales by activation statistics: set activation_aware=True")
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 <= self.damp < 1):
-            raise ValueError(f"damp must be in [0, 1), got {self.damp!r}")
-        if self.propagate not in ("float", "quantized"):
-            raise ValueError(f"propagate must be 'float' or 'quantized', got {self.propagate!r}")
+        check_number("damp", self.damp, 0, 1, high_open=True)
+        check_choice("propagate", self.propagate, ("float", "quantized"))
 
     def __hash__(self) -> int:  # the ``ranks`` dict is not hashable
         return hash(tuple(sorted((k, str(v)) for k, v in self.to_dict().items())))
@@ -295,8 +298,6 @@ def is_factor(module: nn.Module) -> bool:
 def _layer_decomposition(weight: Tensor, config: SVD, stats: Optional[LayerStats]) -> Decomposition:
     if not config.activation_aware:
         return decompose(weight)
-    from ...solvers.decompose import asvd_scales, scaled_svd, whitened_svd
-
     if stats is None or stats.count == 0:
         raise ValueError("activation-aware SVD needs calibration statistics for this layer (it received no "
                          "inputs)")
@@ -375,9 +376,6 @@ def plan_ranks(
     same ``include``/``exclude``, calibration and ``activation_aware`` / ``variant`` / ``damp``. The model
     is not modified. Factors of already factorized layers are left out.
     """
-    from ...calibration import float_layer_stats, spec_for_dtype
-    from ...core.targets import select_linears
-
     config = SVD(param_ratio=param_ratio, activation_aware=activation_aware, variant=variant, damp=damp)
     targets, _ = select_linears(model, include, exclude)
     targets = {name: m for name, m in targets.items() if not is_factor(m)}

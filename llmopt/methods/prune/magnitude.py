@@ -22,6 +22,7 @@ import torch.nn as nn
 from ...calibration import LayerStats
 from ...core.checks import check_linear_weight, parse_dtype
 from ...core.errors import SkipLayer
+from ...core.targets import select_linears
 from ...nn.sparse_linear import SparseLinear
 from ..base import MethodConfig, register_method
 from .criteria import magnitude_scores
@@ -153,8 +154,6 @@ def plan_global_sparsity(
     ``include``/``exclude``. The model is not modified. A layer whose plan reaches 1.0 (every weight
     below the threshold) is an error: it would vanish.
     """
-    from ...core.targets import select_linears
-
     check_sparsity(sparsity)
     if criterion != "magnitude":
         raise ValueError(f"plan_global_sparsity: criterion must be 'magnitude', got {criterion!r}")

@@ -35,8 +35,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...core.checks import check_int
 from ...core.targets import find_linears, replace_modules
-from .patterns import global_sparsities, num_pruned, parse_pattern, select_mask
+from ...nn.sparse_linear import SparseLinear
+from .patterns import check_sparsity, global_sparsities, num_pruned, parse_pattern, select_mask
 
 __all__ = ["cubic_sparsity", "GradualPruner"]
 
@@ -44,29 +46,16 @@ Criterion = Union[str, Callable[[str, Tensor], Tensor]]
 _SCOPES = ("layer", "row", "global")
 
 
-def _check_sparsity(value: Any, label: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{label} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_step(value: Any, label: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{label} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def _check_schedule(initial: float, final: float, begin_step: int, end_step: int, frequency: int) -> None:
-    _check_sparsity(initial, "initial sparsity")
-    _check_sparsity(final, "final sparsity")
+    check_sparsity(initial, "initial sparsity")
+    check_sparsity(final, "final sparsity")
     if initial > final:
         raise ValueError(f"initial sparsity {initial} exceeds final sparsity {final}")
-    _check_step(begin_step, "begin_step")
-    _check_step(end_step, "end_step")
+    check_int("begin_step", begin_step, 0)
+    check_int("end_step", end_step, 0)
     if end_step < begin_step:
         raise ValueError(f"end_step {end_step} is before begin_step {begin_step}")
-    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-        raise ValueError(f"frequency must be a positive integer, got {frequency!r}")
+    check_int("frequency", frequency, 1)
 
 
 def cubic_sparsity(step: int, *, initial: float = 0.0, final: float, begin_step: int, end_step: int,
@@ -78,7 +67,7 @@ def cubic_sparsity(step: int, *, initial: float = 0.0, final: float, begin_step:
     recomputed. ``end_step == begin_step`` prunes to ``final`` in one shot.
     """
     _check_schedule(initial, final, begin_step, end_step, frequency)
-    step = _check_step(step, "step")
+    step = check_int("step", step, 0)
     if step >= end_step:
         return float(final)
     if step <= begin_step:
@@ -113,8 +102,8 @@ class GradualPruner:
                  pattern: str = "unstructured", scope: str = "layer",
                  include: Optional[Union[str, Sequence[str]]] = None,
                  exclude: Optional[Union[str, Sequence[str]]] = None, mask_gradients: bool = False) -> None:
-        final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
-        initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+        final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
+        initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         _check_schedule(initial_sparsity, final_sparsity, begin_step, end_step, frequency)
         self.nm = parse_pattern(pattern)
         if self.nm is not None:
@@ -170,7 +159,7 @@ class GradualPruner:
         Returns the current target sparsity."""
         if self.finalized:
             raise RuntimeError("GradualPruner.step() after finalize(): the layers are SparseLinear now")
-        t = self.step_count if step is None else _check_step(step, "step")
+        t = self.step_count if step is None else check_int("step", step, 0)
         if self.is_pruning_step(t):
             self.update_masks(self.sparsity_at(t))
         self.apply_masks()
@@ -199,7 +188,7 @@ class GradualPruner:
 
     def update_masks(self, sparsity: float) -> None:
         """Recompute every mask at ``sparsity`` (exact counts; see ``pattern`` / ``scope``)."""
-        sparsity = _check_sparsity(sparsity, "sparsity")
+        sparsity = check_sparsity(sparsity, "sparsity")
         scores = {name: self._scores(name, layer.weight) for name, layer in self.layers.items()}
         if self.nm is not None:
             n, m = self.nm
@@ -279,8 +268,6 @@ class GradualPruner:
         default the weight's); returns ``{name: SparseLinear}``. The N:M layout is used when the masks
         follow the pattern (the schedule has ended), the bitmask layout otherwise. Layers never pruned
         (before ``begin_step``) are left alone. All-or-nothing: on error the model is unchanged."""
-        from ...nn.sparse_linear import SparseLinear
-
         self.apply_masks()
         new: Dict[str, nn.Module] = {}
         for name, mask in self.masks.items():

@@ -36,12 +36,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import NM, check_linear_weight, check_nm, parse_dtype
+from ...core.checks import NM, check_choice, check_int, check_linear_weight, check_nm, check_number
 from ...core.formats import WeightFormat, get_format
-from ...core.primitives import SCALE_DTYPES, QuantizedWeight, num_groups, resolve_group_size, to_groups
+from ...core.primitives import QuantizedWeight, num_groups, parse_scale_dtype, resolve_group_size, to_groups
 from ...nn.sparse_linear import SparseLinear
 from ...solvers.obs import ObsBlock, obs_sweep
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 from .magnitude import PruneOptions
 from .patterns import SCOPES, check_sparsity, num_pruned, select_mask
 
@@ -139,8 +140,7 @@ def sparsegpt_prune(
     if quant:
         if not isinstance(fmt, WeightFormat):
             fmt = get_format(fmt)
-        if scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"sparsegpt: scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+        scale_dtype = parse_scale_dtype(scale_dtype)
         gs = resolve_group_size(group_size, k)
         g_count = num_groups(k, gs)
         scale = torch.empty(n, g_count, 1, dtype=scale_dtype, device=device)
@@ -227,7 +227,7 @@ def sparsegpt_prune(
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseGPT(PruneOptions, MethodConfig):
+class SparseGPT(PruneOptions, QuantizesWeights, MethodConfig):
     """SparseGPT: prune with OBS error compensation (calibration data needed; Hessian per layer).
 
     ``sparsity`` (default 0.5, implied by an N:M ``pattern``), ``pattern`` (``"unstructured"``,
@@ -235,19 +235,24 @@ class SparseGPT(PruneOptions, MethodConfig):
     ``"layer"``: exact count per layer, rows may differ, as the paper). ``block_size``: mask-selection block (the paper's ``Bs``).
     ``damp``: relative Hessian damping. ``format`` (e.g. ``"int4"``): quantize the kept weights in the
     same sweep, with ``group_size`` / ``symmetric`` / ``scale_dtype`` as GPTQ; the result then stores
-    codes (``SparseLinear.from_quantized``). ``value_dtype``: dtype of stored float values (no format).
+    codes (``SparseLinear.from_quantized``; ``config.scheme`` is then a
+    :class:`~llmopt.core.scheme.WeightQuant`, ``None`` without a format). ``value_dtype``: dtype of
+    stored float values (no format).
     ``propagate``: what feeds the next block during calibration, ``"quantized"`` (the pruned block's
     outputs, as the reference implementation) or ``"float"``.
     """
 
     name = "sparsegpt"
     needs_calibration = True
+    scheme_optional = True  # format=None: prune only
 
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     scope: str = "row"
     block_size: int = 128
     damp: float = 0.01
+    # Scheme fields declared in place (not inherited): sparsity is the first positional argument, and this
+    # is the order of to_dict() in saved recipes.
     format: Optional[str] = None
     group_size: Optional[int] = None
     symmetric: Optional[bool] = None
@@ -257,25 +262,18 @@ class SparseGPT(PruneOptions, MethodConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if not (isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0):
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_int("block_size", self.block_size, 1)
         if self.nm is not None and self.block_size % self.nm[1]:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M = {self.nm[1]} "
                              f"(pattern {self.pattern})")
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 1):
-            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
+        check_choice("propagate", self.propagate, ("quantized", "float"))
         if self.format is None:
             if self.group_size is not None or self.symmetric is not None:
                 raise ValueError("group_size / symmetric apply only with a quantization format (format='int4', ...)")
-        else:
-            if self.value_dtype is not None:
-                raise ValueError("value_dtype applies to float values only; with format= the values are codes")
-            self.weight_format()
-            resolve_group_size(self.group_size, 1 << 30)
-            if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-                raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
+        elif self.value_dtype is not None:
+            raise ValueError("value_dtype applies to float values only; with format= the values are codes")
+        super().__post_init__()  # the quantization scheme, if any
 
     @staticmethod
     def stats_spec() -> StatsSpec:
@@ -288,15 +286,9 @@ class SparseGPT(PruneOptions, MethodConfig):
 
     def label(self) -> str:
         text = f"sparsegpt {self._pattern_label()}"
-        if self.format is not None:
-            text += f" + {self.format} " + ("channel" if self.group_size is None else f"g{self.group_size}")
+        if self.scheme is not None:
+            text += f" + {self.format} {self.scheme.group_label()}"
         return text + (" float-propagation" if self.propagate == "float" else "")
-
-    def weight_format(self) -> Optional[WeightFormat]:
-        """The quantization format of the kept weights, or ``None`` for float values."""
-        if self.format is None:
-            return None
-        return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
 
 
 @register_method(SparseGPT)
@@ -309,12 +301,13 @@ def _apply_sparsegpt(linear: nn.Module, config: SparseGPT, *, name: str = "", st
     check_linear_weight(linear.weight)
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
-    fmt = config.weight_format()
+    scheme = config.scheme  # None: prune only
+    fmt = scheme.weight_format() if scheme is not None else None
     nm = config.nm
     result, _info = sparsegpt_prune(
         weight, stats.hessian, None if nm is not None else config.target_sparsity, nm=nm, scope=config.scope,
         fmt=fmt, group_size=config.group_size, block_size=config.block_size, damp=config.damp,
-        scale_dtype=parse_dtype(config.scale_dtype),
+        scale_dtype=parse_scale_dtype(config.scale_dtype),
     )
     if not torch.isfinite(result.weight).all():
         raise ValueError("the pruned weight has NaN/Inf values")
@@ -323,5 +316,5 @@ def _apply_sparsegpt(linear: nn.Module, config: SparseGPT, *, name: str = "", st
                                        dtype=config.values_dtype(weight.dtype))
     q = result.quantized
     return SparseLinear.from_quantized(q.codes, q.scale, q.zero_point, result.mask, bias, format=fmt,
-                                       group_size=q.group_size, scale_dtype=parse_dtype(config.scale_dtype),
+                                       group_size=q.group_size, scale_dtype=scheme.scale_torch_dtype,
                                        nm=nm, dtype=weight.dtype)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight
+from ...core.checks import check_choice, check_linear_weight
 from ..base import MethodConfig, register_method
 from .criteria import input_norms, wanda_scores
 from .magnitude import PruneOptions, sparse_from_mask
@@ -46,8 +46,7 @@ class Wanda(PruneOptions, MethodConfig):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
 
     @staticmethod
     def stats_spec() -> StatsSpec:

@@ -31,18 +31,12 @@ from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
 from ...calibration.graph import InputSource
-from ...core.checks import check_linear_weight, parse_dtype
-from ...core.formats import WeightFormat, get_format
-from ...core.primitives import (
-    SCALE_DTYPES,
-    dequantize_weight,
-    num_groups,
-    quantize_weight,
-    resolve_group_size,
-)
-from ...kernels import list_kernels
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
+from ...core.formats import WeightFormat
+from ...core.primitives import dequantize_weight, num_groups, quantize_weight, resolve_group_size
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
 __all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error"]
@@ -175,11 +169,12 @@ def awq_search_clip(
 
 
 @dataclasses.dataclass(frozen=True)
-class AWQ(MethodConfig):
+class AWQ(QuantizesWeights, MethodConfig):
     """AWQ: activation-aware per-channel scaling plus range clipping, then round to nearest.
 
     Args:
-        format, group_size, symmetric, scale_dtype, kernel: the quantization (as :class:`RTN`).
+        format, group_size, symmetric, scale_dtype, kernel: the quantization (as :class:`RTN`;
+            ``config.scheme``, a :class:`~llmopt.core.scheme.WeightQuant`).
         grid: ``alpha`` values tried by the scale search.
         duo_scaling: also divide the scale by the weights' per-column size (AutoAWQ's variant).
         clip: run the clip search.
@@ -193,6 +188,7 @@ class AWQ(MethodConfig):
     name = "awq"
     needs_calibration = True
 
+    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
     format: str = "int4"
     group_size: Optional[int] = 128
     symmetric: Optional[bool] = None
@@ -207,20 +203,13 @@ class AWQ(MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-        self.weight_format()
-        resolve_group_size(self.group_size, 1 << 30)
-        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
-        for field in ("grid", "clip_grid"):
-            value = getattr(self, field)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
+        super().__post_init__()  # the quantization scheme
+        check_int("grid", self.grid, 1)
+        check_int("clip_grid", self.clip_grid, 1)
+        check_number("max_shrink", self.max_shrink, 0, 1, high_open=True)
+        for flag in ("duo_scaling", "clip", "fold"):
+            check_flag(flag, getattr(self, flag))
 
     @staticmethod
     def stats_spec() -> StatsSpec:
@@ -236,11 +225,8 @@ class AWQ(MethodConfig):
         return [cls("int4", 64), cls("int3", 64)]
 
     def label(self) -> str:
-        group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"awq {self.format} {group}" + (" quantized-propagation" if self.propagate == "quantized" else "")
-
-    def weight_format(self) -> WeightFormat:
-        return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
+        return (f"awq {self.format} {self.scheme.group_label()}"
+                + (" quantized-propagation" if self.propagate == "quantized" else ""))
 
 
 def _layer_weight(name: str, layer: nn.Module) -> Tensor:
@@ -264,8 +250,8 @@ def _stats_of(name: str, stats: Dict[str, LayerStats]) -> LayerStats:
 def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, LayerStats],
                sources: Dict[str, InputSource], root: nn.Module, prefix: str = "",
                **_: Any) -> Dict[str, nn.Module]:
-    fmt = config.weight_format()
-    scale_dtype = parse_dtype(config.scale_dtype)
+    scheme = config.scheme
+    fmt, group_size, scale_dtype = scheme.weight_format(), scheme.group_size, scheme.scale_torch_dtype
     weights = {name: _layer_weight(name, layer) for name, layer in layers.items()}
     out: Dict[str, nn.Module] = {}
     for group in input_groups(list(layers), sources):
@@ -277,7 +263,7 @@ def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, La
             hessian = st.mean_hessian().to(torch.float32)
             act_mean = st.col_abs_mean().to(torch.float32)
             s, _info = awq_search_scale([weights[m] for m in members], hessian, act_mean, fmt,
-                                        config.group_size, grid=config.grid, duo_scaling=config.duo_scaling,
+                                        group_size, grid=config.grid, duo_scaling=config.duo_scaling,
                                         scale_dtype=scale_dtype)
             folded = None
             if producer is not None:
@@ -291,12 +277,12 @@ def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, La
                 w_scaled = weights[name].to(torch.float32) * s
                 ratio = None
                 if config.clip:
-                    ratio = awq_search_clip(w_scaled, h_scaled, fmt, config.group_size, grid=config.clip_grid,
+                    ratio = awq_search_clip(w_scaled, h_scaled, fmt, group_size, grid=config.clip_grid,
                                             max_shrink=config.max_shrink, scale_dtype=scale_dtype)
-                q = quantize_weight(w_scaled, fmt, config.group_size, scale_dtype, clip_ratio=ratio)
+                q = quantize_weight(w_scaled, fmt, group_size, scale_dtype, clip_ratio=ratio)
                 out[name] = QuantLinear.from_codes(
                     q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
                     bias=layer.bias.detach() if layer.bias is not None else None, dtype=layer.weight.dtype,
-                    kernel=config.kernel, input_scale=None if folded is not None else 1.0 / s,
+                    kernel=scheme.kernel, input_scale=None if folded is not None else 1.0 / s,
                 )
     return out

@@ -30,13 +30,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
-from ...core.checks import check_linear_weight, parse_dtype
+from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import WeightFormat, get_format
-from ...core.primitives import SCALE_DTYPES, QuantizedWeight, num_groups, resolve_group_size, to_groups
-from ...kernels import list_kernels
+from ...core.primitives import QuantizedWeight, num_groups, parse_scale_dtype, resolve_group_size, to_groups
 from ...nn.quant_linear import QuantLinear
 from ...solvers.obs import ObsBlock, act_order_permutation, check_hessian, obs_sweep
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 
 __all__ = ["gptq_quantize"]
 
@@ -83,8 +83,7 @@ def gptq_quantize(
         fmt = get_format(fmt)
     if weight.dim() != 2:
         raise ValueError(f"gptq: expected a 2-D weight [out_features, in_features], got {tuple(weight.shape)}")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"gptq: scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    scale_dtype = parse_scale_dtype(scale_dtype)
     n, k = weight.shape
     check_hessian(hessian, k)  # before the Hessian's diagonal is used below
     gs = resolve_group_size(group_size, k)
@@ -164,9 +163,8 @@ def gptq_quantize(
 # The method: config + handler (statistics come from the block-sequential calibration runner)
 
 
-
 @dataclasses.dataclass(frozen=True)
-class GPTQ(MethodConfig):
+class GPTQ(QuantizesWeights, MethodConfig):
     """GPTQ (Frantar et al. 2022): quantize columns one by one, feeding each column's rounding error
     back into the not-yet-quantized columns through the inverse Hessian of the layer's inputs.
 
@@ -175,11 +173,15 @@ class GPTQ(MethodConfig):
     ``propagate``: what feeds the next block during calibration, ``"quantized"`` (the compressed
     block's outputs, as the reference implementation) or ``"float"`` (the uncompressed block's
     outputs: one forward per block instead of two, at some cost in quality).
+
+    ``format``, ``group_size``, ``symmetric``, ``scale_dtype``, ``kernel``: the quantization, as
+    :class:`~llmopt.RTN` (``config.scheme``, a :class:`~llmopt.core.scheme.WeightQuant`).
     """
 
     name = "gptq"
     needs_calibration = True
 
+    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
     format: str = "int4"
     group_size: Optional[int] = 128
     symmetric: Optional[bool] = None
@@ -191,18 +193,11 @@ class GPTQ(MethodConfig):
     propagate: str = "quantized"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-        self.weight_format()
-        resolve_group_size(self.group_size, 1 << 30)
-        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
-        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
-            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
+        super().__post_init__()  # the quantization scheme
+        check_flag("act_order", self.act_order)
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
+        check_int("block_size", self.block_size, 1)
 
     @staticmethod
     def stats_spec() -> StatsSpec:
@@ -218,12 +213,8 @@ class GPTQ(MethodConfig):
         return [cls("int4", 64, act_order=True), cls("int3", 64, act_order=True)]
 
     def label(self) -> str:
-        group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return (f"gptq {self.format} {group}" + (" act-order" if self.act_order else "")
+        return (f"gptq {self.format} {self.scheme.group_label()}" + (" act-order" if self.act_order else "")
                 + (" float-propagation" if self.propagate == "float" else ""))
-
-    def weight_format(self):
-        return get_format(self.format, **({"symmetric": self.symmetric} if self.symmetric is not None else {}))
 
 
 @register_method(GPTQ)
@@ -232,13 +223,14 @@ def _apply_gptq(linear: nn.Module, config: GPTQ, *, name: str = "", stats: Optio
     if stats is None or stats.count == 0:
         raise ValueError("GPTQ needs calibration statistics for this layer (it received no inputs)")
     check_linear_weight(linear.weight)
+    scheme = config.scheme
     q, _info = gptq_quantize(
-        linear.weight.detach(), stats.hessian, config.weight_format(), config.group_size,
+        linear.weight.detach(), stats.hessian, scheme.weight_format(), scheme.group_size,
         act_order=config.act_order, damp=config.damp, block_size=config.block_size,
-        scale_dtype=parse_dtype(config.scale_dtype),
+        scale_dtype=scheme.scale_torch_dtype,
     )
     return QuantLinear.from_codes(
-        q.codes, q.scale, q.zero_point, format=config.weight_format(), group_size=q.group_size,
+        q.codes, q.scale, q.zero_point, format=scheme.weight_format(), group_size=q.group_size,
         bias=linear.bias.detach() if linear.bias is not None else None, dtype=linear.weight.dtype,
-        kernel=config.kernel,
+        kernel=scheme.kernel,
     )

@@ -41,21 +41,24 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...core.checks import check_linear_weight, parse_dtype
+from ...core.checks import check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import AffineFormat, WeightFormat, get_format
-from ...core.primitives import SCALE_DTYPES, QuantizedWeight, resolve_group_size, to_groups
-from ...kernels import list_kernels
+from ...core.primitives import QuantizedWeight, parse_scale_dtype, resolve_group_size, to_groups
+from ...core.scheme import WeightQuant
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 
-__all__ = ["HQQ", "hqq_quantize"]
+__all__ = ["HQQ", "hqq_quantize", "check_hqq_format"]
 
 # Rows (groups) handled per block: bounds the float32 temporaries to a few x 16 MiB whatever the
 # layer size, and keeps the per-block working set small.
 _BLOCK_ELEMS = 1 << 22
 
 
-def _check_affine(fmt: Union[str, WeightFormat]) -> AffineFormat:
+def check_hqq_format(fmt: Union[str, WeightFormat]) -> AffineFormat:
+    """``fmt`` as an asymmetric :class:`AffineFormat` (the only kind with a zero point to refit), else a
+    ``ValueError`` naming the format."""
     fmt = get_format(fmt)
     if not isinstance(fmt, AffineFormat) or not fmt.has_zero_point:
         raise ValueError(
@@ -67,16 +70,13 @@ def _check_affine(fmt: Union[str, WeightFormat]) -> AffineFormat:
 
 
 def _check_options(iters, lp_norm, beta, kappa, round_zero=False) -> None:
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
-    if isinstance(lp_norm, bool) or not isinstance(lp_norm, (int, float)) or not 0 < lp_norm <= 1:
-        raise ValueError(f"lp_norm must be a number in (0, 1], got {lp_norm!r}")
+    check_int("iters", iters, 0)
+    check_number("lp_norm", lp_norm, 0, 1, low_open=True)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0 < beta < math.inf):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not (1 <= kappa < math.inf):
         raise ValueError(f"kappa must be a finite number >= 1, got {kappa!r}")
-    if not isinstance(round_zero, bool):
-        raise ValueError(f"round_zero must be True or False, got {round_zero!r}")
+    check_flag("round_zero", round_zero)
 
 
 def _shrink(e: Tensor, beta: float, p: float) -> Tensor:
@@ -174,15 +174,14 @@ def hqq_quantize(
     Returns a :class:`~llmopt.quant.primitives.QuantizedWeight` in llmopt's convention
     (``zero_point`` = float value of the mid code).
     """
-    fmt = _check_affine(fmt)
+    fmt = check_hqq_format(fmt)
     _check_options(iters, lp_norm, beta, kappa, round_zero)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got {shape}")
     if not weight.is_floating_point():
         raise TypeError(f"unsupported weight dtype {weight.dtype}; expected a floating dtype")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    scale_dtype = parse_scale_dtype(scale_dtype)
     n, k = weight.shape
     gs = resolve_group_size(group_size, k)
     groups = to_groups(weight.detach(), gs)  # [N, G, gs] float32, last group padded
@@ -230,7 +229,7 @@ def hqq_quantize(
 
 
 @dataclasses.dataclass(frozen=True)
-class HQQ(MethodConfig):
+class HQQ(QuantizesWeights, MethodConfig):
     """Half-Quadratic Quantization of every targeted ``nn.Linear`` (no calibration data).
 
     Args:
@@ -241,6 +240,8 @@ class HQQ(MethodConfig):
             outlier-tolerant.
         scale_dtype: dtype of stored scales/zero points (``"bfloat16"`` by default).
         kernel: ``"auto"`` or a kernel name from ``llmopt.kernels.list_kernels()``.
+            These four are ``config.scheme`` (a :class:`~llmopt.core.scheme.WeightQuant`; no ``symmetric``:
+            HQQ refits the zero point, so the format is asymmetric).
         round_zero: start from RTN's zero point rounded to a whole code (the hqq library's
             default at 4 bits), which puts the value 0 on the grid; ``False`` starts from RTN
             exactly and never ends worse than it (per group, mean absolute error).
@@ -249,6 +250,7 @@ class HQQ(MethodConfig):
     name = "hqq"
     needs_calibration = False
 
+    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
     format: str = "int4"
     group_size: Optional[int] = 64
     iters: int = 20
@@ -258,14 +260,11 @@ class HQQ(MethodConfig):
     round_zero: bool = False
 
     def __post_init__(self) -> None:
-        self.weight_format()  # unknown / non-affine format fails here, before any layer is touched
-        resolve_group_size(self.group_size, 1 << 30)
+        super().__post_init__()  # unknown / non-affine format fails here, before any layer is touched
         _check_options(self.iters, self.lp_norm, 1e1, 1.01, self.round_zero)
-        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-            raise ValueError(
-                f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
+
+    def check_scheme(self, scheme: WeightQuant) -> None:
+        check_hqq_format(scheme.weight_format())
 
     @classmethod
     def examples(cls):
@@ -279,24 +278,21 @@ class HQQ(MethodConfig):
         return [cls("int4", 64, round_zero=True), cls("int4", 128, round_zero=True), cls("int3", 64, round_zero=True)]
 
     def label(self) -> str:
-        group = "channel" if self.group_size is None else f"g{self.group_size}"
+        group = self.scheme.group_label()
         extra = "" if (self.iters, self.lp_norm) == (20, 0.7) else f" it{self.iters} p{self.lp_norm:g}"
         return f"hqq {self.format} {group}{extra}{' rz' if self.round_zero else ''}"
-
-    def weight_format(self) -> AffineFormat:
-        """The :class:`~llmopt.quant.formats.AffineFormat` this config asks for."""
-        return _check_affine(get_format(self.format))
 
 
 @register_method(HQQ)
 def _apply_hqq(linear: nn.Module, config: HQQ, *, name: str = "", **kwargs) -> QuantLinear:
     weight = linear.weight
     check_linear_weight(weight)
-    fmt = config.weight_format()
-    q = hqq_quantize(weight.detach(), fmt, config.group_size, iters=config.iters, lp_norm=config.lp_norm,
-                     scale_dtype=parse_dtype(config.scale_dtype), round_zero=config.round_zero)
+    scheme = config.scheme
+    fmt = scheme.weight_format()
+    q = hqq_quantize(weight.detach(), fmt, scheme.group_size, iters=config.iters, lp_norm=config.lp_norm,
+                     scale_dtype=scheme.scale_torch_dtype, round_zero=config.round_zero)
     bias = getattr(linear, "bias", None)
     return QuantLinear.from_codes(
         q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
-        bias=bias.detach() if bias is not None else None, dtype=weight.dtype, kernel=config.kernel,
+        bias=bias.detach() if bias is not None else None, dtype=weight.dtype, kernel=scheme.kernel,
     )

@@ -27,12 +27,11 @@ from torch import Tensor
 
 from ...calibration import LayerStats, StatsSpec
 from ...calibration.graph import InputSource
-from ...core.checks import check_linear_weight, parse_dtype
-from ...core.formats import get_format
-from ...core.primitives import SCALE_DTYPES, quantize_weight
-from ...kernels import list_kernels
+from ...core.checks import check_choice, check_flag, check_linear_weight, check_number
+from ...core.primitives import quantize_weight
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
 __all__ = ["SmoothQuant", "smoothing_factors"]
@@ -52,7 +51,7 @@ def smoothing_factors(act_absmax: Tensor, weights: Sequence[Tensor], alpha: floa
 
 
 @dataclasses.dataclass(frozen=True)
-class SmoothQuant(MethodConfig):
+class SmoothQuant(QuantizesWeights, MethodConfig):
     """SmoothQuant smoothing + W8A8 (int8 per-channel weights, dynamic per-token int8 activations).
 
     Args:
@@ -62,10 +61,14 @@ class SmoothQuant(MethodConfig):
         kernel: ``"auto"`` (``int8_onednn_cpu`` on CPU) or a kernel name.
         propagate: ``"float"`` (statistics of the float model, one forward per block, as the paper)
             or ``"quantized"`` (of the W8A8 model so far).
+
+    ``config.scheme`` (a :class:`~llmopt.core.scheme.WeightQuant`) is symmetric per-channel int8 with
+    this ``scale_dtype`` and ``kernel``.
     """
 
     name = "smoothquant"
     needs_calibration = True
+    scheme_fixed = {"format": "int8", "group_size": None, "symmetric": True}
 
     alpha: Optional[float] = 0.5
     fold: bool = True
@@ -74,16 +77,11 @@ class SmoothQuant(MethodConfig):
     propagate: str = "float"
 
     def __post_init__(self) -> None:
-        if self.propagate not in ("quantized", "float"):
-            raise ValueError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not (isinstance(self.alpha, (int, float))
-                                                                           and 0 <= self.alpha <= 1)):
-            raise ValueError(f"alpha must be None or in [0, 1], got {self.alpha!r}")
-        if parse_dtype(self.scale_dtype) not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {self.scale_dtype!r}")
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
+        check_choice("propagate", self.propagate, ("quantized", "float"))
+        if self.alpha is not None:
+            check_number("alpha (None: no smoothing)", self.alpha, 0, 1)
+        check_flag("fold", self.fold)
+        super().__post_init__()  # the quantization scheme
 
     @staticmethod
     def stats_spec() -> StatsSpec:
@@ -101,17 +99,13 @@ class SmoothQuant(MethodConfig):
         return ("smoothquant w8a8" + (f" a={self.alpha}" if self.alpha is not None else " (no smoothing)")
                 + (" quantized-propagation" if self.propagate == "quantized" else ""))
 
-    @staticmethod
-    def weight_format():
-        return get_format("int8", symmetric=True)
-
 
 @register_method(SmoothQuant, scope="block")
 def _apply_smoothquant(layers: Dict[str, nn.Module], config: SmoothQuant, *, stats: Dict[str, LayerStats],
                        sources: Dict[str, InputSource], root: nn.Module, prefix: str = "",
                        **_: Any) -> Dict[str, nn.Module]:
-    fmt = config.weight_format()
-    scale_dtype = parse_dtype(config.scale_dtype)
+    scheme = config.scheme
+    fmt, scale_dtype = scheme.weight_format(), scheme.scale_torch_dtype
     for name, layer in layers.items():
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"layer {name!r}: SmoothQuant quantizes nn.Linear layers, got {type(layer).__name__}")
@@ -140,11 +134,11 @@ def _apply_smoothquant(layers: Dict[str, nn.Module], config: SmoothQuant, *, sta
                 w = layer.weight.detach().to(torch.float32)
                 if s is not None:
                     w = w * s.to(w.device)
-                q = quantize_weight(w, fmt, None, scale_dtype)
+                q = quantize_weight(w, fmt, scheme.group_size, scale_dtype)
                 carry = s is not None and folded is None
                 out[name] = QuantLinear.from_codes(
-                    q.codes, q.scale, q.zero_point, format=fmt, group_size=None,
+                    q.codes, q.scale, q.zero_point, format=fmt, group_size=scheme.group_size,
                     bias=layer.bias.detach() if layer.bias is not None else None, dtype=layer.weight.dtype,
-                    kernel=config.kernel, input_scale=(1.0 / s) if carry else None, act_bits=8,
+                    kernel=scheme.kernel, input_scale=(1.0 / s) if carry else None, act_bits=8,
                 )
     return out
