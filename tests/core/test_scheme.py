@@ -173,7 +173,7 @@ CONFIG_DEFAULTS = {  # the scheme fields each config declares, and their default
     RTN: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto"),
     GPTQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto"),
     AWQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto"),
-    HQQ: dict(format="int4", group_size=64, scale_dtype="bfloat16", kernel="auto"),
+    HQQ: dict(format="int4", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto"),
     QuantLowRank: dict(format="int3", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto"),
     SparseGPT: dict(format=None, group_size=None, symmetric=None, scale_dtype="bfloat16"),
     SmoothQuant: dict(scale_dtype="float32", kernel="auto"),
@@ -195,8 +195,8 @@ def test_same_fields_give_the_same_scheme_in_every_config(fmt, group_size, symme
     fields = scheme.to_dict()
     configs = [RTN(**fields), GPTQ(**fields), AWQ(**fields), QuantLowRank(**fields)]
     configs.append(SparseGPT(0.5, **{k: v for k, v in fields.items() if k != "kernel"}))
-    if not symmetric:  # HQQ refits a zero point: asymmetric only, and has no symmetric field
-        configs.append(HQQ(**{k: v for k, v in fields.items() if k != "symmetric"}))
+    if not symmetric:  # HQQ refits a zero point: asymmetric only
+        configs.append(HQQ(**fields))
     for config in configs:
         expected = scheme if "kernel" in CONFIG_DEFAULTS[type(config)] else scheme.replace(kernel="auto")
         if "symmetric" not in CONFIG_DEFAULTS[type(config)]:
@@ -315,36 +315,55 @@ def test_a_config_with_its_own_field_names_and_an_optional_format():
 
 
 # ------------------------------------------------------------------------------ serialised forms, pinned
-@pytest.mark.parametrize("config, expected", [
+# The five scheme fields are declared once (WeightQuantFields), so they come first in every config that
+# carries them all; SparseGPT (optional format, sparsity first) and SmoothQuant (fixed int8) declare theirs
+# in place. A dict written with the previous key order (scheme fields interleaved with the method's own)
+# still loads: from_dict reads keys by name.
+PINNED = [
     (RTN("int4", 64),
      [("method", "rtn"), ("format", "int4"), ("group_size", 64), ("symmetric", None),
-      ("scale_dtype", "bfloat16"), ("kernel", "auto")]),
+      ("scale_dtype", "bfloat16"), ("kernel", "auto")], None),
     (GPTQ("int4", 64, act_order=True),
+     [("method", "gptq"), ("format", "int4"), ("group_size", 64), ("symmetric", None), ("scale_dtype", "bfloat16"),
+      ("kernel", "auto"), ("act_order", True), ("damp", 0.01), ("block_size", 128), ("propagate", "quantized")],
      [("method", "gptq"), ("format", "int4"), ("group_size", 64), ("symmetric", None), ("act_order", True),
       ("damp", 0.01), ("block_size", 128), ("scale_dtype", "bfloat16"), ("kernel", "auto"),
       ("propagate", "quantized")]),
     (AWQ("int4", 32),
+     [("method", "awq"), ("format", "int4"), ("group_size", 32), ("symmetric", None), ("scale_dtype", "bfloat16"),
+      ("kernel", "auto"), ("grid", 20), ("duo_scaling", False), ("clip", True), ("clip_grid", 20),
+      ("max_shrink", 0.5), ("fold", True), ("propagate", "float")],
      [("method", "awq"), ("format", "int4"), ("group_size", 32), ("symmetric", None), ("grid", 20),
       ("duo_scaling", False), ("clip", True), ("clip_grid", 20), ("max_shrink", 0.5), ("fold", True),
       ("scale_dtype", "bfloat16"), ("kernel", "auto"), ("propagate", "float")]),
     (HQQ("int3", None, round_zero=True),
+     [("method", "hqq"), ("format", "int3"), ("group_size", None), ("symmetric", None), ("scale_dtype", "bfloat16"),
+      ("kernel", "auto"), ("iters", 20), ("lp_norm", 0.7), ("round_zero", True)],
      [("method", "hqq"), ("format", "int3"), ("group_size", None), ("iters", 20), ("lp_norm", 0.7),
       ("scale_dtype", "bfloat16"), ("kernel", "auto"), ("round_zero", True)]),
     (QuantLowRank("int4", 32, symmetric=True, rank=16),
+     [("method", "quant_lowrank"), ("format", "int4"), ("group_size", 32), ("symmetric", True),
+      ("scale_dtype", "bfloat16"), ("kernel", "auto"), ("rank", 16), ("activation_aware", False), ("base", "rtn"),
+      ("factor_dtype", "bfloat16"), ("damp", 0.01), ("propagate", "float")],
      [("method", "quant_lowrank"), ("format", "int4"), ("group_size", 32), ("symmetric", True), ("rank", 16),
       ("activation_aware", False), ("base", "rtn"), ("scale_dtype", "bfloat16"), ("kernel", "auto"),
       ("factor_dtype", "bfloat16"), ("damp", 0.01), ("propagate", "float")]),
     (SparseGPT(0.5, format="int4", group_size=64),
      [("method", "sparsegpt"), ("sparsity", 0.5), ("pattern", "unstructured"), ("scope", "row"),
       ("block_size", 128), ("damp", 0.01), ("format", "int4"), ("group_size", 64), ("symmetric", None),
-      ("scale_dtype", "bfloat16"), ("propagate", "quantized"), ("value_dtype", None)]),
+      ("scale_dtype", "bfloat16"), ("propagate", "quantized"), ("value_dtype", None)], None),
     (SmoothQuant(0.5),
      [("method", "smoothquant"), ("alpha", 0.5), ("fold", True), ("scale_dtype", "float32"),
-      ("kernel", "auto"), ("propagate", "float")]),
-])
-def test_to_dict_is_exactly_as_before(config, expected):
-    assert list(config.to_dict().items()) == expected  # keys, values and order (saved recipes keep it)
+      ("kernel", "auto"), ("propagate", "float")], None),
+]
+
+
+@pytest.mark.parametrize("config, expected, previous", PINNED)
+def test_to_dict_is_pinned_and_previous_dicts_still_load(config, expected, previous):
+    assert list(config.to_dict().items()) == expected  # keys, values and order
     assert MethodConfig.from_dict(config.to_dict()) == config
+    if previous is not None:  # a recipe or manifest written by the previous layout
+        assert MethodConfig.from_dict(dict(previous)) == config
 
 
 def test_labels_are_exactly_as_before():
@@ -359,15 +378,15 @@ def test_labels_are_exactly_as_before():
         "rtn int8 channel", "rtn int4 g128", "rtn int4 g64", "rtn int3 g64", "rtn nf4 g64"]
 
 
-def test_positional_arguments_are_as_before():
-    """Configs are called with the format and group size first (``RTN("int4", 64)``); SparseGPT with the
-    sparsity first. The whole signatures are unchanged, so any positional call keeps its meaning."""
+def test_positional_arguments():
+    """Configs are called with the format and group size first (``RTN("int4", 64)``), then symmetric;
+    SparseGPT with the sparsity first. (No caller passes more positional arguments: the method's own
+    options follow the scheme's five fields and are passed by keyword.)"""
     def params(cls):
         return list(inspect.signature(cls).parameters)
 
     assert params(RTN) == ["format", "group_size", "symmetric", "scale_dtype", "kernel"]
-    assert params(GPTQ)[:4] == ["format", "group_size", "symmetric", "act_order"]
-    assert params(HQQ)[:3] == ["format", "group_size", "iters"]
-    assert params(QuantLowRank)[:4] == ["format", "group_size", "symmetric", "rank"]
+    for cls in (GPTQ, AWQ, HQQ, QuantLowRank):
+        assert params(cls)[:5] == params(RTN), cls.__name__
     assert params(SparseGPT)[0] == "sparsity" and params(SmoothQuant)[0] == "alpha"
     assert isinstance(llmopt.RTN("int4", 64), RTN)

@@ -41,7 +41,7 @@ from ...nn.quant_linear import QuantLinear
 from ...solvers.decompose import Decomposition, _check_rank, decompose, whitened_svd
 from ..base import MethodConfig, register_method
 from ..quant.hqq import check_hqq_format, hqq_quantize
-from ..quantized import QuantizesWeights
+from ..quantized import WeightQuantFields
 from .lora import _freeze_all_but_adapters
 from .svd import is_factor
 
@@ -88,7 +88,7 @@ def compensation_factors(residual: Tensor, rank: int, *, hessian: Optional[Tenso
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantLowRank(QuantizesWeights, MethodConfig):
+class QuantLowRank(WeightQuantFields, MethodConfig):
     """Quantize every targeted ``nn.Linear``, then add a rank-``r`` correction of the quantization error.
 
     Replaces each layer with a :class:`~llmopt.nn.CompensatedLinear` computing ``deq(Q) x + L (R x)``.
@@ -110,15 +110,12 @@ class QuantLowRank(QuantizesWeights, MethodConfig):
 
     name = "quant_lowrank"
 
-    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
+    # format, group_size, symmetric, scale_dtype, kernel come from WeightQuantFields; different defaults:
     format: str = "int3"
     group_size: Optional[int] = 64
-    symmetric: Optional[bool] = None
     rank: int = 32
     activation_aware: bool = False
     base: str = "rtn"
-    scale_dtype: str = "bfloat16"
-    kernel: str = "auto"
     factor_dtype: Optional[str] = "bfloat16"
     damp: float = 0.01
     propagate: str = "float"

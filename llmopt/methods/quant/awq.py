@@ -36,7 +36,7 @@ from ...core.formats import WeightFormat
 from ...core.primitives import dequantize_weight, num_groups, quantize_weight, resolve_group_size
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
-from ..quantized import QuantizesWeights
+from ..quantized import WeightQuantFields
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
 __all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error"]
@@ -169,7 +169,7 @@ def awq_search_clip(
 
 
 @dataclasses.dataclass(frozen=True)
-class AWQ(QuantizesWeights, MethodConfig):
+class AWQ(WeightQuantFields, MethodConfig):
     """AWQ: activation-aware per-channel scaling plus range clipping, then round to nearest.
 
     Args:
@@ -188,18 +188,12 @@ class AWQ(QuantizesWeights, MethodConfig):
     name = "awq"
     needs_calibration = True
 
-    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
-    format: str = "int4"
-    group_size: Optional[int] = 128
-    symmetric: Optional[bool] = None
     grid: int = 20
     duo_scaling: bool = False
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
     fold: bool = True
-    scale_dtype: str = "bfloat16"
-    kernel: str = "auto"
     propagate: str = "float"
 
     def __post_init__(self) -> None:

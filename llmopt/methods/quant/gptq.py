@@ -36,7 +36,7 @@ from ...core.primitives import QuantizedWeight, num_groups, parse_scale_dtype, r
 from ...nn.quant_linear import QuantLinear
 from ...solvers.obs import ObsBlock, act_order_permutation, check_hessian, obs_sweep
 from ..base import MethodConfig, register_method
-from ..quantized import QuantizesWeights
+from ..quantized import WeightQuantFields
 
 __all__ = ["gptq_quantize"]
 
@@ -164,7 +164,7 @@ def gptq_quantize(
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQ(QuantizesWeights, MethodConfig):
+class GPTQ(WeightQuantFields, MethodConfig):
     """GPTQ (Frantar et al. 2022): quantize columns one by one, feeding each column's rounding error
     back into the not-yet-quantized columns through the inverse Hessian of the layer's inputs.
 
@@ -181,15 +181,9 @@ class GPTQ(QuantizesWeights, MethodConfig):
     name = "gptq"
     needs_calibration = True
 
-    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
-    format: str = "int4"
-    group_size: Optional[int] = 128
-    symmetric: Optional[bool] = None
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
-    scale_dtype: str = "bfloat16"
-    kernel: str = "auto"
     propagate: str = "quantized"
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ from ...core.primitives import QuantizedWeight, parse_scale_dtype, resolve_group
 from ...core.scheme import WeightQuant
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
-from ..quantized import QuantizesWeights
+from ..quantized import WeightQuantFields
 
 __all__ = ["HQQ", "hqq_quantize", "check_hqq_format"]
 
@@ -229,7 +229,7 @@ def hqq_quantize(
 
 
 @dataclasses.dataclass(frozen=True)
-class HQQ(QuantizesWeights, MethodConfig):
+class HQQ(WeightQuantFields, MethodConfig):
     """Half-Quadratic Quantization of every targeted ``nn.Linear`` (no calibration data).
 
     Args:
@@ -250,13 +250,10 @@ class HQQ(QuantizesWeights, MethodConfig):
     name = "hqq"
     needs_calibration = False
 
-    # Scheme fields declared in place (not inherited): their order is that of to_dict() in saved recipes.
-    format: str = "int4"
+    # format, group_size, symmetric, scale_dtype, kernel come from WeightQuantFields; different defaults:
     group_size: Optional[int] = 64
     iters: int = 20
     lp_norm: float = 0.7
-    scale_dtype: str = "bfloat16"
-    kernel: str = "auto"
     round_zero: bool = False
 
     def __post_init__(self) -> None:
