@@ -138,8 +138,8 @@ class LowRankLinear(CompressedLinear):
         return layer_bytes(self.down, stored=False) + layer_bytes(self.up, stored=False)
 
     def weight_bytes(self) -> float:
-        """Stored bytes of the factors' weights (bias excluded), each counted as its own bits per weight
-        say: what :meth:`bits_per_weight` spreads over the dense ``[out, in]`` layer."""
+        """Stored bytes of both factors' weights, bias excluded (a compressed factor counted from its own
+        bits per weight): what :meth:`bits_per_weight` spreads over the dense ``[out, in]`` layer."""
         return _weight_bytes(self.down) + _weight_bytes(self.up)
 
     def describe(self) -> str:
