@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["CompressedLinear", "dense_linear", "register_module_type", "module_types"]
+__all__ = ["CompressedLinear", "dense_linear", "register_module_type", "module_types", "layer_bytes"]
 
 
 def dense_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
@@ -27,6 +27,14 @@ def dense_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias.to(weight.dtype))
     return linear
+
+
+def layer_bytes(module: nn.Module, stored: bool = True) -> int:
+    """Bytes of a sub-layer (a factor, a wrapped base): a compressed wrapper's ``stored_bytes()`` (or
+    ``runtime_bytes()`` with ``stored=False``), else the bytes of its parameters and buffers."""
+    if getattr(module, "is_llmopt_compressed", False):
+        return int(module.stored_bytes() if stored else module.runtime_bytes())
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 # type name -> class with .config() and .from_config(config, device)

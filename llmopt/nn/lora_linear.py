@@ -41,7 +41,7 @@ from ..core.checks import dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
 from ..core.primitives import dequantize_weight as _dequantize_codes
 from ..core.primitives import quantize_weight
-from .base import register_module_type
+from .base import CompressedLinear, layer_bytes, module_types
 from .quant_linear import QuantLinear
 
 __all__ = ["LoRALinear", "base_weight", "LORA_INITS", "Requantizer"]
@@ -170,7 +170,7 @@ def _freeze_base(module: "LoRALinear", incompatible_keys) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- module
-class LoRALinear(nn.Module):
+class LoRALinear(CompressedLinear):
     """Frozen ``base`` plus trainable adapters ``lora_A`` (in -> r) and ``lora_B`` (r -> out).
 
     Args:
@@ -194,7 +194,8 @@ class LoRALinear(nn.Module):
     """
 
     # An adapter wrapper, not a compressed layer: memory reports list its base and adapters
-    # separately, and llmopt never compresses a LoRALinear as a whole.
+    # separately, and llmopt never compresses a LoRALinear as a whole. It still offers the wrapper
+    # interface (dequantize_weight, bytes, config) of CompressedLinear.
     is_llmopt_compressed = False
     is_llmopt_lora = True
 
@@ -372,6 +373,14 @@ class LoRALinear(nn.Module):
             weight = weight * (m / _row_norm(weight))[:, None]
         return weight
 
+    def dequantize_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The weight ``[out, in]`` this layer computes with (default dtype: the base's): the base's own
+        weight while merged, else :meth:`merged_weight` (evaluated in float64, rounded once)."""
+        dtype = dtype or _base_dtype(self.base)
+        if self.merged:
+            return base_weight(self.base, dtype)
+        return self.merged_weight(torch.float64).to(dtype)
+
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self) -> nn.Module:
         """A new module without adapters computing what this layer computes (see module docs).
@@ -458,6 +467,19 @@ class LoRALinear(nn.Module):
             params["lora_magnitude"] = self.lora_magnitude
         return params
 
+    def _adapter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.adapter_parameters().values())
+
+    def stored_bytes(self) -> int:
+        """Bytes ``llmopt.save`` writes: the base (compressed or not) plus the adapters."""
+        return layer_bytes(self.base) + self._adapter_bytes()
+
+    def runtime_bytes(self) -> int:
+        """Bytes held in memory: base, adapters and, while merged, the original base kept aside."""
+        original = self.__dict__.get("_unmerged_base")
+        kept_aside = layer_bytes(original, stored=False) if original is not None else 0
+        return layer_bytes(self.base, stored=False) + self._adapter_bytes() + kept_aside
+
     def settings(self) -> Dict[str, Any]:
         """The adapter hyper-parameters (JSON-serialisable)."""
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout_p, "use_rslora": self.use_rslora,
@@ -467,11 +489,9 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ save / load (llmopt.save)
     def config(self) -> Dict[str, Any]:
         """JSON-serialisable description (used by ``llmopt.save``); the base is described inside."""
-        from .base import _MODULE_TYPES
-
         base = self.base
         name = type(base).__name__
-        if _MODULE_TYPES.get(name) is type(base):
+        if module_types().get(name) is type(base):
             base_spec = {"type": name, "config": base.config()}
         elif isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
             base_spec = {"type": "Linear", "config": {
@@ -487,18 +507,17 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_config(cls, config: Dict[str, Any], device: Optional[Union[str, torch.device]] = None) -> "LoRALinear":
         """Empty layer (base included) from :meth:`config` output; values come from a state dict."""
-        from .base import _MODULE_TYPES
-
+        types = module_types()
         spec = config["base"]
         if spec["type"] == "Linear":
             c = spec["config"]
             base = nn.Linear(c["in_features"], c["out_features"], bias=c["bias"], device=device,
                              dtype=parse_dtype(c["dtype"]))
-        elif spec["type"] in _MODULE_TYPES:
-            base = _MODULE_TYPES[spec["type"]].from_config(spec["config"], device=device)
+        elif spec["type"] in types:
+            base = types[spec["type"]].from_config(spec["config"], device=device)
         else:
             raise ValueError(f"LoRALinear base has unknown type {spec['type']!r}; known: "
-                             f"{['Linear'] + sorted(_MODULE_TYPES)}")
+                             f"{['Linear'] + sorted(types)}")
         layer = cls(base, config["rank"], config["alpha"], config["dropout"], config["use_rslora"],
                     config["use_dora"], dtype=config["dtype"], _empty=True)
         layer.init = config.get("init", "gaussian")
@@ -506,6 +525,7 @@ class LoRALinear(nn.Module):
         return layer
 
     def describe(self) -> str:
+        """``"LoRA r8 a16"`` (``"DoRA ..."``, ``"... merged"``)."""
         kind = "DoRA" if self.use_dora else "LoRA"
         return f"{kind} r{self.rank} a{self.alpha:g}{' merged' if self.merged else ''}"
 
@@ -515,6 +535,3 @@ class LoRALinear(nn.Module):
                 + (", rslora=True" if self.use_rslora else "") + (", dora=True" if self.use_dora else "")
                 + (f", init={self.init}" if self.init != "gaussian" else "")
                 + (", merged=True" if self.merged else ""))
-
-
-register_module_type(LoRALinear)

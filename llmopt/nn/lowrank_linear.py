@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.checks import dtype_name, parse_dtype
-from .base import dense_linear
+from .base import CompressedLinear, layer_bytes
 
 __all__ = ["LowRankLinear", "FACTOR_ATTR"]
 
@@ -37,13 +37,7 @@ def _weight_bytes(module: nn.Module) -> float:
     return float(module.weight.numel() * module.weight.element_size())
 
 
-def _bytes(module: nn.Module, stored: bool) -> int:
-    if _is_compressed(module):
-        return int(module.stored_bytes() if stored else module.runtime_bytes())
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
-class LowRankLinear(nn.Module):
+class LowRankLinear(CompressedLinear):
     """``y = up(down(x))``: a rank-``r`` factorization of a linear layer.
 
     ``down`` (``in_features -> rank``, no bias) and ``up`` (``rank -> out_features``, holding the
@@ -52,8 +46,6 @@ class LowRankLinear(nn.Module):
     them and does not factorize them again). The stored weights take ``rank * (in + out)`` values
     instead of ``in * out``.
     """
-
-    is_llmopt_compressed = True
 
     def __init__(
         self,
@@ -136,21 +128,19 @@ class LowRankLinear(nn.Module):
         work = torch.float64 if torch.float64 in (dtype, self.weight_dtype) else torch.float32
         return (_weight_of(self.up, work) @ _weight_of(self.down, work)).to(dtype)
 
-    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the dense product weight (and the bias)."""
-        return dense_linear(self.dequantize_weight(dtype), self.bias)
-
     # ------------------------------------------------------------------ memory
     def stored_bytes(self) -> int:
         """Bytes ``llmopt.save`` writes for this layer (both factors, bias included)."""
-        return _bytes(self.down, True) + _bytes(self.up, True)
+        return layer_bytes(self.down) + layer_bytes(self.up)
 
     def runtime_bytes(self) -> int:
-        return _bytes(self.down, False) + _bytes(self.up, False)
+        """Bytes both factors hold in memory (their kernel layouts included)."""
+        return layer_bytes(self.down, stored=False) + layer_bytes(self.up, stored=False)
 
-    def bits_per_weight(self) -> float:
-        """Stored bits of the factors' weights per weight of the dense ``[out, in]`` layer (bias excluded)."""
-        return 8.0 * (_weight_bytes(self.down) + _weight_bytes(self.up)) / (self.in_features * self.out_features)
+    def weight_bytes(self) -> float:
+        """Stored bytes of both factors' weights, bias excluded (a compressed factor counted from its own
+        bits per weight): what :meth:`bits_per_weight` spreads over the dense ``[out, in]`` layer."""
+        return _weight_bytes(self.down) + _weight_bytes(self.up)
 
     def describe(self) -> str:
         """Short summary for reports: ``"rank 16, float32"`` or ``"rank 16, int4 g64 [reference]"``."""

@@ -26,7 +26,7 @@ from ..core.primitives import (
     quantize_weight,
     resolve_group_size,
 )
-from .base import dense_linear, register_module_type
+from .base import CompressedLinear
 from .quant_linear import QuantLinear
 
 __all__ = ["QATLinear", "qat_layers", "qat_fake_quantize"]
@@ -98,7 +98,7 @@ def _qat_fake_quantize_backward(ctx: Any, grad: Tensor):
 qat_fake_quantize.register_autograd(_qat_fake_quantize_backward)
 
 
-class QATLinear(nn.Module):
+class QATLinear(CompressedLinear):
     """A linear layer that trains float weights through the fake quantization of a weight format.
 
     Args:
@@ -113,7 +113,9 @@ class QATLinear(nn.Module):
         act_bits: ``8`` also fake-quantizes the activations per token (train for W8A8); ``None``: not.
 
     The forward works in eval mode too: the quantization is always on. ``in_features`` and
-    ``out_features`` are those of the wrapped layer.
+    ``out_features`` are those of the wrapped layer. :meth:`to_linear` (from the base) holds the
+    fake-quantized weight, as ``QuantLinear.to_linear`` would; activation quantization, if any, is not
+    part of it.
     """
 
     # A wrapper llmopt's methods must not compress as if it were a float layer: compress_ skips it
@@ -203,21 +205,14 @@ class QATLinear(nn.Module):
             dtype=self.weight.dtype, kernel=kernel, act_bits=self.act_bits,
         )
 
-    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the fake-quantized weight (as ``QuantLinear.to_linear``: the weights
-        this layer multiplies by; activation quantization, if any, is not part of it)."""
-        return dense_linear(self.dequantize_weight(dtype), self.bias)
-
     # ------------------------------------------------------------------ reports
     def stored_bytes(self) -> int:
         """Bytes of the float weight and bias (what a checkpoint of this training layer holds)."""
         return sum(p.numel() * p.element_size() for p in (self.weight, self.bias) if p is not None)
 
     def runtime_bytes(self) -> int:
+        """The same bytes: the float weight and bias are all this layer holds."""
         return self.stored_bytes()
-
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.weight.element_size()
 
     def describe(self) -> str:
         """``"qat int4 g64 (float32 weights)"``."""
@@ -251,9 +246,6 @@ class QATLinear(nn.Module):
                            device=device or "cpu", dtype=parse_dtype(config.get("dtype", "float32")))
         return cls(linear, config["format"], config["group_size"], scale_dtype=config["scale_dtype"],
                    act_bits=config.get("act_bits"), check=False)
-
-
-register_module_type(QATLinear)
 
 
 # ---------------------------------------------------------------------------------------------- model level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -453,3 +454,65 @@ def test_property_round_trip_and_bytes(rows, groups, nm, sparsity, quant, seed):
     twin.load_state_dict(layer.state_dict(), assign=True)
     assert torch.equal(twin.dequantize_weight(), layer.dequantize_weight())
     assert torch.equal(twin.mask(), mask)
+
+
+# ---------------------------------------------------------------------------------------------- stable format
+# What llmopt.save writes for each mode, pinned literally: directories saved by earlier versions must keep
+# loading bit-exactly, so these keys (in this order), dtypes, shapes, manifest configs and bit orders only
+# change with a format version.
+_FORMAT_MODES = {
+    # kind: (state-dict (key, dtype, shape) in order, config)
+    "bitmask-f32": (
+        [("bias", torch.float32, (24,)), ("mask", torch.uint8, (24, 8)), ("values", torch.float32, (768,))],
+        {"nm": None, "format": None, "group_size": None, "scale_dtype": "bfloat16", "value_dtype": "float32"}),
+    "bitmask-bf16": (
+        [("bias", torch.float32, (24,)), ("mask", torch.uint8, (24, 8)), ("values", torch.bfloat16, (768,))],
+        {"nm": None, "format": None, "group_size": None, "scale_dtype": "bfloat16", "value_dtype": "bfloat16"}),
+    "2:4-bf16": (
+        [("bias", torch.float32, (24,)), ("values", torch.bfloat16, (24, 32)), ("indices", torch.uint8, (24, 8))],
+        {"nm": [2, 4], "format": None, "group_size": None, "scale_dtype": "bfloat16", "value_dtype": "bfloat16"}),
+    "bitmask-int4": (
+        [("bias", torch.float32, (24,)), ("mask", torch.uint8, (24, 8)), ("qdata", torch.uint8, (384,)),
+         ("scale", torch.bfloat16, (24, 1)), ("zero_point", torch.bfloat16, (24, 1))],
+        {"nm": None, "format": {"name": "int4"}, "group_size": 64, "scale_dtype": "bfloat16", "value_dtype": None}),
+    "2:4-int4": (
+        [("bias", torch.float32, (24,)), ("qdata", torch.uint8, (24, 16)), ("indices", torch.uint8, (24, 8)),
+         ("scale", torch.bfloat16, (24, 1)), ("zero_point", torch.bfloat16, (24, 1))],
+        {"nm": [2, 4], "format": {"name": "int4"}, "group_size": 64, "scale_dtype": "bfloat16", "value_dtype": None}),
+    "bitmask-nf4": (
+        [("mask", torch.uint8, (24, 8)), ("qdata", torch.uint8, (384,)), ("scale", torch.bfloat16, (24, 2))],
+        {"nm": None, "format": {"name": "nf4"}, "group_size": 32, "scale_dtype": "bfloat16", "value_dtype": None}),
+}
+
+
+@pytest.mark.parametrize("kind", list(_FORMAT_MODES))
+def test_stable_format_keys_dtypes_shapes_and_manifest_config(kind, tmp_path):
+    layer = _layers()[kind]
+    expected_state, expected_config = _FORMAT_MODES[kind]
+    assert [(k, v.dtype, tuple(v.shape)) for k, v in layer.state_dict().items()] == expected_state
+    config = {"in_features": 64, "out_features": 24, "bias": kind != "bitmask-nf4", **expected_config,
+              "dtype": "float32", "runtime": "dense"}
+    assert layer.config() == config and list(layer.config()) == list(config)
+    llmopt.save(nn.Sequential(layer), tmp_path)
+    manifest = json.loads((tmp_path / "llmopt.json").read_text())
+    assert manifest["modules"]["0"] == {"type": "SparseLinear", "config": config}
+
+
+def test_stable_format_bit_order_of_packed_tensors():
+    """Mask bits, 2-bit positions and 4-bit codes are packed little-endian within each byte."""
+    weight = torch.arange(1.0, 17.0).reshape(2, 8)
+    mask = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1], [0, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    layer = SparseLinear.from_dense(weight, mask)
+    assert layer.state_dict()["mask"].tolist() == [[0b10000001], [0b00010110]]
+    assert layer.state_dict()["values"].tolist() == [1.0, 8.0, 10.0, 11.0, 13.0]
+    mask24 = torch.tensor([[1, 0, 1, 0, 0, 1, 0, 1], [0, 1, 0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    layer24 = SparseLinear.from_dense(weight, mask24, nm=(2, 4))
+    # positions (0, 2, 1, 3) and (1, 3, 0, 2), two bits each, first in the low bits
+    assert layer24.state_dict()["indices"].tolist() == [[0b11_01_10_00], [0b10_00_11_01]]
+    assert layer24.state_dict()["values"].tolist() == [[1.0, 3.0, 6.0, 8.0], [10.0, 12.0, 13.0, 15.0]]
+    codes = (torch.arange(16) % 16).reshape(2, 8).to(torch.uint8)
+    scale, zero = torch.ones(2, 1), torch.zeros(2, 1)
+    q = SparseLinear.from_quantized(codes, scale, zero, mask, format="int4", group_size=8)
+    assert q.state_dict()["qdata"].tolist() == [0 | 7 << 4, 9 | 10 << 4, 12]
+    q24 = SparseLinear.from_quantized(codes, scale, zero, mask24, nm=(2, 4), format="int4", group_size=8)
+    assert q24.state_dict()["qdata"].tolist() == [[0 | 2 << 4, 5 | 7 << 4], [9 | 11 << 4, 12 | 14 << 4]]
