@@ -111,17 +111,6 @@ EXAMPLES: Dict[str, Callable[[nn.Linear], nn.Module]] = {
 
 ROWS = list(EXAMPLES)
 
-# QuantLinear (and CompensatedLinear, its subclass) become CompressedLinear subclasses in the parallel
-# issue-12 branch that converts nn/quant_linear.py and nn/compensated_linear.py; until that merge they
-# only miss the base class itself. The condition lifts the xfail by itself once that branch is merged.
-_PENDING_MERGE = pytest.mark.xfail(
-    not issubclass(QuantLinear, CompressedLinear), strict=True,
-    reason="QuantLinear/CompensatedLinear subclass CompressedLinear once the issue-12 quant_linear branch "
-           "is merged")
-ROWS_PENDING_MERGE = [pytest.param(row, marks=_PENDING_MERGE)
-                      if row.split("-")[0] in ("QuantLinear", "CompensatedLinear") else row for row in ROWS]
-
-
 def _example(row: str) -> nn.Module:
     return EXAMPLES[row](_linear()).eval()
 
@@ -157,7 +146,7 @@ def test_every_registered_wrapper_has_an_example():
     assert ours <= covered, f"wrappers without a row in EXAMPLES: {sorted(ours - covered)}"
 
 
-@pytest.mark.parametrize("row", ROWS_PENDING_MERGE)
+@pytest.mark.parametrize("row", ROWS)
 def test_is_a_registered_compressed_linear(row):
     layer = _example(row)
     assert isinstance(layer, CompressedLinear)
