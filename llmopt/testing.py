@@ -25,7 +25,7 @@ from .core.primitives import (
 from .kernels import Kernel, KernelSpec, get_kernel
 
 __all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear", "word_tokenizer",
-           "check_kernel", "KernelCheck", "format_variants"]
+           "check_kernel", "KernelCheck", "format_variants", "check_format"]
 
 
 class CustomLinear(nn.Linear):
@@ -108,6 +108,63 @@ def word_tokenizer(words: Iterable[str]):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+# ------------------------------------------------------------------------------------------ formats
+def check_format(name: str, *, rows: int = 6, columns: Sequence[int] = (64, 100), group_sizes:
+                 Sequence[Optional[int]] = (32, None), seed: int = 0) -> None:
+    """Check a registered format's contract; raise ``AssertionError`` naming the first violation.
+
+    What every method, kernel and save relies on, for each variant (``symmetric`` on and off where the
+    format has it), width (a ragged one included) and group size: the declaration (``bits``,
+    ``has_zero_point``, a sorted ``grid`` of at most ``2**bits`` values), ``to_dict`` round trip,
+    codes below ``2**bits``, dequantized values on the grid, ``quantize(dequantize(.))`` a fixed
+    point, finite results for all-zero and constant groups, and a ragged last group quantized as if
+    it stood alone.
+    """
+    for fmt in format_variants(name):
+        where = f"format {fmt!r}"
+        assert isinstance(fmt.bits, int) and 1 <= fmt.bits <= 8, f"{where}: bits must be 1..8, got {fmt.bits!r}"
+        assert isinstance(fmt.has_zero_point, bool), f"{where}: has_zero_point must be a bool"
+        assert get_format(fmt.to_dict()) == fmt, f"{where}: to_dict() does not round-trip"
+        grid = fmt.grid()
+        if grid is not None:
+            assert grid.dim() == 1 and 1 < grid.numel() <= 2 ** fmt.bits, f"{where}: grid size {grid.numel()}"
+            assert bool(torch.all(grid[1:] >= grid[:-1])), f"{where}: grid values must be sorted"
+        gen = torch.Generator().manual_seed(seed)
+        for k, group_size in itertools.product(columns, group_sizes):
+            weight = torch.randn(rows, k, generator=gen)
+            _check_format_on(fmt, weight, group_size, grid, f"{where}, [{rows}, {k}], group_size={group_size}")
+        for constant in (0.0, 2.5):
+            weight = torch.full((2, 64), constant)
+            q = quantize_weight(weight, fmt, 32, torch.float32)
+            deq = dequantize_weight(q.codes, q.scale, q.zero_point, fmt, q.group_size, torch.float32)
+            assert torch.allclose(deq, weight, atol=1e-6), f"{where}: a constant group {constant} is not exact"
+
+
+def _check_format_on(fmt: WeightFormat, weight: Tensor, group_size: Optional[int], grid: Optional[Tensor],
+                     where: str) -> None:
+    q = quantize_weight(weight, fmt, group_size, torch.float32)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 2 ** fmt.bits, f"{where}: codes out of range"
+    assert (q.zero_point is not None) == fmt.has_zero_point, f"{where}: zero point does not match has_zero_point"
+    deq = dequantize_weight(q.codes, q.scale, q.zero_point, fmt, q.group_size, torch.float64)
+    assert bool(torch.isfinite(deq).all()), f"{where}: non-finite dequantized values"
+    gs = q.group_size
+    k = weight.shape[1]
+    scale = q.scale.to(torch.float64).repeat_interleave(gs, dim=1)[:, :k]
+    offset = 0.0 if q.zero_point is None else q.zero_point.to(torch.float64).repeat_interleave(gs, dim=1)[:, :k]
+    if grid is not None:
+        normalized = (deq - offset) / scale
+        distance = (normalized.unsqueeze(-1) - grid.to(torch.float64)).abs().min(dim=-1).values
+        tolerance = 1e-4 + deq.abs() * 2.4e-7 / scale  # dequantization runs in float32
+        assert bool(torch.all(distance < tolerance)), f"{where}: dequantized values off the grid"
+    again = quantize_weight(deq.float(), fmt, group_size, torch.float32)
+    redeq = dequantize_weight(again.codes, again.scale, again.zero_point, fmt, again.group_size, torch.float64)
+    assert torch.allclose(redeq, deq, rtol=1e-5, atol=1e-6), f"{where}: quantize(dequantize(w)) moved"
+    full = (k // gs) * gs
+    if 0 < full < k:  # a ragged last group is quantized as if it stood alone
+        tail = quantize_weight(weight[:, full:], fmt, None, torch.float32)
+        assert torch.equal(q.codes[:, full:], tail.codes), f"{where}: the ragged last group depends on padding"
 
 
 # ------------------------------------------------------------------------------------------ kernels

@@ -5,27 +5,49 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmopt.core.formats import AffineFormat, get_format, list_formats
+from llmopt.core.formats import FP4_E2M1_LEVELS, NF4_LEVELS, AffineFormat, get_format, list_formats
 from llmopt.core.primitives import dequantize_weight, quantize_weight, to_groups
+from llmopt.testing import check_format
 
-# Every registered format (built-in or added to llmopt later) runs through the same contract: no list
-# to keep in sync. Formats a test registers itself are added after collection and are not included.
+# Every registered format (built-in or added to llmopt later) runs through the same contract
+# (llmopt.testing.check_format). Adding a format to llmopt = its class in llmopt/core/formats.py + one row
+# here pinning its grid (the values for unit scale): test_every_format_has_a_row fails without it.
 FORMATS = list_formats()
+GRIDS = {
+    "int8": ("affine", 8),
+    "int4": ("affine", 4),
+    "int3": ("affine", 3),
+    "int2": ("affine", 2),
+    "nf4": ("levels", NF4_LEVELS),
+    "fp4_e2m1": ("levels", sorted(set(FP4_E2M1_LEVELS))),
+    "fp8_e4m3": ("float8", torch.float8_e4m3fn),
+}
+
+
+def _expected_grid(kind, value) -> torch.Tensor:
+    if kind == "affine":  # codes 0..2**bits-1 around the mid code
+        return torch.arange(-(2 ** (value - 1)), 2 ** (value - 1), dtype=torch.float32)
+    if kind == "levels":
+        return torch.tensor(list(value), dtype=torch.float32)
+    finite = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(value).float()  # every bit pattern
+    return torch.unique(finite[torch.isfinite(finite)])
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 300))
 group_sizes = st.sampled_from([None, 8, 16, 32, 64, 128])
 
 
+def test_every_format_has_a_row():
+    assert sorted(GRIDS) == sorted(FORMATS)
+
+
 @pytest.mark.parametrize("name", FORMATS)
-def test_format_declares_the_protocol(name):
-    """What every method relies on: a code width, a grid of at most 2**bits values, JSON options."""
-    fmt = get_format(name)
-    assert isinstance(fmt.bits, int) and 1 <= fmt.bits <= 8
-    assert isinstance(fmt.has_zero_point, bool)
-    grid = fmt.grid()
-    if grid is not None:
-        assert grid.dim() == 1 and 1 < grid.numel() <= 2 ** fmt.bits
-        assert torch.all(grid[1:] >= grid[:-1]), "grid values are sorted"
-    assert get_format(fmt.to_dict()) == fmt
+def test_format_contract(name):
+    """What every method, kernel and save relies on (see llmopt.testing.check_format)."""
+    check_format(name)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_format_grid_is_pinned(name):
+    assert torch.equal(get_format(name).grid().float(), _expected_grid(*GRIDS[name]))
 
 
 def _roundtrip(weight, fmt, group_size):
