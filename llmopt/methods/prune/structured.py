@@ -710,7 +710,8 @@ class PruneHeads(_Structured):
 
     @classmethod
     def examples(cls) -> List["PruneHeads"]:
-        return [cls(0.5), cls(0.5, importance="fluctuation")]
+        # The toy transformer has 2 kv groups per block: half of them is the smallest step there.
+        return [cls(ratios={1: 0.5}), cls(0.5, importance="fluctuation")]
 
     def label(self) -> str:
         return self._label("attention heads")
