@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import llmopt
 from llmopt.io.adapters import load_adapters, lora_state_dict, save_adapters
 from llmopt.methods.lowrank.lora import LoRA, LoRAError, LoRALinear, lora_layers, trainable_parameters
-from llmopt.pipeline.lora import merge_lora_, unmerge_lora_
 from llmopt.nn import QuantLinear
+from llmopt.pipeline.lora import merge_lora_, unmerge_lora_
 from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer
 
 

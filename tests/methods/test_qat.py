@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 import llmopt
 from llmopt.core.errors import CompressionError
-from llmopt.nn import QuantLinear
 from llmopt.core.formats import WeightFormat, get_format, list_formats, unregister_format
 from llmopt.core.primitives import fake_quantize, fake_quantize_activations, quantize_weight
-from llmopt.nn.qat_linear import QATLinear, qat_layers
 from llmopt.methods.quant.qat import QAT
+from llmopt.nn import QuantLinear
+from llmopt.nn.qat_linear import QATLinear, qat_layers
 from llmopt.testing import ToyMLP, ToyTransformer
 
 BUILTIN_FORMATS = list_formats()  # every format registered at import time (the built-ins)

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import llmopt
 from llmopt import AWQ, GPTQ, HQQ, RTN, LoRA, Recipe, Stage, Wanda
-from llmopt.pipeline.api import merged_stats_spec
 from llmopt.calibration import StatsSpec
 from llmopt.nn import LoRALinear, QuantLinear, SparseLinear
+from llmopt.pipeline.api import merged_stats_spec
 from llmopt.pipeline.recipe import RecipeError
 from llmopt.testing import ToyTransformer, sqnr
 
