@@ -1,8 +1,8 @@
 """Structured pruning benchmark: 25% of MLP channels removed, quality and decode speed.
 
 1. **Quality** (SmolLM2-135M, float32): perplexity of the dense model, after removing 25% of every
-   block's MLP intermediate channels (``prune_channels_``, ``round_to=64``) with ``magnitude`` and
-   ``wanda`` importance, and after a short LoRA recovery (``add_lora_`` rank 8 on every projection,
+   block's MLP intermediate channels (``PruneChannels``, ``round_to=64``) with ``magnitude`` and
+   ``wanda`` importance, and after a short LoRA recovery (``LoRA`` rank 8 on every projection,
    AdamW on random windows of ``data/calib.txt``, never the evaluation text; then ``merge_lora_`` so
    the model is plain ``nn.Linear`` again). Linear parameters of the blocks before/after (lm_head is
    tied to the embedding and untouched). Perplexity protocol as ``bench_models.py``.
@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
-from llmopt.methods.prune.structured import prune_channels_  # noqa: E402
+from llmopt.methods.prune.structured import PruneChannels  # noqa: E402
 
 from bench_models import load_smollm2_quality, read_text, write_markdown  # noqa: E402
 
@@ -78,7 +78,7 @@ def ppl(model: nn.Module, cfg) -> float:
 
 def lora_recovery(model: nn.Module, cfg) -> Dict[str, Any]:
     """A short LoRA fine-tune on the calibration text, merged back into plain Linears."""
-    llmopt.add_lora_(model, llmopt.LoRA(rank=8, alpha=16), include=PROJECTIONS)
+    llmopt.compress_(model, llmopt.LoRA(rank=8, alpha=16), include=PROJECTIONS)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=5e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -111,8 +111,9 @@ def quality_rows(cfg, out) -> List[Dict[str, Any]]:
     for importance in cfg["importances"]:
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        report = prune_channels_(model, RATIO, importance=importance, round_to=ROUND_TO,
-                                 calibration=calibration if importance != "magnitude" else None)
+        config = PruneChannels(RATIO, importance=importance, round_to=ROUND_TO)
+        report = llmopt.compress_(model, config, calibration=calibration if config.needs_calibration else None)
+        report = report.details[0]  # the StructuredReport: kept channels, Linear parameters
         prune_s = time.perf_counter() - start
         after = block_linear_params(model)
         row = {"part": "quality", "model": "SmolLM2-135M",
@@ -141,7 +142,7 @@ def quality_rows(cfg, out) -> List[Dict[str, Any]]:
 def speed_rows(cfg, out) -> List[Dict[str, Any]]:
     dense = speed_model(cfg["speed_size"], dtype=torch.bfloat16)
     pruned = copy.deepcopy(dense)
-    report = prune_channels_(pruned, RATIO, round_to=ROUND_TO)
+    report = llmopt.compress_(pruned, PruneChannels(RATIO, round_to=ROUND_TO)).details[0]
     kwargs = dict(prompt_tokens=cfg["prompt"], new_tokens=cfg["new_tokens"], repeats=1, warmup=1)
     times: Dict[str, List[float]] = {"dense": [], "pruned": []}
     for _ in range(cfg["rounds"]):  # alternate so drift of a shared machine hits both alike
@@ -215,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
-        "pruning": f"prune_channels_(ratio={RATIO}, round_to={ROUND_TO}) on every block's MLP",
+        "pruning": f"PruneChannels(ratio={RATIO}, round_to={ROUND_TO}) on every block's MLP",
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
                                f"{cfg['window']}",
         "wanda calibration": f"{cfg['calib_samples']} x {cfg['calib_len']} tokens of "

@@ -6,10 +6,10 @@ Steps:
 2. **fp32** row: perplexity of the float model;
 3. **RTN** row: ``llmopt.compress_(copy, RTN(format, group_size), exclude=["lm_head"])``, model in bf16
    (what a QAT run starts from: converting before any step gives exactly these layers);
-4. **QAT** row: ``prepare_qat_`` every Linear but ``lm_head`` (tied to the embedding, left float as in
+4. **QAT** row: ``compress_(model, QAT(format, group_size))`` on every Linear but ``lm_head`` (tied to the embedding, left float as in
    every benchmark row), AdamW on all parameters (``--train linear``: only the QAT layers' weights
    and biases) over windows of ``benchmarks/data/calib.txt`` (never ``eval.txt``), gradient
-   checkpointing on, linear warm-up then cosine decay to 10% of ``--lr``; then ``convert_qat_``,
+   checkpointing on, linear warm-up then cosine decay to 10% of ``--lr``; then ``QAT(step="convert")``,
    model to bf16, perplexity;
 5. optional **fp32 fine-tuned** row (``--float-control``): the same training without quantization,
    to separate what QAT recovers from what fine-tuning on this text alone changes.
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import llmopt  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
-from llmopt.methods.quant.qat import convert_qat_, prepare_qat_  # noqa: E402
+from llmopt.methods.quant.qat import QAT  # noqa: E402
 from llmopt.nn.qat_linear import qat_layers
 
 from bench_models import read_text  # noqa: E402
@@ -259,9 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         model = base  # the last row trains the loaded model itself: no third copy in memory
         with evaluate.PeakMemory() as peak:
-            prep = prepare_qat_(model, fmt, args.group_size, exclude=EXCLUDE)
+            prep = llmopt.compress_(model, QAT(fmt, args.group_size), exclude=EXCLUDE)
             stats = train(model, Windows(calib_ids, args.seq_len, args.seed), args, cfg["steps"], "qat")
-            conv = convert_qat_(model)
+            conv = llmopt.compress_(model, QAT(step="convert"))
         model.to(torch.bfloat16)
         kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
         record = {"method": f"qat {label}", "linear_bits_per_weight": bits_of(model), "layers": len(conv.replaced),

@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return evaluate.perplexity(model, eval_ids, window=window, progress=False)["ppl"]
 
     ppl_before = ppl()
-    report = llmopt.add_lora_(model, llmopt.LoRA(rank=args.rank, alpha=args.alpha), include=PROJECTIONS)
+    report = llmopt.compress_(model, llmopt.LoRA(rank=args.rank, alpha=args.alpha), include=PROJECTIONS)
     for layer in model.modules():  # adapters train in float32; the frozen base stays bf16 / int4
         if isinstance(layer, llmopt.nn.LoRALinear):
             layer.lora_A.float()

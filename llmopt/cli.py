@@ -24,6 +24,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .core.errors import CompressionError
+from .core.measure import memory_report
+from .demo import main as demo_main
+from .evaluate import decode_throughput, perplexity, weight_bytes
+from .io.hf import load_pretrained, save_pretrained
+from .io.save import MANIFEST_NAME, read_manifest
+from .models import load_causal_lm
+from .pipeline.api import compress_
+from .pipeline.recipe import Recipe, RecipeError, _yaml_dump
+
 __all__ = ["main", "CliError", "calibration_batches"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -86,17 +96,11 @@ def calibration_batches(ids: torch.Tensor, samples: int, seqlen: int) -> List[to
 def _load_any(source: str, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, saved_manifest_or_None)``: an llmopt directory (``save_pretrained``) or any
     source :func:`llmopt.models.load_causal_lm` takes."""
-    from .io.save import MANIFEST_NAME, read_manifest
-
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, MANIFEST_NAME)):
-        from .io.hf import load_pretrained
-
         manifest = read_manifest(source)
         model, tokenizer = load_pretrained(source)
         return model, tokenizer, manifest
     _check_model_source(source)
-    from .models import load_causal_lm
-
     model, tokenizer, _info = load_causal_lm(source, dtype=dtype)
     return model, tokenizer, None
 
@@ -112,8 +116,6 @@ def _print_json(data: Any) -> None:
 def _recipe_dict(stored: Any) -> Any:
     """A stored recipe in its canonical form (stage keys in order, overrides as a mapping); as stored
     when it does not parse (e.g. a method this installation lacks)."""
-    from .pipeline.recipe import Recipe, RecipeError
-
     if not stored:
         return None
     try:
@@ -123,31 +125,22 @@ def _recipe_dict(stored: Any) -> Any:
 
 
 def _recipe_text(recipe: Any) -> str:
-    from .pipeline.recipe import _yaml_dump
-
     return _yaml_dump(recipe).rstrip() if recipe else "(no recipe recorded)"
 
 
 # ---------------------------------------------------------------------------------------------- compress
 def cmd_compress(args: argparse.Namespace) -> int:
     """Load a model, apply a recipe with calibration text, save with ``llmopt.hf.save_pretrained``."""
-    from .core.errors import CompressionError
-    from .pipeline.api import _stage_configs, compress_
-    from .pipeline.recipe import Recipe
-
     # Every input is checked before the (slow) model load.
     recipe = Recipe.load(args.recipe)
     needs = [f"stage {i} ({cfg.name})" for i, stage in enumerate(recipe.stages)
-             for cfg in _stage_configs(stage) if getattr(cfg, "needs_calibration", False)]
+             for cfg in stage.configs() if cfg.needs_calibration]
     text = _read_text(args.calib, "calibration") if args.calib else None
     if needs and text is None:
         raise CliError(f"{needs[0]} needs calibration data: pass --calib TEXT_FILE")
     _check_model_source(args.model)
     if os.path.isfile(args.out):
         raise CliError(f"--out {args.out!r} is a file; give a directory")
-
-    from .io.hf import save_pretrained
-    from .models import load_causal_lm
 
     model, tokenizer, _info = load_causal_lm(args.model, dtype=args.dtype)
     calibration = None
@@ -179,9 +172,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace) -> int:
     """Memory per layer (stored bytes, bits per weight), totals, and the recipe of a saved directory."""
-    from .core.measure import memory_report
-    from .io.save import MANIFEST_NAME, read_manifest
-
     directory = args.directory
     if not os.path.isdir(directory):
         raise CliError(f"directory {directory!r} not found")
@@ -190,8 +180,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CliError(f"{directory!r} has no config.json: written by llmopt.save, not save_pretrained "
                        "(load it with llmopt.load(skeleton, dir))")
-    from .io.hf import load_pretrained
-
     manifest = read_manifest(directory)
     model, _tokenizer = load_pretrained(directory, with_tokenizer=False)
     memory = memory_report(model)
@@ -222,8 +210,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     """Perplexity on a text file, batch-1 decode tokens/s, weight memory."""
-    from .evaluate import decode_throughput, perplexity, weight_bytes
-
     text = _read_text(args.text, "text") if args.text else None
     if args.new_tokens < 2:
         raise CliError(f"--new-tokens must be >= 2, got {args.new_tokens}")
@@ -314,15 +300,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``llmopt`` console script and ``python -m llmopt``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "demo":  # bare `python -m llmopt` keeps running the demo
-        from .demo import main as demo_main
-
         return demo_main(argv[1:]) or 0
     args = _parser().parse_args(argv)
     if args.func is None:
         _parser().print_help()
         return 2
-    from .pipeline.recipe import RecipeError
-
     try:
         return args.func(args)
     except (CliError, RecipeError, FileNotFoundError) as exc:

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import torch
 
-from . import RTN, compress_, load, memory_report, save, sqnr
+from . import RTN, compress_, load, memory_report, save
+from .core.measure import sqnr
 from .testing import ToyTransformer
 
 

@@ -29,6 +29,9 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Sequ
 import torch
 import torch.nn as nn
 
+from .calibration.runner import _release_freed_memory
+from .core.measure import memory_report
+
 __all__ = [
     "perplexity",
     "decode_throughput",
@@ -256,8 +259,6 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         # Start from what is really live: memory freed before the block (a float model replaced by a
         # quantized one, a cast) otherwise stays in the heap and in the RSS the peak is measured from.
-        from .calibration.runner import _release_freed_memory
-
         gc.collect()
         _release_freed_memory()
         self.reset = False
@@ -301,8 +302,6 @@ def weight_bytes(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, Any
     ``exclude``: last components of layer names left out of the bits-per-weight average
     (e.g. ``("lm_head",)`` when that layer is deliberately kept dense).
     """
-    from .core.measure import memory_report
-
     report = memory_report(model)
     layers = [layer for layer in report.layers if layer.name.split(".")[-1] not in exclude]
     linear_weights = sum(layer.num_weights for layer in layers)

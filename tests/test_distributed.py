@@ -34,9 +34,9 @@ def _build(kind: str, seed: int = 0):
     if kind == "qlora":
         llmopt.compress_(model, llmopt.RTN("int4", 32), exclude=["lm_head"])
     if kind in ("qlora", "lora"):
-        llmopt.add_lora_(model, llmopt.LoRA(rank=4, alpha=8), include=["*q_proj", "*v_proj", "*down_proj"])
+        llmopt.compress_(model, llmopt.LoRA(rank=4, alpha=8), include=["*q_proj", "*v_proj", "*down_proj"])
     if kind == "qat":
-        llmopt.prepare_qat_(model, "int4", group_size=32, exclude=["lm_head"])
+        llmopt.compress_(model, llmopt.QAT("int4", group_size=32), exclude=["lm_head"])
     return model
 
 

@@ -15,7 +15,6 @@ from .._version import __version__
 from ..core.targets import get_submodule, replace_modules, restore_modules
 from ..methods.lowrank.lora import (
     LoRAError,
-    LoRAReport,
     _freeze_all_but_adapters,
     _requires_grad_flags,
     _restore_flags,
@@ -24,6 +23,7 @@ from ..methods.lowrank.lora import (
     trainable_parameters,
 )
 from ..nn.lora_linear import LoRALinear
+from ..pipeline.report import LoRAReport
 
 __all__ = ["lora_state_dict", "save_adapters", "load_adapters", "ADAPTERS_MANIFEST", "ADAPTERS_TENSORS"]
 
@@ -75,8 +75,8 @@ def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freez
     A named layer that is already a ``LoRALinear`` gets its adapter tensors replaced (its settings
     must match the file's); a plain layer (``nn.Linear``, ``QuantLinear``, ...) is wrapped first.
     Adapters initialised with PiSSA/LoftQ were trained against a modified base: they can only be
-    loaded into layers that already carry it (rebuild it by running the same ``add_lora_`` on the
-    same original model), or save the whole model with ``llmopt.save`` instead.
+    loaded into layers that already carry it (rebuild it by running the same ``compress_(model, LoRA(...))``
+    on the same original model), or save the whole model with ``llmopt.save`` instead.
     """
     path = os.path.join(directory, ADAPTERS_MANIFEST)
     if not os.path.isfile(path):
@@ -111,7 +111,7 @@ def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freez
         else:
             if settings.get("init", "gaussian") != "gaussian":
                 raise LoRAError(f"layer {name!r}: these adapters were initialised with {settings['init']!r}, "
-                                "which also changed the base weights; run the same add_lora_ on the original "
+                                "which also changed the base weights; run the same compress_(model, LoRA(...)) on the original "
                                 "model first, then load them (or save the whole model with llmopt.save)")
             if (getattr(module, "in_features", None), getattr(module, "out_features", None)) != \
                     (settings["in_features"], settings["out_features"]):

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .save import DEFAULT_SHARD_BYTES, read_manifest, save
+from .save import DEFAULT_SHARD_BYTES, load, read_manifest, save
 
 __all__ = ["save_pretrained", "load_pretrained", "HF_METADATA_KEY"]
 
@@ -118,8 +118,6 @@ def load_pretrained(
             model = cls._from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
-    from .save import load
-
     load(model, directory, device=device)
     model.eval()
     if hasattr(model, "generation_config"):

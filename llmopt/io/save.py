@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from .._version import __version__
 from ..core.targets import RESIZED_ATTR, get_submodule, set_submodule
 from ..nn.base import _MODULE_TYPES
+from ..pipeline.recipe import RecipeError, check_versions
 
 __all__ = ["save", "load", "MANIFEST_NAME", "TENSORS_NAME"]
 
@@ -187,6 +188,12 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
     if manifest.get("format_version", 0) > READ_FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {manifest['format_version']}; this llmopt reads up to "
                          f"{READ_FORMAT_VERSION}: upgrade llmopt")
+    metadata = manifest.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("recipe"):
+        try:  # a method config written at a newer VERSION than this llmopt's class is refused
+            check_versions(metadata["recipe"])
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: recipe {exc}") from None
     return manifest
 
 

@@ -42,9 +42,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..calibration import StatsSpec, float_layer_stats, spec_for_dtype
+from ..calibration.runner import _input_device, _no_cache_kwargs, _normalize_batches, _to, _TrainingState
+from ..core.errors import SkipLayer
 from ..core.measure import memory_report
 from ..core.targets import Patterns, select_linears
 from ..methods.base import MethodConfig, get_method
+from .api import compress_
+from .recipe import Recipe, Stage
 
 __all__ = ["allocate", "Allocation", "LayerChoice", "solve_budget", "effective_weight", "SENSITIVITIES"]
 
@@ -122,8 +127,6 @@ class Allocation:
         ``include`` = the exact names of its layers, ``config`` = its most common config and
         ``overrides`` = ``{name: config}`` for its layers that get another one.
         """
-        from .recipe import Recipe, Stage
-
         groups: Dict[str, List[str]] = {}
         for name, cfg in self.assignments.items():
             groups.setdefault(cfg.name, []).append(name)
@@ -142,8 +145,6 @@ class Allocation:
 
     def apply_(self, model: nn.Module, calibration: Optional[Sequence[Any]] = None, **kwargs: Any):
         """``llmopt.compress_(model, self.recipe, calibration=calibration, **kwargs)``; returns its report."""
-        from .api import compress_
-
         return compress_(model, self.recipe, calibration=calibration, **kwargs)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -355,8 +356,6 @@ def _layer_error(mode: str, delta: torch.Tensor, name: str, sens: _Sensitivity,
 
 def _measure_layer(name: str, linear: nn.Module, candidates: List[MethodConfig], stats, sens: _Sensitivity
                    ) -> Tuple[List[Optional[int]], List[Optional[float]], List[str]]:
-    from ..core.errors import SkipLayer
-
     weight = linear.weight.detach().to(torch.float32)
     hessian = None
     if sens.mode in _NEEDS_HESSIAN:
@@ -429,8 +428,6 @@ def _accepts_labels(model: nn.Module) -> bool:
 
 def _loss_and_items(model: nn.Module, batch: Any, prepared: Tuple[tuple, dict], loss_fn, extra: dict,
                     device) -> Tuple[Optional[torch.Tensor], float]:
-    from ..calibration.runner import _to
-
     args, kwargs = _to(prepared, device)
     ids = args[0] if args else kwargs.get("input_ids")
     if loss_fn is not None:
@@ -451,8 +448,6 @@ def _model_has_loss(model: nn.Module, calibration: Sequence[Any], loss_fn) -> bo
         return True
     if not _accepts_labels(model):
         return False
-    from ..calibration.runner import _input_device, _no_cache_kwargs, _normalize_batches, _TrainingState
-
     prepared = _normalize_batches(model, calibration[:1])
     try:
         with _TrainingState(model), torch.no_grad():
@@ -470,8 +465,6 @@ def _gradient_statistics(model: nn.Module, targets: Dict[str, nn.Module], calibr
     output channel of each target. Gradients flow only to the targets' weights; requires_grad flags,
     existing ``.grad`` tensors and train/eval flags are restored afterwards. ``dtype`` (bfloat16 /
     float16): forwards and backwards under autocast (about 2x faster on CPUs with bf16 units)."""
-    from ..calibration.runner import _input_device, _no_cache_kwargs, _normalize_batches, _TrainingState
-
     prepared = _normalize_batches(model, calibration)
     extra = _no_cache_kwargs(model)
     device = _input_device(model)
@@ -626,10 +619,14 @@ def _check_candidates(candidates: Any) -> List[MethodConfig]:
         if not isinstance(cfg, MethodConfig):
             raise TypeError(f"candidate {cfg!r} is not a method config (e.g. llmopt.RTN('int4', 64))")
         entry = get_method(cfg)
-        if entry.scope != "layer":
-            raise ValueError(f"candidate {cfg.label()}: {cfg.name!r} is a block-scope method (it rescales modules "
-                             "shared by several layers), and allocate measures each layer alone; use "
-                             "layer-scope candidates (RTN, HQQ, GPTQ, SVD, Wanda, ...)")
+        why = {"block": "it rescales modules shared by several layers",
+               "model": "it changes the architecture"}.get(entry.scope)
+        if why is not None:
+            raise ValueError(f"candidate {cfg.label()}: {cfg.name!r} is a {entry.scope}-scope method ({why}), and "
+                             "allocate measures each layer alone; use layer-scope candidates (RTN, HQQ, GPTQ, SVD, "
+                             "Wanda, ...)")
+        if cfg.adds_adapters:
+            raise ValueError(f"candidate {cfg.label()}: {cfg.name!r} adds adapters, it does not compress a layer")
         key = _config_key(cfg)
         if key not in seen:
             seen.add(key)
@@ -724,8 +721,6 @@ def allocate(
 
     needs_stats = mode in _NEEDS_HESSIAN or any(cfg.needs_calibration for cfg in candidates)
     if needs_stats:
-        from ..calibration import StatsSpec, float_layer_stats, spec_for_dtype
-
         spec = spec_for_dtype(StatsSpec(hessian=True, dtype=torch.float64), calibration_dtype)
         float_layer_stats(model, calibration, spec, list(targets), measure, dtype=calibration_dtype,
                           progress=progress)

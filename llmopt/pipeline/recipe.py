@@ -21,9 +21,16 @@ stages:
     include: ["*q_proj", "*v_proj"]
 ```
 
-A stage's dict is its config's ``to_dict()`` (``method`` plus the method's options) with the
-optional stage keys ``include``, ``exclude`` and ``overrides``. ``llmopt.compress_(model, recipe,
-calibration=...)`` applies it (see :func:`llmopt.compress_` for how overrides are run).
+A stage's dict is its config's ``to_dict()`` (``method`` plus the method's options, and
+``version`` for a config class past version 1) with the optional stage keys ``include``,
+``exclude`` and ``overrides``. ``llmopt.compress_(model, recipe, calibration=...)`` applies it (see
+:func:`llmopt.compress_` for how overrides are run).
+
+Rules, all read from what each config declares (no method is special here): stages of methods that
+add adapters (``adds_adapters``, e.g. LoRA) come after every compression stage, and neither kind
+overrides the other's layers; a model-scope method (structured pruning) takes no per-layer
+overrides. A stored dict written at a newer config ``VERSION`` is refused (upgrade llmopt); an older
+one is upgraded by its config class.
 """
 
 from __future__ import annotations
@@ -36,15 +43,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import yaml
+
 from ..core.targets import _matches
-from ..methods.base import MethodConfig, get_method, list_methods
-from ..methods.lowrank.lora import LoRA
+from ..methods.base import VERSION_KEY, MethodConfig, get_method, list_methods
 
-__all__ = ["Stage", "Recipe", "RecipeError", "SKIP", "OverrideValue", "StageConfig"]
+__all__ = ["Stage", "Recipe", "RecipeError", "SKIP", "OverrideValue", "StageConfig", "check_versions"]
 
-StageConfig = Union[MethodConfig, LoRA]
+StageConfig = MethodConfig
 # dict of field changes | a whole config (any method) | None (skip the layer)
-OverrideValue = Union[Dict[str, Any], MethodConfig, LoRA, None]
+OverrideValue = Union[Dict[str, Any], MethodConfig, None]
 
 SKIP = "skip"  # how a skipping override is written in a dict / file (``None`` is accepted too)
 STAGE_KEYS = ("include", "exclude", "overrides")
@@ -56,23 +64,28 @@ class RecipeError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _config_from_dict(data: Mapping[str, Any]) -> StageConfig:
-    """A method config (or a :class:`LoRA`) from ``{"method": name, **options}``."""
+def _config_from_dict(data: Mapping[str, Any], stage_keys: Tuple[str, ...] = ()) -> StageConfig:
+    """A method config from ``{"method": name, [version], **options}`` (``stage_keys`` are left out: a
+    stage's own keys). The options are brought to the config's ``VERSION`` first."""
     method = data.get("method")
     if method is None:
-        raise RecipeError(f"missing 'method' (one of: {', '.join(_method_names())})")
+        raise RecipeError(f"missing 'method' (one of: {', '.join(_method_names())}); keys given: "
+                          f"{sorted(map(str, data))}")
     if not isinstance(method, str):
         raise RecipeError(f"'method' must be a string, got {type(method).__name__} {method!r}")
-    if method == LoRA.name:
-        config_cls: type = LoRA
-    else:
-        if method not in list_methods():
-            raise RecipeError(f"unknown method {method!r}; registered: {', '.join(_method_names())}")
-        config_cls = get_method(method).config_cls
-    options = {k: v for k, v in data.items() if k != "method"}
+    if method not in list_methods():
+        raise RecipeError(f"unknown method {method!r}; registered: {', '.join(_method_names())}")
+    config_cls = get_method(method).config_cls
+    try:
+        options = config_cls.read_options({k: v for k, v in data.items() if k not in stage_keys})
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     known = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(map(str, set(options) - set(known)))
     if unknown:
+        if stage_keys:
+            raise RecipeError(f"unknown key(s) {unknown} for method {method!r}; its options: {known}; "
+                              f"stage keys: {list(stage_keys)}")
         raise RecipeError(f"method {method!r} has no option(s) {unknown}; known: {known}")
     return _build(config_cls, options, method)
 
@@ -91,11 +104,16 @@ def _message(exc: BaseException) -> str:
 
 
 def _method_names() -> List[str]:
-    return sorted(set(list_methods()) | {LoRA.name})
+    return list_methods()
 
 
 def _is_config(value: Any) -> bool:
-    return isinstance(value, (MethodConfig, LoRA))
+    return isinstance(value, MethodConfig)
+
+
+def _stage_kind(config: MethodConfig) -> str:
+    """How errors name a stage of ``config``'s kind: ``"a LoRA stage"`` / ``"a compression stage"``."""
+    return f"a {type(config).__name__} stage" if config.adds_adapters else "a compression stage"
 
 
 def _patterns(value: Any, key: str) -> Optional[List[str]]:
@@ -137,8 +155,8 @@ class Stage:
     """One step of a recipe: a method config applied to the layers matching ``include``/``exclude``.
 
     Args:
-        config: a method config (``RTN(...)``, ``Wanda(...)``, ...) or a :class:`~llmopt.LoRA` config
-            (adapters are added after the compression stages).
+        config: a method config (``RTN(...)``, ``Wanda(...)``, ``LoRA(...)``, ...; a method that adds
+            adapters runs after the compression stages).
         include, exclude: ``fnmatch`` globs on module names, as :func:`llmopt.compress_` takes (a
             pattern matching a module covers the modules inside it).
         overrides: ordered ``{glob: value}``; the first glob matching a layer name decides its config.
@@ -146,7 +164,8 @@ class Stage:
             (``{"format": "int8"}``), a whole config (a dict with a ``"method"`` key or a config object;
             another method is allowed), or ``None`` / ``"skip"``: leave the layer alone. Exact layer
             names are globs too. Values are normalised on construction (dicts with ``"method"``
-            become config objects, ``"skip"`` becomes ``None``) and validated eagerly.
+            become config objects, ``"skip"`` becomes ``None``) and validated eagerly. A model-scope
+            method (structured pruning) takes no overrides: use ``include``/``exclude``.
     """
 
     config: StageConfig
@@ -156,16 +175,17 @@ class Stage:
 
     def __post_init__(self) -> None:
         if not _is_config(self.config):
-            raise RecipeError(f"Stage.config must be a method config (e.g. llmopt.RTN(...)) or llmopt.LoRA(...), "
-                              f"got {self.config!r}")
-        if isinstance(self.config, MethodConfig):
-            get_method(self.config)  # registered, and under its own class
+            raise RecipeError(f"Stage.config must be a method config (e.g. llmopt.RTN(...)), got {self.config!r}")
+        get_method(self.config)  # registered, and under its own class
         self.include = _patterns(self.include, "include")
         self.exclude = _patterns(self.exclude, "exclude")
         if self.overrides is None:
             self.overrides = {}
         if not isinstance(self.overrides, Mapping):
             raise RecipeError(f"'overrides' must be a mapping {{glob: value}}, got {type(self.overrides).__name__}")
+        if self.overrides and self.config.SCOPE == "model":
+            raise RecipeError(f"method {self.config.name!r} works on the whole model (scope 'model'): it takes no "
+                              "per-layer overrides; narrow it with include/exclude")
         normalised: Dict[str, OverrideValue] = {}
         for glob, value in self.overrides.items():
             if not isinstance(glob, str):
@@ -176,10 +196,14 @@ class Stage:
                 raise RecipeError(f"override {glob!r}: {exc}") from None
         self.overrides = normalised
 
-    @property
-    def is_lora(self) -> bool:
-        """True for an adapter stage (``config`` is a :class:`~llmopt.LoRA`)."""
-        return isinstance(self.config, LoRA)
+    def configs(self) -> List[StageConfig]:
+        """The stage's config and every whole config its overrides can resolve to."""
+        out = [self.config]
+        for value in self.overrides.values():
+            resolved = self.resolve(value)
+            if resolved is not None:
+                out.append(resolved)
+        return out
 
     def _normalise_override(self, value: Any) -> OverrideValue:
         if value is None or (isinstance(value, str) and value.lower() == SKIP):
@@ -206,12 +230,13 @@ class Stage:
         else:
             raise RecipeError(f"value must be a dict of field changes, a config (dict with 'method'), or "
                               f"'skip'/null; got {value!r}")
-        if isinstance(config, LoRA) != self.is_lora:
-            kind = "a LoRA stage" if self.is_lora else "a compression stage"
-            raise RecipeError(f"{kind} cannot be overridden by a {config.name!r} config (LoRA adapters and "
-                              "compression methods are separate stages)")
-        if isinstance(config, MethodConfig):
-            get_method(config)
+        if config.adds_adapters != self.config.adds_adapters:
+            raise RecipeError(f"{_stage_kind(self.config)} cannot be overridden by a {config.name!r} config "
+                              "(adapters and compression methods are separate stages)")
+        if config.SCOPE == "model":
+            raise RecipeError(f"method {config.name!r} works on the whole model (scope 'model'): it cannot "
+                              "override single layers; give it its own stage")
+        get_method(config)
         return config
 
     def match(self, name: str) -> Optional[Tuple[str, OverrideValue]]:
@@ -269,22 +294,7 @@ class Stage:
             return data
         if not isinstance(data, Mapping):
             raise RecipeError(f"a stage must be a mapping with a 'method' key, got {type(data).__name__} {data!r}")
-        method = data.get("method")
-        if method is None:
-            raise RecipeError(f"missing 'method' (one of: {', '.join(_method_names())}); keys given: "
-                              f"{sorted(map(str, data))}")
-        if not isinstance(method, str):
-            raise RecipeError(f"'method' must be a string, got {type(method).__name__} {method!r}")
-        if method != LoRA.name and method not in list_methods():
-            raise RecipeError(f"unknown method {method!r}; registered: {', '.join(_method_names())}")
-        config_cls = LoRA if method == LoRA.name else get_method(method).config_cls
-        known = [f.name for f in dataclasses.fields(config_cls)]
-        options = {k: v for k, v in data.items() if k != "method" and k not in STAGE_KEYS}
-        unknown = sorted(map(str, set(options) - set(known)))
-        if unknown:
-            raise RecipeError(f"unknown key(s) {unknown} for method {method!r}; its options: {known}; "
-                              f"stage keys: {list(STAGE_KEYS)}")
-        config = _build(config_cls, options, method)
+        config = _config_from_dict(data, STAGE_KEYS)
         include = _patterns(data.get("include"), "include")
         exclude = _patterns(data.get("exclude"), "exclude")
         return Stage(config, include=include, exclude=exclude, overrides=_overrides_mapping(data.get("overrides")))
@@ -304,7 +314,7 @@ class Stage:
 # ---------------------------------------------------------------------------------------------- Recipe
 @dataclass
 class Recipe:
-    """An ordered list of :class:`Stage` s; LoRA stages (if any) come last.
+    """An ordered list of :class:`Stage` s; stages of methods that add adapters (LoRA) come last.
 
     ``Recipe.from_dict(r.to_dict()) == r``; :meth:`load` / :meth:`save` read and write ``.json``,
     ``.yaml`` and ``.yml`` files. Apply it with ``llmopt.compress_(model, recipe, calibration=...)``.
@@ -313,7 +323,7 @@ class Recipe:
     stages: List[Stage]
 
     def __post_init__(self) -> None:
-        if isinstance(self.stages, (Stage, MethodConfig, LoRA)) or not isinstance(self.stages, (list, tuple)):
+        if isinstance(self.stages, (Stage, MethodConfig)) or not isinstance(self.stages, (list, tuple)):
             raise RecipeError(f"Recipe.stages must be a list of stages, got {type(self.stages).__name__}")
         stages = []
         for i, stage in enumerate(self.stages):
@@ -325,13 +335,15 @@ class Recipe:
         self.stages = stages
         if not stages:
             raise RecipeError("a recipe needs at least one stage")
-        seen_lora = None
+        # Adapters train on top of the final compressed model: once one stage adds them, only such stages follow.
+        first_adapter = None
         for i, stage in enumerate(stages):
-            if stage.is_lora:
-                seen_lora = i if seen_lora is None else seen_lora
-            elif seen_lora is not None:
-                raise RecipeError(f"stage {i} ({stage.config.name}): compression stages must come before the LoRA "
-                                  f"stage (stage {seen_lora}): adapters are added last")
+            if stage.config.adds_adapters:
+                first_adapter = i if first_adapter is None else first_adapter
+            elif first_adapter is not None:
+                kind = type(stages[first_adapter].config).__name__
+                raise RecipeError(f"stage {i} ({stage.config.name}): compression stages must come before the {kind} "
+                                  f"stage (stage {first_adapter}): adapters are added last")
 
     def to_dict(self, ordered_overrides: bool = False) -> Dict[str, Any]:
         """``{"stages": [stage.to_dict(), ...]}``. ``ordered_overrides``: overrides as lists of one-entry
@@ -404,6 +416,32 @@ class Recipe:
         return " -> ".join(stage.label() for stage in self.stages)
 
 
+def check_versions(data: Any) -> None:
+    """Refuse a stored recipe (e.g. a saved manifest's) with a config dict written at a newer ``VERSION``
+    than this llmopt's class for that method: what its options mean is unknown here, so the message
+    says to upgrade llmopt. Older versions pass (reading the recipe upgrades them); methods not
+    registered here and malformed entries are left to :meth:`Recipe.from_dict`."""
+    stages = data.get("stages") if isinstance(data, Mapping) else data
+    if not isinstance(stages, (list, tuple)):
+        return
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, Mapping):
+            continue
+        overrides = stage.get("overrides")
+        if isinstance(overrides, (list, tuple)):  # the ordered form: one-entry mappings
+            values = [v for item in overrides if isinstance(item, Mapping) for v in item.values()]
+        else:
+            values = list(overrides.values()) if isinstance(overrides, Mapping) else []
+        for item in [stage] + [v for v in values if isinstance(v, Mapping)]:
+            method = item.get("method")
+            if not (isinstance(method, str) and method in list_methods()):
+                continue
+            version, known = item.get(VERSION_KEY, 1), get_method(method).config_cls.VERSION
+            if isinstance(version, int) and not isinstance(version, bool) and version > known:
+                raise RecipeError(f"stage {i} ({method}): the config was written at version {version}, and this "
+                                  f"llmopt reads up to version {known}: upgrade llmopt")
+
+
 def _file_kind(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json":
@@ -424,8 +462,6 @@ _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 def _yaml_classes():
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -459,14 +495,10 @@ def _yaml_classes():
 
 
 def _yaml_load(text: str) -> Any:
-    import yaml
-
     loader, _ = _yaml_classes()
     return yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _yaml_dump(data: Any) -> str:
-    import yaml
-
     _, dumper = _yaml_classes()
     return yaml.dump(data, Dumper=dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)

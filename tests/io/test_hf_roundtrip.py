@@ -36,13 +36,12 @@ def _model(dtype=torch.float32):
 
 
 def _structured(model):
-    llmopt.prune_channels_(model, 0.25)
-    llmopt.prune_heads_(model, 0.5)
+    llmopt.compress_(model, [llmopt.PruneChannels(0.25), llmopt.PruneHeads(0.5)])
 
 
 def _qlora(model):
     llmopt.compress_(model, llmopt.RTN("int4", 32), exclude=["lm_head"])
-    llmopt.add_lora_(model, llmopt.LoRA(rank=4, alpha=8), include=["*q_proj", "*v_proj"])
+    llmopt.compress_(model, llmopt.LoRA(rank=4, alpha=8), include=["*q_proj", "*v_proj"])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # trained-looking adapters: B = 0 would hide a lost adapter
         for name, p in model.named_parameters():
@@ -91,7 +90,7 @@ FAMILIES = {
     "structured": (torch.float32, _structured),
     "qlora": (torch.float32, _qlora),
     "recipe": (torch.float32, _recipe),
-    "qat": (torch.float32, lambda m: llmopt.prepare_qat_(m, "int4", group_size=32, exclude=["lm_head"])),
+    "qat": (torch.float32, lambda m: llmopt.compress_(m, llmopt.QAT("int4", group_size=32), exclude=["lm_head"])),
 }
 
 LOADER = textwrap.dedent("""

@@ -1,4 +1,5 @@
-"""LoRA / DoRA / QLoRA adapters (llmopt.nn.lora_linear, llmopt.methods.lowrank.lora)."""
+"""LoRA / DoRA / QLoRA adapters (llmopt.nn.lora_linear, the LoRA method applied by llmopt.compress_,
+llmopt.pipeline.lora merge verbs)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llmopt
-from llmopt.methods.lowrank.lora import (
-    LoRA,
-    LoRAError,
-    LoRALinear,
-    add_lora_,
-    lora_layers,
-    merge_lora_,
-    trainable_parameters,
-    unmerge_lora_,
-)
 from llmopt.io.adapters import load_adapters, lora_state_dict, save_adapters
+from llmopt.methods.lowrank.lora import LoRA, LoRAError, LoRALinear, lora_layers, trainable_parameters
 from llmopt.nn import QuantLinear
+from llmopt.pipeline.lora import merge_lora_, unmerge_lora_
 from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer
 
 
@@ -219,7 +212,7 @@ def test_dora_gradients_match_detached_norm_formula():
 def test_merge_unmerge_round_trip_float64_dense():
     model = nn.Sequential(CustomLinear(20, 12, dtype=torch.float64), nn.GELU(), nn.Linear(12, 6, dtype=torch.float64))
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora_(model, LoRA(rank=3, alpha=6))
+    llmopt.compress_(model, LoRA(rank=3, alpha=6))
     for layer in lora_layers(model).values():
         _randomize_adapters(layer)
     x = torch.randn(7, 20, dtype=torch.float64)
@@ -246,7 +239,7 @@ def test_merge_unmerge_round_trip_float64_dense():
 def test_merge_into_quantized_base_requantizes_same_format():
     base = QuantLinear.from_linear(nn.Linear(64, 32), format="nf4", group_size=32, scale_dtype=torch.float32)
     model = nn.Sequential(base)
-    add_lora_(model, LoRA(rank=4, alpha=4))
+    llmopt.compress_(model, LoRA(rank=4, alpha=4))
     layer = model[0]
     _randomize_adapters(layer)
     x = torch.randn(5, 64)
@@ -331,46 +324,61 @@ def test_loftq_on_quantized_base_is_a_clear_error():
         LoRALinear(_quant(nn.Linear(64, 32)), 4, 8, init="loftq", quantize_base="int4")
 
 
-# ----------------------------------------------------------------------------------------------- add_lora_
-def test_add_lora_bad_rank_is_all_or_nothing(snapshot):
+# ----------------------------------------------------------------------------------------------- compress_(model, LoRA(...))
+def test_lora_bad_rank_is_all_or_nothing(snapshot):
     model = ToyMLP()  # up 96 -> 208, down 208 -> 64
     flags = [p.requires_grad for p in model.parameters()]
     snap = snapshot(model)
     with pytest.raises(LoRAError, match="'down'"):
-        add_lora_(model, LoRA(rank=80))
+        llmopt.compress_(model, LoRA(rank=80))
     snap.check()
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
-def test_add_lora_failure_in_a_later_layer_rolls_back(snapshot):
+def test_lora_failure_in_a_later_layer_rolls_back(snapshot):
     model = ToyMLP()
     llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32), include=["down"])
     flags = [p.requires_grad for p in model.parameters()]
     snap = snapshot(model)
     with pytest.raises(LoRAError, match="'down'.*already a QuantLinear"):
-        add_lora_(model, LoRA(rank=4, quantize_base="int4"))  # 'up' is wrapped first, then 'down' fails
+        llmopt.compress_(model, LoRA(rank=4, quantize_base="int4"))  # 'up' is wrapped first, then 'down' fails
     snap.check()
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_include_exclude_and_never_twice():
     model = ToyTransformer()
-    report = add_lora_(model, LoRA(rank=4), include=["*q_proj", "*v_proj"], exclude=["layers.1.*"])
+    report = llmopt.compress_(model, LoRA(rank=4), include=["*q_proj", "*v_proj"], exclude=["layers.1.*"])
     assert set(report.replaced) == {"layers.0.q_proj", "layers.0.v_proj"}
     assert isinstance(model.layers[0].q_proj, LoRALinear) and isinstance(model.layers[1].q_proj, nn.Linear)
     assert report.trainable_parameters == trainable_parameters(model) == 4 * (64 + 64) + 4 * (64 + 32)
     assert not model.embed.weight.requires_grad  # freeze_base: everything but the adapters
-    again = add_lora_(model, LoRA(rank=4), include=["layers.0.*"])
+    assert any(f"trainable parameters {report.trainable_parameters:,}" in note for note in report.notes)
+    assert report.methods == [LoRA(rank=4).to_dict()] and report.bytes_after > report.bytes_before
+    again = llmopt.compress_(model, LoRA(rank=4), include=["layers.0.*"])
     assert "layers.0.q_proj" in again.skipped and "layers.0.q_proj" not in again.replaced
     assert not any(isinstance(m.base, LoRALinear) for m in lora_layers(model).values())
     assert set(again.replaced) == {f"layers.0.{p}" for p in ("k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     with pytest.raises(ValueError):  # the adapters' own lora_A/lora_B are never targets
-        add_lora_(model, LoRA(rank=2), include=["*lora_A", "*lora_B"])
+        llmopt.compress_(model, LoRA(rank=2), include=["*lora_A", "*lora_B"])
 
 
-def test_compress_after_add_lora_never_touches_adapters():
+def test_add_lora_still_works_and_warns():
+    """The old verb, kept for one release: same layers, same freezing, a DeprecationWarning naming compress_."""
+    model = ToyTransformer()
+    with pytest.warns(DeprecationWarning, match=r"compress_\(model, llmopt\.LoRA"):
+        add_lora = llmopt.add_lora_
+    report = add_lora(model, LoRA(rank=4), include=["*q_proj", "*v_proj"], exclude=["layers.1.*"])
+    assert set(report.replaced) == {"layers.0.q_proj", "layers.0.v_proj"}
+    assert report.trainable_parameters == trainable_parameters(model) and not model.embed.weight.requires_grad
+    other = ToyMLP()
+    add_lora(other, LoRA(rank=4), include=["up"], freeze_base=False)
+    assert other.down.weight.requires_grad and not other.up.base.weight.requires_grad
+
+
+def test_compress_after_lora_never_touches_adapters():
     model = ToyMLP()
-    add_lora_(model, LoRA(rank=4))
+    llmopt.compress_(model, LoRA(rank=4))
     adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
     report = llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32))
     assert set(report.replaced) == {"up.base", "down.base"}  # the bases become QLoRA bases
@@ -389,7 +397,7 @@ def test_training_reduces_loss_and_base_stays_bit_identical():
     with torch.no_grad():  # the target differs from the model by a low-rank change LoRA can learn
         teacher.down.weight.add_(torch.randn(16, 2) @ torch.randn(2, 64) * 0.3)
     llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32), include=["up"])  # QLoRA + LoRA
-    add_lora_(model, LoRA(rank=4, alpha=8, dropout=0.05))
+    llmopt.compress_(model, LoRA(rank=4, alpha=8, dropout=0.05))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 4
@@ -415,7 +423,7 @@ def test_adapter_save_load_round_trip_bit_exact(tmp_path):
     model = ToyMLP()
     llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32), include=["up"])
     fresh = copy.deepcopy(model)
-    add_lora_(model, LoRA(rank=4, alpha=8, use_dora=True))
+    llmopt.compress_(model, LoRA(rank=4, alpha=8, use_dora=True))
     for layer in lora_layers(model).values():
         _randomize_adapters(layer)
     x = torch.randn(3, 96)
@@ -440,11 +448,11 @@ def test_adapter_save_load_round_trip_bit_exact(tmp_path):
 
 def test_load_adapters_mismatch_is_all_or_nothing(tmp_path, snapshot):
     model = ToyMLP()
-    add_lora_(model, LoRA(rank=4))
+    llmopt.compress_(model, LoRA(rank=4))
     save_adapters(model, tmp_path)
     target = ToyMLP()
-    add_lora_(target, LoRA(rank=4), include=["up"])
-    add_lora_(target, LoRA(rank=2), include=["down"])
+    llmopt.compress_(target, LoRA(rank=4), include=["up"])
+    llmopt.compress_(target, LoRA(rank=2), include=["down"])
     snap = snapshot(target)
     with pytest.raises(LoRAError, match="'down'.*rank"):
         load_adapters(target, tmp_path)
@@ -456,7 +464,7 @@ def test_llmopt_save_load_with_lora_layers(tmp_path, dora):
     torch.manual_seed(5)
     model = ToyMLP()
     llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32), include=["up"])
-    add_lora_(model, LoRA(rank=4, alpha=8, use_dora=dora))
+    llmopt.compress_(model, LoRA(rank=4, alpha=8, use_dora=dora))
     for layer in lora_layers(model).values():
         _randomize_adapters(layer)
     x = torch.randn(3, 96)
@@ -478,7 +486,7 @@ def test_llmopt_load_failure_restores_skeleton(tmp_path):
 
     model = ToyMLP()
     llmopt.compress_(model, llmopt.RTN(format="int4", group_size=32), include=["up"])
-    add_lora_(model, LoRA(rank=4))
+    llmopt.compress_(model, LoRA(rank=4))
     llmopt.save(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["up.lora_A.weight"]

@@ -1,4 +1,5 @@
-"""Quantization-aware training (llmopt.methods.quant.qat, llmopt.nn.qat_linear): QATLinear, prepare_qat_, convert_qat_."""
+"""Quantization-aware training (llmopt.methods.quant.qat, llmopt.nn.qat_linear): QATLinear, and the QAT method's
+prepare and convert steps applied by llmopt.compress_."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from hypothesis import strategies as st
 
 import llmopt
 from llmopt.core.errors import CompressionError
-from llmopt.nn import QuantLinear
 from llmopt.core.formats import WeightFormat, get_format, list_formats, unregister_format
 from llmopt.core.primitives import fake_quantize, fake_quantize_activations, quantize_weight
+from llmopt.methods.quant.qat import QAT
+from llmopt.nn import QuantLinear
 from llmopt.nn.qat_linear import QATLinear, qat_layers
-from llmopt.methods.quant.qat import convert_qat_, prepare_qat_
 from llmopt.testing import ToyMLP, ToyTransformer
 
 BUILTIN_FORMATS = list_formats()  # every format registered at import time (the built-ins)
@@ -149,7 +150,7 @@ def test_sgd_on_representable_target_reduces_fake_quant_loss(fmt, gs):
     with torch.no_grad():
         lin.weight.copy_(start)
     model = nn.Sequential(lin)
-    prepare_qat_(model, fmt, gs)
+    llmopt.compress_(model, QAT(fmt, gs))
     opt = torch.optim.SGD(model.parameters(), lr=2.0)
     losses = []
     for _ in range(40):
@@ -161,7 +162,7 @@ def test_sgd_on_representable_target_reduces_fake_quant_loss(fmt, gs):
     with torch.no_grad():
         final = F.mse_loss(model(x), y).item()
     assert final < 0.01 * losses[0], (final, losses)  # observed: 1e-4 or less (the grid point is found)
-    convert_qat_(model, kernel="reference")
+    llmopt.compress_(model, QAT(step="convert", kernel="reference"))
     with torch.no_grad():
         assert F.mse_loss(model(x), y).item() == pytest.approx(final, rel=1e-5)
 
@@ -170,18 +171,18 @@ def test_sgd_on_representable_target_reduces_fake_quant_loss(fmt, gs):
 def test_prepare_and_convert_report_and_targets():
     model = ToyTransformer()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-    report = prepare_qat_(model, "int4", 32, exclude=["lm_head"])
+    report = llmopt.compress_(model, QAT("int4", 32), exclude=["lm_head"])
     layers = qat_layers(model)
     assert len(layers) == n_linear - 1 and "lm_head" not in layers
     assert set(report.replaced) == set(layers)
     assert report.bytes_before == report.bytes_after > 0
-    assert report.methods[0]["name"] == "qat" and report.methods[0]["step"] == "prepare"
+    assert report.methods[0]["method"] == "qat" and report.methods[0]["step"] == "prepare"
     assert "qat int4 g32" in llmopt.memory_report(model).layers[0].detail
     # compress_ does not quantize a QAT layer as if it were float.
     rtn = llmopt.compress_(model, llmopt.RTN("int8", None))
     assert set(rtn.replaced) == {"lm_head"}
     assert all("QATLinear" in reason for name, reason in rtn.skipped.items() if name in layers)
-    report = convert_qat_(model)
+    report = llmopt.compress_(model, QAT(step="convert"))
     assert not qat_layers(model)
     assert set(report.replaced) == set(layers)
     assert report.bytes_after < report.bytes_before / 4
@@ -192,17 +193,19 @@ def test_prepare_validates_before_touching(snapshot):
     model = ToyMLP()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="unknown weight format"):
-        prepare_qat_(model, "int5")
+        llmopt.compress_(model, QAT("int5"))
     with pytest.raises(ValueError, match="group_size"):
-        prepare_qat_(model, "int4", 0)
+        llmopt.compress_(model, QAT("int4", 0))
     with pytest.raises(ValueError, match="act_bits"):
-        prepare_qat_(model, "int4", act_bits=4)
+        llmopt.compress_(model, QAT("int4", act_bits=4))
     with pytest.raises(ValueError, match="scale_dtype"):
-        prepare_qat_(model, "int4", scale_dtype="int8")
+        llmopt.compress_(model, QAT("int4", scale_dtype="int8"))
     with pytest.raises(ValueError, match="does not accept"):
-        prepare_qat_(model, "nf4", symmetric=True)
+        llmopt.compress_(model, QAT("nf4", symmetric=True))
     with pytest.raises(ValueError, match="matches no module"):
-        prepare_qat_(model, "int4", include="nothing*")
+        llmopt.compress_(model, QAT("int4"), include="nothing*")
+    with pytest.raises(ValueError, match="step"):
+        llmopt.compress_(model, QAT(step="train"))
     snap.check()
 
 
@@ -213,7 +216,7 @@ def test_prepare_all_or_nothing_on_nan_layer(snapshot):
         model.get_submodule(names[-1]).weight[0, 0] = float("nan")
     snap = snapshot(model)
     with pytest.raises(CompressionError, match=f"layer '{names[-1]}'.*NaN"):
-        prepare_qat_(model, "int4", 32)
+        llmopt.compress_(model, QAT("int4", 32))
     snap.check()
     assert not qat_layers(model)
 
@@ -238,14 +241,14 @@ def test_prepare_names_layer_where_user_format_fails(snapshot):
         model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 7), nn.ReLU(), nn.Linear(7, 5))
         snap = snapshot(model)
         with pytest.raises(CompressionError, match="layer '4'.*odd group size"):
-            prepare_qat_(model, "test_qat_even", None)
+            llmopt.compress_(model, QAT("test_qat_even", None))
         snap.check()
         # The same user format works end to end where it can.
-        prepare_qat_(model, "test_qat_even", 32, exclude=["4"])
+        llmopt.compress_(model, QAT("test_qat_even", 32), exclude=["4"])
         x = torch.randn(3, 64)
         with torch.no_grad():
             expected = model(x)
-        convert_qat_(model, kernel="reference")
+        llmopt.compress_(model, QAT(step="convert", kernel="reference"))
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
         assert model[0].format.name == "test_qat_even"
@@ -255,31 +258,31 @@ def test_prepare_names_layer_where_user_format_fails(snapshot):
 
 def test_convert_all_or_nothing():
     model = ToyMLP()
-    prepare_qat_(model, "int4", 32)
+    llmopt.compress_(model, QAT("int4", 32))
     names = list(qat_layers(model))
     with torch.no_grad():
         model.get_submodule(names[-1]).weight[1, 2] = float("inf")
     with pytest.raises(CompressionError, match=f"layer '{names[-1]}'.*NaN/Inf"):
-        convert_qat_(model)
+        llmopt.compress_(model, QAT(step="convert"))
     assert list(qat_layers(model)) == names  # nothing converted
     with torch.no_grad():
         model.get_submodule(names[-1]).weight[1, 2] = 0.0
     # An explicit kernel that cannot serve a layer (nf4 has no int4pack path): named, nothing converted.
     model2 = ToyMLP()
-    prepare_qat_(model2, "nf4", 32)
+    llmopt.compress_(model2, QAT("nf4", 32))
     with pytest.raises(CompressionError, match="int4pack_cpu"):
-        convert_qat_(model2, kernel="int4pack_cpu")
+        llmopt.compress_(model2, QAT(step="convert", kernel="int4pack_cpu"))
     assert len(qat_layers(model2)) == len(names)
     with pytest.raises(ValueError, match="unknown kernel"):
-        convert_qat_(model2, kernel="nope")
+        llmopt.compress_(model2, QAT(step="convert", kernel="nope"))
     with pytest.raises(ValueError, match="no QATLinear"):
-        convert_qat_(nn.Sequential(nn.Linear(4, 4)))
+        llmopt.compress_(nn.Sequential(nn.Linear(4, 4)), QAT(step="convert"))
 
 
 def test_train_convert_save_load_round_trip(tmp_path, bit_equal):
     torch.manual_seed(7)
     model = ToyTransformer()
-    prepare_qat_(model, "int3", 32, exclude=["lm_head"])
+    llmopt.compress_(model, QAT("int3", 32), exclude=["lm_head"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 128, (2, 16))
     for _ in range(2):
@@ -295,7 +298,7 @@ def test_train_convert_save_load_round_trip(tmp_path, bit_equal):
     with torch.no_grad():
         assert bit_equal(ckpt(ids), model(ids))
         expected = model(ids)
-    convert_qat_(model)
+    llmopt.compress_(model, QAT(step="convert"))
     with torch.no_grad():
         assert _rel_err(model(ids), expected) < 1e-2
     llmopt.save(model, tmp_path / "final")
@@ -309,7 +312,7 @@ def test_train_convert_save_load_round_trip(tmp_path, bit_equal):
 
 def test_w8a8_path():
     model = ToyMLP()
-    report = prepare_qat_(model, "int8", None, symmetric=True, act_bits=8)
+    report = llmopt.compress_(model, QAT("int8", None, symmetric=True, act_bits=8))
     assert report.methods[0]["act_bits"] == 8
     layer = next(iter(qat_layers(model).values()))
     assert "a8" in layer.describe() and "act_bits=8" in repr(layer)
@@ -323,7 +326,7 @@ def test_w8a8_path():
         first = model.get_submodule(next(iter(qat_layers(model))))
         torch.testing.assert_close(first(x), F.linear(fake_quantize_activations(x, 8),
                                                       first.dequantize_weight(), first.bias), rtol=0, atol=0)
-    convert_qat_(model)  # auto: int8_dynamic_cpu (torch._int_mm) where available
+    llmopt.compress_(model, QAT(step="convert"))  # auto: int8_dynamic_cpu (torch._int_mm) where available
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert quant and all(m.act_bits == 8 for m in quant)
     with torch.no_grad():
@@ -335,7 +338,7 @@ def test_w8a8_path():
 
 def test_prepared_layer_repr_and_dtype_moves():
     model = ToyMLP()
-    prepare_qat_(model, "fp4_e2m1", 32, scale_dtype="float32")
+    llmopt.compress_(model, QAT("fp4_e2m1", 32, scale_dtype="float32"))
     layer = next(iter(qat_layers(model).values()))
     assert "format=fp4_e2m1" in repr(layer) and "scale_dtype=float32" in repr(layer)
     model.to(torch.bfloat16)
@@ -343,6 +346,47 @@ def test_prepared_layer_repr_and_dtype_moves():
     x = torch.randn(2, 96, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = model(x)
-    convert_qat_(model, kernel="reference")
+    llmopt.compress_(model, QAT(step="convert", kernel="reference"))
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_convert_uses_each_layer_own_settings_not_the_config_fields():
+    """A convert config's format fields are not used: every layer converts with what it trained with
+    (here per-layer overrides at prepare), so the converted model computes the same function."""
+    model = ToyMLP()
+    llmopt.compress_(model, llmopt.Stage(QAT("int4", 32), overrides={"down": {"format": "int8", "group_size": None}}))
+    assert model.down.format.name == "int8" and model.up.format.name == "int4"
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        expected = model(x)
+    report = llmopt.compress_(model, QAT("nf4", 128, step="convert", kernel="reference"))
+    assert (model.up.format.name, model.up.group_size) == ("int4", 32)
+    assert (model.down.format.name, model.down.group_size) == ("int8", model.down.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert report.layer_configs["up"] == [QAT("nf4", 128, step="convert", kernel="reference").to_dict()]
+
+
+def test_qat_in_a_recipe_and_shared_weight_note():
+    """QAT is a recipe stage like any method; a tied head's shared weight is noted at prepare."""
+    recipe = llmopt.Recipe.from_dict({"stages": [{"method": "qat", "format": "int4", "group_size": 32}]})
+    model = ToyTransformer()
+    report = llmopt.compress_(model, recipe)
+    assert isinstance(model.lm_head, QATLinear) and model.lm_head.weight is model.embed.weight
+    assert any("lm_head.weight is shared with embed.weight" in note for note in report.notes)
+    assert not any("memory grows" in note for note in report.notes)  # same Parameter: nothing duplicated
+    assert llmopt.Recipe.from_dict(model._llmopt_recipe) == recipe
+
+
+def test_prepare_qat_and_convert_qat_still_work_and_warn():
+    model = ToyMLP()
+    with pytest.warns(DeprecationWarning, match=r"compress_\(model, llmopt\.QAT\(format, group_size\)\)"):
+        prepare = llmopt.prepare_qat_
+    report = prepare(model, get_format("int4", symmetric=True), 32, scale_dtype=torch.float32)
+    assert set(report.replaced) == {"up", "down"} and model.up.format == get_format("int4", symmetric=True)
+    assert model.up.scale_dtype == torch.float32
+    with pytest.warns(DeprecationWarning, match=r"QAT\(step='convert'\)"):
+        convert = llmopt.convert_qat_
+    report = convert(model, kernel="reference")
+    assert set(report.replaced) == {"up", "down"} and isinstance(model.up, QuantLinear)

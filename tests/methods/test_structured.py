@@ -1,7 +1,9 @@
-"""Structured pruning: smaller nn.Linears, coupled MLP channels and GQA head groups, config, save/load."""
+"""Structured pruning (PruneChannels, PruneHeads applied by llmopt.compress_): smaller nn.Linears, coupled MLP
+channels and GQA head groups, config, save/load."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,13 +17,15 @@ import llmopt
 from llmopt.methods.prune.structured import (
     AttentionGroup,
     MLPGroup,
+    PruneChannels,
+    PruneHeads,
+    StructuredReport,
     _adaptive_keep,
+    _collect,
     _uniform_keep,
     channel_importance,
     find_groups,
     head_importance,
-    prune_channels_,
-    prune_heads_,
 )
 from llmopt.testing import ToyTransformer
 
@@ -29,6 +33,14 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 TOL = 1e-12  # float64 forwards of the same maths, summed in a different order
+
+
+def _prune(model, config, calibration=None) -> StructuredReport:
+    """``llmopt.compress_`` with a structured config; returns the method's own report (``report.details``)."""
+    report = llmopt.compress_(model, config, calibration=calibration)
+    assert report.methods == [config.to_dict()] and set(report.layer_configs) == set(report.replaced)
+    assert len(report.details) == 1 and isinstance(report.details[0], StructuredReport)
+    return report.details[0]
 
 
 def _llama(heads: int = 8, kv: int = 2, inter: int = 160, layers: int = 2,
@@ -101,7 +113,7 @@ def test_gpt2_conv1d_is_a_clear_error(snapshot):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     snap = snapshot(model)
     with pytest.raises(ValueError, match="Conv1D"):
-        prune_channels_(model, 0.25)
+        llmopt.compress_(model, PruneChannels(0.25))
     snap.check()
 
 
@@ -117,7 +129,7 @@ def test_removing_zeroed_mlp_channels_keeps_output(kind):
     _zero_channels(model, groups, drop)
     ids = _ids(128 if kind == "toy" else 96)
     ref = _logits(model, ids)
-    report = prune_channels_(model, len(drop) / n)
+    report = _prune(model, PruneChannels(len(drop) / n))
     assert torch.allclose(_logits(model, ids), ref, rtol=0, atol=TOL)
     for b in groups:
         assert report.blocks[b.name]["kept"] == n - len(drop)
@@ -134,7 +146,7 @@ def test_removing_zeroed_kv_groups_keeps_output(kind):
     _zero_kv_groups(model, groups, [1] if kind == "toy" else [0, 2])
     ids = _ids(128 if kind == "toy" else 96)
     ref = _logits(model, ids)
-    prune_heads_(model, 0.5)
+    _prune(model, PruneHeads(0.5))
     assert torch.allclose(_logits(model, ids), ref, rtol=0, atol=TOL)
 
 
@@ -149,7 +161,7 @@ def test_gqa_groups_stay_consistent():
             att.q_proj.weight[g * 16:(g + 1) * 16] *= scale
             att.o_proj.weight[:, g * 16:(g + 1) * 16] *= scale
     orig = {n: getattr(att, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    prune_heads_(model, ratios={0: 0.5})
+    _prune(model, PruneHeads(ratios={0: 0.5}))
     att = model.model.layers[0].self_attn
     kept = [0, 2]
     q_rows = torch.cat([torch.arange(g * 16, (g + 1) * 16) for g in kept])
@@ -173,11 +185,11 @@ def test_params_fall_exactly_and_config_follows(tmp_path):
     model = _llama(dtype=torch.float32)
     before = _linear_params(model)
     hidden, inter = 64, 160
-    report = prune_channels_(model, 0.25, round_to=8)
+    report = _prune(model, PruneChannels(0.25, round_to=8))
     keep = 120
     assert _linear_params(model) == before - 2 * 3 * hidden * (inter - keep)
     assert report.linear_params_before == before and report.linear_params_after == _linear_params(model)
-    report_h = prune_heads_(model, 0.5)
+    report_h = _prune(model, PruneHeads(0.5))
     # kv groups 2 -> 1 per block... (heads 8 -> 4, kv 2 -> 1, head_dim 8)
     assert _linear_params(model) == report.linear_params_after - 2 * (2 * 32 * hidden + 2 * 8 * hidden)
     assert report_h.removed_fraction > 0
@@ -196,8 +208,8 @@ def test_params_fall_exactly_and_config_follows(tmp_path):
 
 def test_llmopt_save_load_round_trip_uniform_and_per_block(tmp_path, bit_equal):
     model = _llama(dtype=torch.float32)
-    prune_channels_(model, ratios={0: 0.25, 1: 0.5})  # per-block widths: config cannot say it
-    prune_heads_(model, ratios={1: 0.5})
+    _prune(model, PruneChannels(ratios={0: 0.25, 1: 0.5}))  # per-block widths: config cannot say it
+    _prune(model, PruneHeads(ratios={1: 0.5}))
     assert model.config.intermediate_size == 160
     llmopt.save(model, tmp_path / "m")
     skeleton = _llama(dtype=torch.float32)  # fresh, original shapes (HF's rotary buffers need a real device)
@@ -215,8 +227,8 @@ def test_llmopt_save_load_round_trip_uniform_and_per_block(tmp_path, bit_equal):
 
 def test_toy_save_load_restores_head_attributes(tmp_path):
     model = ToyTransformer().double()
-    prune_heads_(model, 0.5)
-    prune_channels_(model, 0.3)
+    _prune(model, PruneHeads(0.5))
+    _prune(model, PruneChannels(0.3))
     llmopt.save(model, tmp_path)
     with torch.device("meta"):
         skeleton = ToyTransformer()
@@ -228,7 +240,7 @@ def test_toy_save_load_restores_head_attributes(tmp_path):
 
 def test_failed_load_puts_skeleton_layers_back(tmp_path):
     model = ToyTransformer()
-    prune_heads_(model, 0.5)
+    _prune(model, PruneHeads(0.5))
     llmopt.save(model, tmp_path)
     skeleton = ToyTransformer(vocab=64)  # wrong vocab: the state dict does not fit
     modules = dict(skeleton.named_modules())
@@ -262,7 +274,6 @@ def test_activation_aware_importance_matches_reference():
     g = groups[0].mlp[0]
     x = _consumer_inputs(model, "layers.0.down_proj", batches)
     down = model.layers[0].down_proj.weight.double()
-    from llmopt.methods.prune.structured import _collect
     stats = _collect(model, batches, ["layers.0.down_proj", "layers.0.o_proj"], need_sum=True)
     ins = [model.layers[0].gate_proj, model.layers[0].up_proj]
     wanda = channel_importance(ins, model.layers[0].down_proj, "wanda", stats["layers.0.down_proj"])
@@ -291,7 +302,7 @@ def test_prune_with_calibration_runs_and_keeps_zeroed_exactness(importance):
     _zero_channels(model, groups, drop)
     ids = _ids(128)
     ref = _logits(model, ids)
-    prune_channels_(model, 44 / 176, importance=importance, calibration=[_ids(128, s) for s in range(2)])
+    _prune(model, PruneChannels(44 / 176, importance=importance), calibration=[_ids(128, s) for s in range(2)])
     assert torch.allclose(_logits(model, ids), ref, rtol=0, atol=TOL)
 
 
@@ -299,7 +310,7 @@ def test_adaptive_keeps_overall_ratio_and_floor():
     model = ToyTransformer(n_layers=3).double()
     with torch.no_grad():  # block 1's channels matter much less in their half: it should lose more
         model.layers[1].down_proj.weight[:, :88] *= 1e-3
-    report = prune_channels_(model, 0.25, adaptive=True, min_keep=0.6)
+    report = _prune(model, PruneChannels(0.25, adaptive=True, min_keep=0.6))
     kept = {n: b["kept"] for n, b in report.blocks.items()}
     assert sum(kept.values()) == 3 * 176 - round(0.25 * 3 * 176)
     assert kept["layers.1"] < kept["layers.0"] and min(kept.values()) >= math.ceil(0.6 * 176)
@@ -364,14 +375,14 @@ def test_override_groups_on_custom_model(snapshot):
     model = _SquareNet().double()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="no MLP group"):
-        prune_channels_(model, 0.25)
+        llmopt.compress_(model, PruneChannels(0.25))
     snap.check()
     groups = [MLPGroup(inputs=["a", "b"], output="c")]
     found = find_groups(model, groups)
     _zero_channels(model, found, torch.arange(8))
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     ref = model(x)
-    prune_channels_(model, 0.25, groups=groups)
+    _prune(model, PruneChannels(0.25, groups=groups))
     assert torch.allclose(model(x), ref, rtol=0, atol=TOL)
     assert model.blocks[0].c.in_features == 24 and model.blocks[0].c.bias.shape == (32,)
     assert model.blocks[0].a.bias.shape == (24,)
@@ -385,7 +396,7 @@ def test_attention_override_checks_shapes(snapshot):
     bad = [AttentionGroup(q="q_proj", k="k_proj", v="v_proj", o="o_proj", num_heads=4, num_kv_heads=4,
                           head_dim=16)]
     with pytest.raises(ValueError, match="k_proj.*out_features"):
-        prune_heads_(model, 0.5, groups=bad)
+        llmopt.compress_(model, PruneHeads(0.5, groups=bad))
     snap.check()
 
 
@@ -397,11 +408,11 @@ def test_bad_ratios(ratio, snapshot):
     model = ToyTransformer()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="ratio"):
-        prune_channels_(model, ratio)
+        llmopt.compress_(model, PruneChannels(ratio))
     with pytest.raises(ValueError, match="ratio"):
-        prune_heads_(model, ratio)
+        llmopt.compress_(model, PruneHeads(ratio))
     with pytest.raises(ValueError, match=r"ratios\[1\]"):
-        prune_channels_(model, ratios={0: 0.2, 1: ratio})
+        llmopt.compress_(model, PruneChannels(ratios={0: 0.2, 1: ratio}))
     snap.check()
 
 
@@ -409,32 +420,32 @@ def test_other_bad_input(snapshot):
     model = ToyTransformer()
     snap = snapshot(model)
     with pytest.raises(ValueError, match="unknown importance"):
-        prune_channels_(model, 0.2, importance="taylor")
+        llmopt.compress_(model, PruneChannels(0.2, importance="taylor"))
     with pytest.raises(ValueError, match="calibration"):
-        prune_channels_(model, 0.2, importance="wanda")
+        llmopt.compress_(model, PruneChannels(0.2, importance="wanda"))
     with pytest.raises(ValueError, match="calibration"):
-        prune_heads_(model, 0.2, importance="wanda", calibration=[])
+        llmopt.compress_(model, PruneHeads(0.2, importance="wanda"), calibration=[])
     with pytest.raises(ValueError, match="exactly one"):
-        prune_channels_(model)
+        llmopt.compress_(model, PruneChannels())
     with pytest.raises(ValueError, match="unknown block"):
-        prune_channels_(model, ratios={7: 0.2})
+        llmopt.compress_(model, PruneChannels(ratios={7: 0.2}))
     with pytest.raises(ValueError, match="round_to"):
-        prune_channels_(model, 0.2, round_to=512)
+        llmopt.compress_(model, PruneChannels(0.2, round_to=512))
     with pytest.raises(ValueError, match="adaptive"):
-        prune_channels_(model, ratios={0: 0.2}, adaptive=True)
+        llmopt.compress_(model, PruneChannels(ratios={0: 0.2}, adaptive=True))
     snap.check()
     with torch.no_grad():
         model.layers[1].up_proj.weight[3, 4] = float("nan")
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"layers\.1\.up_proj.*NaN"):
-        prune_channels_(model, 0.2)
+        llmopt.compress_(model, PruneChannels(0.2))
     snap.check()
 
 
 def test_pruned_then_quantized_round_trip(tmp_path):
     """A pruned Linear quantized afterwards is saved by its wrapper; the others by the resized record."""
     model = ToyTransformer()
-    prune_channels_(model, 0.25, round_to=8)
+    _prune(model, PruneChannels(0.25, round_to=8))
     llmopt.compress_(model, llmopt.RTN("int8", None), include="layers.0.*")
     llmopt.save(model, tmp_path)
     manifest = llmopt.io.read_manifest(tmp_path)
@@ -453,5 +464,77 @@ def test_non_finite_calibration_is_a_clear_error(snapshot):
     snap = snapshot(model)
     ids = torch.full((1, 8), 5)
     with pytest.raises(ValueError, match="layers.0.down_proj.*NaN or Inf"):
-        prune_channels_(model, 0.25, importance="wanda", calibration=[ids])
+        llmopt.compress_(model, PruneChannels(0.25, importance="wanda"), calibration=[ids])
     snap.check()
+
+
+# ---------------------------------------------------------------------------------------------------
+# As a method of compress_: report, include/exclude, rollback, recipes, the deprecated verbs
+# ---------------------------------------------------------------------------------------------------
+def test_report_lists_resized_layers_and_notes():
+    model = ToyTransformer()
+    report = llmopt.compress_(model, PruneChannels(0.25))
+    mlp = {f"layers.{i}.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")}
+    assert set(report.replaced) == mlp and report.skipped == {}
+    assert report.replaced["layers.0.down_proj"] == repr(model.layers[0].down_proj)
+    assert 0 < report.bytes_after < report.bytes_before
+    assert report.bytes_before - report.bytes_after == 4 * 3 * 64 * 44 * 2  # float32, 44 channels x 3 layers x 2
+    assert any("prune_channels" in note and "removed" in note for note in report.notes)
+    assert report.details[0].to_dict() == report.to_dict()["details"][0]
+
+
+def test_include_exclude_restrict_the_groups():
+    model = ToyTransformer()
+    report = llmopt.compress_(model, PruneHeads(0.5), include=["layers.1.*"])
+    assert set(report.replaced) == {f"layers.1.{n}_proj" for n in "qkvo"}
+    assert model.layers[0].n_heads == 4 and model.layers[1].n_heads == 2
+    # A group with one excluded layer is left whole; none left at all is an error naming why.
+    report = llmopt.compress_(model, PruneChannels(0.25), exclude=["layers.0.up_proj"])
+    assert model.layers[0].down_proj.in_features == 176 and model.layers[1].down_proj.in_features == 132
+    with pytest.raises(ValueError, match="excluded"):
+        llmopt.compress_(model, PruneChannels(0.25), exclude=["*.down_proj"])
+
+
+def test_failure_in_a_later_stage_undoes_shapes_attributes_config_and_record(snapshot):
+    model = _llama(dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    snap = snapshot(model)
+    config = model.config.to_dict()
+    recipe = [PruneChannels(0.25), llmopt.Stage(PruneHeads(0.5), include=["model.layers.0.*"]),
+              llmopt.RTN("int4", 32)]
+    with pytest.raises(llmopt.CompressionError, match=r"model.layers.1.self_attn.o_proj.*NaN"):
+        llmopt.compress_(model, recipe)
+    snap.check()
+    assert model.config.to_dict() == config and model.model.layers[0].mlp.intermediate_size == 160
+    assert not hasattr(model, "_llmopt_resized") and not hasattr(model, "_llmopt_recipe")
+
+
+def test_groups_are_stored_in_a_json_form_and_run_from_a_recipe(tmp_path):
+    groups = [MLPGroup(inputs=["a", "b"], output="c")]
+    config = PruneChannels(0.25, groups=groups)
+    assert config.groups == [{"kind": "mlp", "inputs": ["a", "b"], "output": "c"}]
+    assert llmopt.MethodConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert PruneChannels(0.25, groups={0: groups}).groups == {"0": config.groups}
+    heads = PruneHeads(0.5, groups=[AttentionGroup(q="q", k="k", v="v", o="o", num_heads=4, head_dim=8)])
+    assert heads.groups[0]["num_kv_heads"] == 4 and llmopt.MethodConfig.from_dict(heads.to_dict()) == heads
+    assert PruneChannels(ratios={0: 0.5}) == PruneChannels.from_dict({"ratios": {"0": 0.5}})
+    path = tmp_path / "r.yaml"
+    llmopt.Recipe([config]).save(path)
+    model = _SquareNet().double()
+    llmopt.compress_(model, llmopt.Recipe.load(path))
+    assert model.blocks[1].c.in_features == 24
+    with pytest.raises(llmopt.pipeline.recipe.RecipeError, match="per-layer overrides"):
+        llmopt.Stage(PruneChannels(0.25), overrides={"*": "skip"})
+
+
+def test_prune_channels_and_prune_heads_still_work_and_warn():
+    model = ToyTransformer()
+    with pytest.warns(DeprecationWarning, match=r"llmopt.compress_\(model, llmopt.PruneChannels\(ratio\)\)"):
+        prune_channels = llmopt.prune_channels_
+    report = prune_channels(model, 0.25, round_to=8)
+    assert isinstance(report, StructuredReport) and report.blocks["layers.0"]["kept"] == 128
+    with pytest.warns(DeprecationWarning, match=r"PruneHeads"):
+        prune_heads = llmopt.prune_heads_
+    report = prune_heads(model, ratios={0: 0.5})
+    assert report.blocks["layers.0"]["kept"] == 1 and model.layers[0].n_kv_heads == 1

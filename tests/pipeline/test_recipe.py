@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 import llmopt
 from llmopt import AWQ, GPTQ, HQQ, RTN, LoRA, Recipe, Stage, Wanda
-from llmopt.pipeline.api import merged_stats_spec
 from llmopt.calibration import StatsSpec
 from llmopt.nn import LoRALinear, QuantLinear, SparseLinear
+from llmopt.pipeline.api import merged_stats_spec
 from llmopt.pipeline.recipe import RecipeError
-from llmopt.testing import ToyTransformer
+from llmopt.testing import ToyTransformer, sqnr
 
 YAML_RECIPE = """
 stages:
@@ -395,7 +395,7 @@ def test_awq_override_group_does_not_fold_into_the_shared_norm():
                                   overrides={"*.q_proj": {"group_size": 64}}), calibration=_calibration())
     with torch.no_grad():
         out = model(ids)
-    assert llmopt.sqnr(reference, out) > 25  # int8: the q and k/v groups stay consistent with the norm
+    assert sqnr(reference, out) > 25  # int8: the q and k/v groups stay consistent with the norm
 
 
 def test_different_method_override_is_split_into_its_own_pass():

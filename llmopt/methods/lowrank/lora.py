@@ -1,11 +1,13 @@
-"""LoRA / DoRA fine-tuning adapters: config, ``add_lora_``, ``merge_lora_``, adapter save/load.
+"""LoRA / DoRA fine-tuning adapters: the :class:`LoRA` method and its handler.
 
-``add_lora_(model, LoRA(rank=16, alpha=32), include=["*q_proj", "*v_proj"])`` wraps every targeted
-linear-like layer (``nn.Linear`` and subclasses, ``QuantLinear`` = QLoRA, other llmopt wrappers) in a
-:class:`~llmopt.nn.lora_linear.LoRALinear`, all or nothing, and freezes everything but the adapters.
-After training, ``merge_lora_(model)`` folds the adapters into the weights (re-quantizing a
-quantized base), or ``save_adapters``/``load_adapters`` keep them apart (a few MB, safetensors +
-JSON, no pickle).
+``llmopt.compress_(model, LoRA(rank=16, alpha=32), include=["*q_proj", "*v_proj"])`` wraps every
+targeted linear-like layer (``nn.Linear`` and subclasses, ``QuantLinear`` = QLoRA, other llmopt
+wrappers) in a :class:`~llmopt.nn.lora_linear.LoRALinear`, all or nothing, and freezes everything but
+the adapters. LoRA is an ordinary registered method: what differs from a compression is declared on
+the config (its targets, the freezing step, ``adds_adapters`` so recipe stages order themselves).
+After training, ``llmopt.merge_lora_(model)`` folds the adapters into the weights (re-quantizing a
+quantized base), or ``llmopt.save_adapters``/``load_adapters`` keep them apart (a few MB,
+safetensors + JSON, no pickle).
 
 Initialisations (``LoRA.init``):
 
@@ -19,42 +21,28 @@ Initialisations (``LoRA.init``):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
 from ...core.errors import CompressionError
 from ...core.formats import get_format
-from ...core.measure import memory_report
-from ...core.targets import (
-    Patterns,
-    _as_list,
-    _matches,
-    get_submodule,
-    is_compressed,
-    replace_modules,
-    restore_modules,
-    select_linears,
-)
+from ...core.targets import Patterns, _as_list, _matches, get_submodule, is_compressed, select_linears
 from ...nn.lora_linear import LORA_INITS, LoRALinear
-from ...pipeline.api import CompressionReport
+from ..base import MethodConfig, register_method
 
-__all__ = [
-    "LoRA", "LoRAError", "LoRAReport", "LoRALinear", "add_lora_", "merge_lora_", "unmerge_lora_",
-    "lora_layers", "trainable_parameters",
-]
+__all__ = ["LoRA", "LoRAError", "LoRALinear", "lora_layers", "trainable_parameters"]
+
 
 class LoRAError(CompressionError):
     """A layer could not get (or merge, or load) adapters; the model was left exactly as it was."""
 
 
 @dataclass(frozen=True)
-class LoRA:
-    """LoRA / DoRA adapter settings.
+class LoRA(MethodConfig):
+    """LoRA / DoRA adapter settings: ``llmopt.compress_(model, LoRA(...), include=...)`` adds them.
 
     Args:
         rank: adapter rank ``r`` (at most ``min(in_features, out_features)`` of every targeted layer).
@@ -68,9 +56,17 @@ class LoRA:
             while the adapters are initialised (QLoRA / QPiSSA / LoftQ from a float model). Required by
             ``"loftq"``; not allowed for layers that are already quantized.
         quant_group_size: group size for ``quantize_base`` (``None``: one group per row).
+
+    Targets: every linear-like layer matching the globs (``nn.Linear``, a subclass, an llmopt wrapper
+    such as ``QuantLinear``), never a module inside a wrapper; a layer that already has adapters is
+    skipped. After the stage every parameter but the adapters is frozen, and the report's notes give
+    the trainable parameter count. A rank above ``min(in_features, out_features)`` of a layer is a
+    :class:`LoRAError` naming it (the model is left as it was).
     """
 
-    name: ClassVar[str] = "lora"
+    name = "lora"
+    adds_adapters = True  # adapters train on top of the final compressed model: LoRA stages come last
+    reduces_stored_bytes = False  # the adapters add parameters
 
     rank: int = 8
     alpha: float = 16.0
@@ -118,20 +114,35 @@ class LoRA:
                 "use_dora": self.use_dora, "init": self.init, "loftq_iters": self.loftq_iters,
                 "quantize_base": self.quantize_base, "quant_group_size": self.quant_group_size}
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+    @property
+    def lossless(self) -> bool:  # type: ignore[override]
+        """Zero-initialised adapters (``B = 0``) on an unchanged base: the model computes what it did."""
+        return self.init == "gaussian" and self.quantize_base is None
+
+    def accepts_compressed(self, module: nn.Module) -> bool:
+        """Any linear-like llmopt wrapper can be a base (``QuantLinear`` = QLoRA, ``LowRankLinear``, ...)."""
+        return _linear_like(module) and not isinstance(module, LoRALinear)
+
+    def select_targets(self, model: nn.Module, include: Patterns, exclude: Patterns,
+                       accept: Optional[Callable[[nn.Module], bool]] = None
+                       ) -> Tuple[Dict[str, nn.Module], Dict[str, str]]:
+        """Linear-like layers, compressed ones included, never inside a wrapper (see :func:`_lora_targets`)."""
+        return _lora_targets(model, include, exclude)
+
+    def describe_targets(self) -> str:
+        return "linear layer without adapters"
+
+    def after_stage(self, model: nn.Module, replaced: Dict[str, nn.Module]) -> List[str]:
+        """Freeze every parameter but the adapters (the wrapped bases froze themselves)."""
+        if not replaced:
+            return []
+        _freeze_all_but_adapters(model)
+        return [f"{len(replaced)} layer(s) got adapters; trainable parameters {trainable_parameters(model):,}"]
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LoRA":
-        data = dict(data)
-        method = data.pop("method", cls.name)
-        if method != cls.name:
-            raise ValueError(f"not a LoRA config: method={method!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"LoRA has no option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+    def examples(cls) -> List["LoRA"]:
+        # Ranks at most 32: the toy transformer's k/v projections are 64 -> 32.
+        return [cls(rank=8, alpha=16), cls(rank=4, alpha=8, use_dora=True, use_rslora=True)]
 
     def label(self) -> str:
         kind = "dora" if self.use_dora else "lora"
@@ -139,30 +150,6 @@ class LoRA:
                          f" base={self.quantize_base}" if self.quantize_base else "",
                          " rslora" if self.use_rslora else ""])
         return f"{kind} r{self.rank} a{self.alpha:g}{extra}"
-
-
-@dataclass
-class LoRAReport(CompressionReport):
-    """What ``add_lora_`` / ``merge_lora_`` / ``load_adapters`` did.
-
-    ``replaced``: layer name -> repr of the new module; ``merge_errors``: layer name -> relative
-    Frobenius error the merge added (re-quantization for a quantized base, float rounding otherwise).
-    """
-
-    merge_errors: Dict[str, float] = field(default_factory=dict)
-    trainable_parameters: int = 0
-    total_parameters: int = 0
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {**super().to_dict(), "merge_errors": dict(self.merge_errors),
-                "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
-
-    def __str__(self) -> str:
-        text = (f"{len(self.replaced)} layer(s) changed, skipped {len(self.skipped)}; trainable parameters "
-                f"{self.trainable_parameters:,} of {self.total_parameters:,} in {self.seconds:.2f} s")
-        if self.merge_errors:
-            text += f"; largest merge error {max(self.merge_errors.values()):.3g}"
-        return text
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -225,7 +212,7 @@ def _lora_targets(model: nn.Module, include: Patterns, exclude: Patterns):
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and (not include_list or _matches(name, include_list)) \
                 and not _matches(name, exclude_list):
-            skipped[name] = "already has LoRA adapters"
+            skipped[name] = "already adapted (LoRALinear)"
     targets: Dict[str, nn.Module] = {}
     for name in sorted(candidates, key=lambda n: n.count(".")):
         parts = name.split(".")
@@ -245,131 +232,15 @@ def _lora_targets(model: nn.Module, include: Patterns, exclude: Patterns):
     return targets, skipped
 
 
-# ---------------------------------------------------------------------------------------------- add / merge
-def add_lora_(
-    model: nn.Module,
-    config: Optional[LoRA] = None,
-    *,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    freeze_base: bool = True,
-) -> LoRAReport:
-    """Wrap the targeted linear-like layers of ``model`` in :class:`LoRALinear`, in place; all or nothing.
-
-    ``include``/``exclude`` are glob patterns on module names (as for ``compress_``). Quantized
-    layers get QLoRA adapters. With ``freeze_base`` (default) every parameter of the model except the
-    adapters gets ``requires_grad=False``; the wrapped layers' own parameters are frozen in any case.
-    A layer that cannot take adapters (a rank above ``min(in_features, out_features)``, ...) raises
-    :class:`LoRAError` naming it, and the model (modules and ``requires_grad`` flags) is unchanged.
-    Layers that already have adapters are skipped, never wrapped twice.
-    """
-    if config is None:
-        config = LoRA()
-    if not isinstance(config, LoRA):
-        raise TypeError(f"expected a LoRA config (llmopt.lowrank.lora.LoRA(...)), got {config!r}")
-    start = time.perf_counter()
-    targets, skipped = _lora_targets(model, include, exclude)
-    if not targets and not skipped:
-        raise ValueError(f"add_lora_: no linear layer matches include={include!r} exclude={exclude!r}")
-    too_small = [f"{name!r} ({m.in_features} -> {m.out_features})" for name, m in targets.items()
-                 if config.rank > min(m.in_features, m.out_features)]
-    if too_small:
-        raise LoRAError(f"LoRA rank {config.rank} exceeds min(in_features, out_features) of layer(s) "
-                        f"{', '.join(too_small)}; lower the rank or exclude them")
-    report = LoRAReport(skipped=skipped, methods=[config.to_dict()])
-    flags = _requires_grad_flags(model)
-    swapped: Dict[str, nn.Module] = {}
+# ---------------------------------------------------------------------------------------------- handler
+@register_method(LoRA)
+def _apply_lora(module: nn.Module, config: LoRA, *, name: str = "", **_: Any) -> LoRALinear:
+    """Wrap one layer; a layer that cannot take these adapters is a :class:`LoRAError` naming it."""
+    n_in, n_out = module.in_features, module.out_features
+    if config.rank > min(n_in, n_out):
+        raise LoRAError(f"LoRA rank {config.rank} exceeds min(in_features, out_features) of layer {name!r} "
+                        f"({n_in} -> {n_out}); lower the rank or exclude it")
     try:
-        new: Dict[str, nn.Module] = {}
-        for name, module in targets.items():
-            try:
-                new[name] = LoRALinear(module, **config.layer_kwargs())
-            except Exception as exc:
-                raise LoRAError(f"layer {name!r} (lora): {exc}") from exc
-        swapped = replace_modules(model, new)
-        if freeze_base:
-            _freeze_all_but_adapters(model)
-    except BaseException:
-        restore_modules(model, swapped)
-        _restore_flags(flags)
-        raise
-    for name, original in swapped.items():
-        layer = get_submodule(model, name)
-        report.replaced[name] = repr(layer)
-        report.bytes_before += memory_report(original).stored_bytes
-        report.bytes_after += memory_report(layer).stored_bytes
-    report.trainable_parameters = trainable_parameters(model)
-    report.total_parameters = _total_parameters(model)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def merge_lora_(model: nn.Module, *, keep_adapters: bool = False) -> LoRAReport:
-    """Fold every ``LoRALinear``'s adapters into its weights, in place; all or nothing.
-
-    ``keep_adapters=False`` (default): each ``LoRALinear`` is replaced by :meth:`LoRALinear.merge`'s
-    module (a dense copy of the base with ``W + s B A``, or a re-quantized ``QuantLinear``): the model
-    has no adapters left. ``keep_adapters=True``: each layer switches to its merged state instead
-    (:meth:`LoRALinear.merge_`); :func:`unmerge_lora_` restores the original bases bit-exactly.
-    ``report.merge_errors`` gives each layer's relative weight error added by the merge.
-    Merged parameters stay frozen (``model.requires_grad_(True)`` to train them).
-    """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("merge_lora_: the model has no LoRALinear layers (add_lora_ first)")
-    start = time.perf_counter()
-    report = LoRAReport()
-    if keep_adapters:
-        done: List[LoRALinear] = []
-        try:
-            for name, layer in layers.items():
-                if layer.merged:
-                    report.skipped[name] = "already merged"
-                    continue
-                try:
-                    layer.merge_()
-                except Exception as exc:
-                    raise LoRAError(f"layer {name!r} (merge): {exc}") from exc
-                done.append(layer)
-                report.replaced[name] = repr(layer)
-                report.merge_errors[name] = layer.merge_error
-        except BaseException:
-            for layer in reversed(done):
-                layer.unmerge()
-            raise
-    else:
-        new: Dict[str, nn.Module] = {}
-        for name, layer in layers.items():
-            if layer.merged:  # already folded into its base: just drop the adapters
-                new[name] = layer.base
-                if layer.merge_error is not None:
-                    report.merge_errors[name] = layer.merge_error
-                continue
-            try:
-                new[name] = layer.merge()
-            except Exception as exc:
-                raise LoRAError(f"layer {name!r} (merge): {exc}") from exc
-            report.merge_errors[name] = layer.merge_error
-        replace_modules(model, new)
-        for name, module in new.items():
-            report.replaced[name] = repr(module)
-    report.trainable_parameters = trainable_parameters(model)
-    report.total_parameters = _total_parameters(model)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def unmerge_lora_(model: nn.Module) -> List[str]:
-    """Undo ``merge_lora_(model, keep_adapters=True)``: every merged layer gets its original base back.
-
-    Returns the names of the layers unmerged. All or nothing: if a merged layer has no original
-    (it was loaded from disk merged), nothing changes and a :class:`LoRAError` names it.
-    """
-    merged = {name: layer for name, layer in lora_layers(model).items() if layer.merged}
-    missing = [name for name, layer in merged.items() if layer.__dict__.get("_unmerged_base") is None]
-    if missing:
-        raise LoRAError(f"cannot unmerge {', '.join(map(repr, missing))}: the original base is not available "
-                        "(layer loaded from disk in the merged state)")
-    for layer in merged.values():
-        layer.unmerge()
-    return list(merged)
+        return LoRALinear(module, **config.layer_kwargs())
+    except Exception as exc:
+        raise LoRAError(f"layer {name!r} (lora): {exc}") from exc

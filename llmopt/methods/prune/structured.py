@@ -1,5 +1,13 @@
 """Structured pruning: remove whole MLP channels or attention heads, leaving smaller plain ``nn.Linear``s.
 
+Two model-scope methods: ``llmopt.compress_(model, PruneChannels(0.25))`` removes a fraction of each
+block's MLP intermediate channels, ``llmopt.compress_(model, PruneHeads(0.5))`` a fraction of its
+attention kv groups. Their handlers only plan: they return the smaller layers and the attribute and
+config changes as a :class:`~llmopt.methods.base.ModelEdit`, which ``compress_`` applies (all or
+nothing, undone if a later stage fails) and records so ``llmopt.save``/``load`` rebuild the shapes.
+``include``/``exclude`` restrict what may be pruned: a group is pruned only if all its layers are
+targeted.
+
 Unlike masks (unstructured, N:M), removing a channel shrinks the matrices themselves, so every
 kernel runs faster and every byte is saved without a special format. The price is coupling: an MLP
 channel ``c`` is row ``c`` of every producer (gate/up) *and* column ``c`` of the consumer (down); an
@@ -19,7 +27,8 @@ Coupling is found generically, from shapes inside each repeated block (the model
   named like ``o``/``o_proj``/``out_proj``/``dense`` wins, else the last registered (HF convention);
   q/k/v are interchangeable for pruning when they have equal shapes, so their order does not matter.
 * Anything else (fused qkv, GPT-2's ``Conv1D``, ``I == hidden``) is not guessed: pass ``groups=`` with
-  :class:`MLPGroup` / :class:`AttentionGroup` naming the layers (relative to the block).
+  :class:`MLPGroup` / :class:`AttentionGroup` naming the layers (relative to the block; stored in the
+  config in their dict form, so a recipe can carry them).
 
 Under grouped-query attention a kv head is removed together with its ``H/KV`` query heads (a "kv
 group"), so ``num_key_value_groups`` stays what it was and HF's ``repeat_kv`` keeps working.
@@ -31,6 +40,7 @@ matrices), ``"wanda"`` (Wanda-sp: ``sum_i |W_out[i, j]| * ||X_j||`` over the uni
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,11 +49,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ...core.targets import RESIZED_ATTR  # what llmopt.save reads to record the new shapes
+from ...calibration import StatsSpec, collect_stats, find_blocks
+from ..base import MethodConfig, ModelEdit, register_method
 
 __all__ = [
-    "MLPGroup", "AttentionGroup", "BlockGroups", "StructuredReport", "find_groups",
-    "prune_channels_", "prune_heads_", "channel_importance", "head_importance", "IMPORTANCES",
+    "PruneChannels", "PruneHeads", "MLPGroup", "AttentionGroup", "BlockGroups", "StructuredReport", "find_groups",
+    "group_from_dict", "channel_importance", "head_importance", "IMPORTANCES",
 ]
 
 IMPORTANCES = ("magnitude", "wanda", "fluctuation")
@@ -73,6 +84,10 @@ class MLPGroup:
         if not self.inputs:
             raise ValueError("MLPGroup needs at least one input layer (gate/up)")
 
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"kind": "mlp", "inputs": [...], "output": ...}`` (JSON), the form a config stores."""
+        return {"kind": "mlp", "inputs": list(self.inputs), "output": self.output}
+
 
 @dataclass(frozen=True)
 class AttentionGroup:
@@ -101,6 +116,30 @@ class AttentionGroup:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"AttentionGroup: num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"kind": "attention", "q": ..., ...}`` (JSON), the form a config stores."""
+        return {"kind": "attention", **dataclasses.asdict(self)}
+
+
+_GROUP_KINDS = {"mlp": MLPGroup, "attention": AttentionGroup}
+
+
+def group_from_dict(data: Union[MLPGroup, AttentionGroup, Mapping[str, Any]]) -> Union[MLPGroup, AttentionGroup]:
+    """A group from its :meth:`~MLPGroup.to_dict` form (a group object passes through)."""
+    if isinstance(data, (MLPGroup, AttentionGroup)):
+        return data
+    if not isinstance(data, Mapping):
+        raise TypeError(f"groups: expected MLPGroup or AttentionGroup (or its dict form), got {type(data).__name__}")
+    if data.get("kind") not in _GROUP_KINDS:
+        raise ValueError(f"groups: a group dict needs 'kind' in {sorted(_GROUP_KINDS)}, got {dict(data)!r}")
+    cls = _GROUP_KINDS[data["kind"]]
+    options = {k: v for k, v in data.items() if k != "kind"}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"groups: {cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+    return cls(**options)
 
 
 @dataclass
@@ -227,27 +266,24 @@ def find_groups(model: nn.Module, groups: Union[None, Sequence, Mapping[int, Seq
                 blocks_path: Optional[str] = None) -> List[BlockGroups]:
     """The coupled layer groups of every block (see the module docstring for the rules).
 
-    ``groups`` overrides discovery: a list of :class:`MLPGroup`/:class:`AttentionGroup` (names relative
-    to each block) used for every block, or ``{block_index: [...]}``. ``blocks_path`` names the
+    ``groups`` overrides discovery: a list of :class:`MLPGroup`/:class:`AttentionGroup` (or their dict
+    forms; names relative to each block) used for every block, or ``{block_index: [...]}`` (an int or
+    its string, as JSON writes it). ``blocks_path`` names the
     ``ModuleList`` of blocks when the automatic search picks the wrong one.
     """
-    from ...calibration import find_blocks
-
     path, blocks = find_blocks(model, blocks_path)
     out = []
     for i, block in enumerate(blocks):
         name = f"{path}.{i}" if path else str(i)
         lin = _linears(block)
-        override = groups.get(i) if isinstance(groups, Mapping) else groups
+        override = groups.get(i, groups.get(str(i))) if isinstance(groups, Mapping) else groups
         if override is not None:
             bg = BlockGroups(i, name)
-            for g in override:
+            for g in map(group_from_dict, override):
                 if isinstance(g, MLPGroup):
                     bg.mlp.append(g)
-                elif isinstance(g, AttentionGroup):
-                    bg.attention.append(g)
                 else:
-                    raise TypeError(f"groups: expected MLPGroup or AttentionGroup, got {type(g).__name__}")
+                    bg.attention.append(g)
                 for n in ((*g.inputs, g.output) if isinstance(g, MLPGroup) else (g.q, g.k, g.v, g.o)):
                     if n not in lin:
                         raise ValueError(f"block {name}: override names {n!r}, which is not an nn.Linear "
@@ -309,8 +345,6 @@ def _finite(scores: torch.Tensor, name: str) -> torch.Tensor:
 
 def _collect(model: nn.Module, calibration, names: List[str], need_sum: bool) -> Dict[str, _InputStats]:
     """Column statistics of the inputs of ``names`` (full names) from plain forwards of the model."""
-    from ...calibration import StatsSpec, collect_stats
-
     batches = list(calibration) if calibration is not None else []
     if not batches:
         raise ValueError("activation-aware importance needs calibration batches (calibration=[...]); "
@@ -521,80 +555,215 @@ def _sliced(lin: nn.Linear, rows: Optional[torch.Tensor] = None,
     return new
 
 
-def _record(model: nn.Module, linears: Dict[str, nn.Linear], attrs: Dict[str, Dict[str, int]],
-            config: Dict[str, Any]) -> None:
-    """Remember what changed so ``llmopt.save`` writes it and ``llmopt.load`` rebuilds it on a skeleton."""
-    rec = getattr(model, RESIZED_ATTR, None) or {"linears": {}, "attributes": {}, "config": {}}
-    for n, m in linears.items():
-        rec["linears"][n] = [m.out_features, m.in_features, m.bias is not None]
-    for n, a in attrs.items():
-        rec["attributes"].setdefault(n, {}).update(a)
-    rec["config"].update(config)
-    object.__setattr__(model, RESIZED_ATTR, rec)
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+GroupsSpec = Union[None, Sequence[Any], Mapping[Union[int, str], Sequence[Any]]]
 
 
-def _set(model: nn.Module, full: str, module: nn.Module) -> None:
-    parent, _, attr = full.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
+def _normalise_groups(groups: GroupsSpec) -> Union[None, List[Dict[str, Any]], Dict[str, List[Dict[str, Any]]]]:
+    """``groups=`` in its JSON form: group objects become dicts, block keys become strings."""
+    if groups is None:
+        return None
+    if isinstance(groups, Mapping):
+        out: Dict[str, List[Dict[str, Any]]] = {}
+        for key, items in groups.items():
+            if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())):
+                raise ValueError(f"groups: keys are block indices, got {key!r}")
+            out[str(int(key))] = _normalise_groups(items)  # type: ignore[assignment]
+        return out
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a list of MLPGroup/AttentionGroup or {{block index: [...]}}, "
+                        f"got {type(groups).__name__}")
+    return [group_from_dict(g).to_dict() for g in groups]
 
 
-def _validate_common(importance: str, calibration, round_to: int, min_keep: float) -> None:
-    if importance not in IMPORTANCES:
-        raise ValueError(f"unknown importance {importance!r}; choose from {IMPORTANCES}")
-    if importance != "magnitude" and calibration is None:
-        raise ValueError(f"importance={importance!r} needs calibration batches (calibration=[...])")
+def _group_objects(groups) -> GroupsSpec:
+    """The config's stored groups as :class:`MLPGroup`/:class:`AttentionGroup` objects, for :func:`find_groups`."""
+    if groups is None:
+        return None
+    if isinstance(groups, Mapping):
+        return {int(key): [group_from_dict(g) for g in items] for key, items in groups.items()}
+    return [group_from_dict(g) for g in groups]
+
+
+def _check_structured(config: "MethodConfig", round_to: int = 1) -> None:
+    """Validate (and normalise) the options shared by :class:`PruneChannels` and :class:`PruneHeads`."""
+    if config.importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {config.importance!r}; choose from {IMPORTANCES}")
+    if (config.ratio is None) == (config.ratios is None):
+        raise ValueError("give exactly one of ratio=... (every block) or ratios={block: ratio}")
+    if config.ratio is not None:
+        _check_ratio(config.ratio, "ratio")
+    else:
+        if not isinstance(config.ratios, Mapping):
+            raise TypeError(f"ratios must be a dict {{block index or name: ratio}}, got {type(config.ratios).__name__}")
+        for key, r in config.ratios.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise ValueError(f"ratios: keys are block indices or names, got {key!r}")
+            _check_ratio(r, f"ratios[{key!r}]")
+        # JSON keys are strings: store them so, so a config equals itself read back from a recipe file.
+        object.__setattr__(config, "ratios", {str(key): float(r) for key, r in config.ratios.items()})
+    if not isinstance(config.adaptive, bool):
+        raise ValueError(f"adaptive must be True or False, got {config.adaptive!r}")
+    if config.adaptive and config.ratios is not None:
+        raise ValueError("adaptive=True takes one overall ratio=..., not ratios={...}")
+    if isinstance(config.min_keep, bool) or not (isinstance(config.min_keep, (int, float)) and 0 < config.min_keep <= 1):
+        raise ValueError(f"min_keep must be in (0, 1], got {config.min_keep!r}")
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-    if not (isinstance(min_keep, (int, float)) and 0 < min_keep <= 1):
-        raise ValueError(f"min_keep must be in (0, 1], got {min_keep!r}")
+    if config.blocks_path is not None and not isinstance(config.blocks_path, str):
+        raise ValueError(f"blocks_path must be a module name or None, got {config.blocks_path!r}")
+    object.__setattr__(config, "groups", _normalise_groups(config.groups))
 
 
-# --------------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------------
-def prune_channels_(
-    model: nn.Module,
-    ratio: Optional[float] = None,
-    *,
-    ratios: Optional[Mapping[Union[int, str], float]] = None,
-    importance: str = "magnitude",
-    adaptive: bool = False,
-    min_keep: float = 0.1,
-    calibration: Optional[Iterable[Any]] = None,
-    groups: Union[None, Sequence, Mapping[int, Sequence]] = None,
-    round_to: int = 1,
-    blocks_path: Optional[str] = None,
-) -> StructuredReport:
-    """Remove a fraction of each block's MLP intermediate channels, in place; returns a report.
+class _Structured(MethodConfig):
+    """What the two structured methods declare alike (not registered itself)."""
 
-    ``ratio``: fraction removed in every block, or ``ratios={block index or name: r}`` (blocks not
-    named are left alone). ``adaptive=True``: one global ranking of per-group normalized importances
-    removes ``ratio`` of all channels, each group keeping at least ``min_keep`` of its own.
-    ``importance``: ``"magnitude"``, ``"wanda"`` or ``"fluctuation"`` (the last two need
-    ``calibration``). ``round_to``: kept counts are multiples of it (kernel-friendly widths).
-    ``groups``: override the coupling discovery (:class:`MLPGroup`, names relative to the block).
-    All-or-nothing: every check and every new layer is made before the model changes.
+    SCOPE = "model"  # the handler sees the whole model: coupled layers, head counts, the HF config
+    changes_shapes = True  # smaller plain nn.Linear layers, not wrappers
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        """``"wanda"`` and ``"fluctuation"`` read activation statistics; ``"magnitude"`` reads weights only."""
+        return self.importance != "magnitude"
+
+    def __hash__(self) -> int:  # ratios / groups are dicts and lists
+        return hash(repr(sorted(self.to_dict().items())))
+
+    def _label(self, what: str) -> str:
+        amount = f"{self.ratio:.0%}" if self.ratio is not None else f"per block {self.ratios}"
+        return f"{self.name} {amount} {self.importance}" + (" adaptive" if self.adaptive else "") + f" ({what})"
+
+
+@dataclass(frozen=True, eq=True)
+class PruneChannels(_Structured):
+    """Remove a fraction of each block's MLP intermediate channels: ``compress_(model, PruneChannels(0.25))``.
+
+    Args:
+        ratio: fraction removed in every block; or ``ratios={block index or name: r}`` (blocks not
+            named are left alone).
+        importance: ``"magnitude"``, ``"wanda"`` or ``"fluctuation"`` (the last two need ``calibration=``).
+        adaptive: one global ranking of per-group normalized importances removes ``ratio`` of all
+            channels, each group keeping at least ``min_keep`` of its own.
+        round_to: kept counts are multiples of it (kernel-friendly widths).
+        groups: override the coupling discovery (:class:`MLPGroup` objects or their dicts, names
+            relative to the block; a list for every block or ``{block index: [...]}``).
+        blocks_path: the ``ModuleList`` of blocks, when the automatic search picks the wrong one.
+
+    ``report.replaced`` lists the resized Linears, ``report.details`` holds a :class:`StructuredReport`
+    (kept channels and parameters per block). The MLP modules' ``intermediate_size`` attributes and,
+    when every block ends with one width, ``config.intermediate_size`` follow.
     """
-    _validate_common(importance, calibration, round_to, min_keep)
-    found = find_groups(model, groups, blocks_path)
-    if adaptive and ratios is not None:
-        raise ValueError("adaptive=True takes one overall ratio=..., not ratios={...}")
-    block_ratio = _block_ratios(found, ratio, ratios)
-    units = [(b, g) for b in found for g in b.mlp if block_ratio[b.index] > 0]
+
+    name = "prune_channels"
+
+    ratio: Optional[float] = None
+    ratios: Optional[Dict[str, float]] = None
+    importance: str = "magnitude"
+    adaptive: bool = False
+    min_keep: float = 0.1
+    round_to: int = 1
+    groups: Optional[Any] = None
+    blocks_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_structured(self, self.round_to)
+
+    __hash__ = _Structured.__hash__
+
+    @classmethod
+    def examples(cls) -> List["PruneChannels"]:
+        return [cls(0.25), cls(0.25, importance="wanda", round_to=8)]
+
+    def label(self) -> str:
+        return self._label("MLP channels")
+
+
+@dataclass(frozen=True, eq=True)
+class PruneHeads(_Structured):
+    """Remove a fraction of each block's attention kv groups (a kv head + its query heads):
+    ``compress_(model, PruneHeads(0.5))``.
+
+    ``ratio`` is a fraction of kv groups (of heads, under multi-head attention); at least one stays.
+    Other options as :class:`PruneChannels` (``groups`` with :class:`AttentionGroup`). The head-count
+    attributes of the attention module (``num_heads``, ``num_key_value_heads`` & co) and, when every
+    block agrees, the model config (``num_attention_heads``, ``num_key_value_heads``; ``head_dim``
+    made explicit) follow. After a per-block prune (head counts differ), a second one needs
+    ``groups=`` with the current counts.
+    """
+
+    name = "prune_heads"
+
+    ratio: Optional[float] = None
+    ratios: Optional[Dict[str, float]] = None
+    importance: str = "magnitude"
+    adaptive: bool = False
+    min_keep: float = 0.1
+    groups: Optional[Any] = None
+    blocks_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_structured(self)
+
+    __hash__ = _Structured.__hash__
+
+    @classmethod
+    def examples(cls) -> List["PruneHeads"]:
+        # The toy transformer has 2 kv groups per block: half of them is the smallest step there.
+        return [cls(ratios={1: 0.5}), cls(0.5, importance="fluctuation")]
+
+    def label(self) -> str:
+        return self._label("attention heads")
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers: plan the edit, change nothing
+# --------------------------------------------------------------------------------------------------
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _edit(model: nn.Module, report: "StructuredReport", new_layers: Dict[str, nn.Linear],
+          attrs: Dict[str, Dict[str, int]], config: Dict[str, Any]) -> ModelEdit:
+    """The :class:`ModelEdit`, with the report's after-count computed from the planned layers."""
+    removed = sum(_params(model.get_submodule(name)) - _params(layer) for name, layer in new_layers.items())
+    report.linear_params_after = report.linear_params_before - removed
+    note = (f"Linear params {report.linear_params_before:,} -> {report.linear_params_after:,} "
+            f"({report.removed_fraction:.1%} removed)")
+    return ModelEdit(modules=new_layers, attributes=attrs, config=config, details=report, notes=[note])
+
+
+def _targeted(units: List[Tuple["BlockGroups", Any]], names, targets: Mapping[str, nn.Module], what: str) -> List:
+    """The units whose layers are all targets; an error if include/exclude left none of several."""
+    kept = [(b, g) for b, g in units if all(f"{b.name}.{n}" in targets for n in names(g))]
+    if units and not kept:
+        raise ValueError(f"no {what} group left to prune: every one has a layer that is excluded (include/exclude) "
+                         "or already compressed")
+    return kept
+
+
+@register_method(PruneChannels)
+def _plan_channels(model: nn.Module, config: PruneChannels, *, targets: Mapping[str, nn.Module],
+                   calibration: Optional[Iterable[Any]] = None, **_: Any) -> ModelEdit:
+    found = find_groups(model, _group_objects(config.groups), config.blocks_path)
+    block_ratio = _block_ratios(found, config.ratio, config.ratios)
     if not any(b.mlp for b in found):
         raise ValueError(f"no MLP group found in the blocks ({found[0].name} ...): pass "
                          "groups=[MLPGroup(inputs=[...], output=...)] naming the layers")
     missing = [b.name for b in found if not b.mlp and block_ratio[b.index] > 0]
     if missing:
         raise ValueError(f"block(s) {missing[:4]} have no MLP group to prune; pass groups=... to name them")
+    units = _targeted([(b, g) for b in found for g in b.mlp if block_ratio[b.index] > 0],
+                      lambda g: (*g.inputs, g.output), targets, "MLP")
     full = lambda b, n: f"{b.name}.{n}"  # noqa: E731
     for b, g in units:
         for n in (*g.inputs, g.output):
             _check_weights(full(b, n), model.get_submodule(full(b, n)))
     stats = {}
-    if importance != "magnitude" and units:
+    if config.importance != "magnitude" and units:
         stats = _collect(model, calibration, [full(b, g.output) for b, g in units],
-                         importance == "fluctuation")
+                         config.importance == "fluctuation")
     scores = {}
     for b, g in units:
         ins = [model.get_submodule(full(b, n)) for n in g.inputs]
@@ -604,15 +773,14 @@ def prune_channels_(
             raise ValueError(f"block {b.name}: MLP group {g} has inconsistent widths (inputs out_features "
                              f"{sorted(sizes)}, {g.output} in_features {out.in_features})")
         scores[(b.name, g.output)] = _finite(
-            channel_importance(ins, out, importance, stats.get(full(b, g.output))), full(b, g.output))
-    if adaptive:
-        keep_counts = _adaptive_keep(scores, block_ratio[found[0].index], min_keep, round_to)
+            channel_importance(ins, out, config.importance, stats.get(full(b, g.output))), full(b, g.output))
+    if config.adaptive:
+        keep_counts = _adaptive_keep(scores, block_ratio[found[0].index], config.min_keep, config.round_to)
     else:
         index = {b.name: b.index for b in found}
-        keep_counts = {key: _uniform_keep(s.numel(), block_ratio[index[key[0]]], round_to,
+        keep_counts = {key: _uniform_keep(s.numel(), block_ratio[index[key[0]]], config.round_to,
                                           f"block {key[0]} ({key[1]})") for key, s in scores.items()}
-    # Build every new layer before changing anything.
-    report = StructuredReport("mlp", importance, linear_params_before=_linear_params(model))
+    report = StructuredReport("mlp", config.importance, linear_params_before=_linear_params(model))
     new_layers: Dict[str, nn.Linear] = {}
     attrs: Dict[str, Dict[str, int]] = {}
     widths: Dict[int, List[int]] = {}
@@ -625,12 +793,12 @@ def prune_channels_(
         for name in g.inputs:
             old = model.get_submodule(full(b, name))
             new_layers[full(b, name)] = _sliced(old, rows=idx)
-            before += sum(p.numel() for p in old.parameters())
-            after += sum(p.numel() for p in new_layers[full(b, name)].parameters())
+            before += _params(old)
+            after += _params(new_layers[full(b, name)])
         old = model.get_submodule(full(b, g.output))
         new_layers[full(b, g.output)] = _sliced(old, cols=idx)
-        before += sum(p.numel() for p in old.parameters())
-        after += sum(p.numel() for p in new_layers[full(b, g.output)].parameters())
+        before += _params(old)
+        after += _params(new_layers[full(b, g.output)])
         entry = report.blocks.setdefault(b.name, dict(params_before=0, params_after=0, kept=0, total=0))
         entry["params_before"] += before
         entry["params_after"] += after
@@ -641,20 +809,11 @@ def prune_channels_(
         mod = model.get_submodule(full(b, owner) if owner else b.name)
         if getattr(mod, "intermediate_size", None) == n:
             attrs[full(b, owner) if owner else b.name] = {"intermediate_size": keep}
-    for name, layer in new_layers.items():
-        _set(model, name, layer)
-    for name, a in attrs.items():
-        for k, v in a.items():
-            setattr(model.get_submodule(name), k, v)
-    config_updates = _update_config_mlp(model, found, widths)
-    _record(model, new_layers, attrs, config_updates)
-    report.linear_params_after = _linear_params(model)
-    return report
+    return _edit(model, report, new_layers, attrs, _config_mlp(model, found, widths))
 
 
-def _update_config_mlp(model: nn.Module, found: List[BlockGroups],
-                       widths: Dict[int, List[int]]) -> Dict[str, Any]:
-    """Set ``config.intermediate_size`` when every block now has one width; else leave it (see docs)."""
+def _config_mlp(model: nn.Module, found: List[BlockGroups], widths: Dict[int, List[int]]) -> Dict[str, Any]:
+    """``{"intermediate_size": w}`` when every block will have one width; else nothing (see docs)."""
     cfg = getattr(model, "config", None)
     if cfg is None or not isinstance(getattr(cfg, "intermediate_size", None), int):
         return {}
@@ -664,36 +823,14 @@ def _update_config_mlp(model: nn.Module, found: List[BlockGroups],
             all_widths.update(widths[b.index])
         else:
             all_widths.add(cfg.intermediate_size)  # untouched block keeps the config's width
-    if len(all_widths) == 1:
-        cfg.intermediate_size = all_widths.pop()
-        return {"intermediate_size": cfg.intermediate_size}
-    return {}
+    return {"intermediate_size": all_widths.pop()} if len(all_widths) == 1 else {}
 
 
-def prune_heads_(
-    model: nn.Module,
-    ratio: Optional[float] = None,
-    *,
-    ratios: Optional[Mapping[Union[int, str], float]] = None,
-    importance: str = "magnitude",
-    adaptive: bool = False,
-    min_keep: float = 0.1,
-    calibration: Optional[Iterable[Any]] = None,
-    groups: Union[None, Sequence, Mapping[int, Sequence]] = None,
-    blocks_path: Optional[str] = None,
-) -> StructuredReport:
-    """Remove a fraction of each block's attention kv groups (a kv head + its query heads), in place.
-
-    ``ratio`` is a fraction of kv groups (of heads, under multi-head attention); at least one stays.
-    Other arguments as :func:`prune_channels_`. The head-count attributes of the attention module
-    (``num_heads``, ``num_key_value_heads`` & co) and, when every block agrees, the model config
-    (``num_attention_heads``, ``num_key_value_heads``; ``head_dim`` made explicit) are updated.
-    """
-    _validate_common(importance, calibration, 1, min_keep)
-    found = find_groups(model, groups, blocks_path)
-    if adaptive and ratios is not None:
-        raise ValueError("adaptive=True takes one overall ratio=..., not ratios={...}")
-    block_ratio = _block_ratios(found, ratio, ratios)
+@register_method(PruneHeads)
+def _plan_heads(model: nn.Module, config: PruneHeads, *, targets: Mapping[str, nn.Module],
+                calibration: Optional[Iterable[Any]] = None, **_: Any) -> ModelEdit:
+    found = find_groups(model, _group_objects(config.groups), config.blocks_path)
+    block_ratio = _block_ratios(found, config.ratio, config.ratios)
     if not any(b.attention for b in found):
         raise ValueError(f"no attention group found in the blocks ({found[0].name} ...): pass "
                          "groups=[AttentionGroup(q=, k=, v=, o=, num_heads=, num_kv_heads=, head_dim=)]")
@@ -701,7 +838,8 @@ def prune_heads_(
     if missing:
         raise ValueError(f"block(s) {missing[:4]} have no attention group to prune; pass groups=... to "
                          "name them")
-    units = [(b, g) for b in found for g in b.attention if block_ratio[b.index] > 0]
+    units = _targeted([(b, g) for b in found for g in b.attention if block_ratio[b.index] > 0],
+                      lambda g: (g.q, g.k, g.v, g.o), targets, "attention")
     full = lambda b, n: f"{b.name}.{n}"  # noqa: E731
     for b, g in units:
         mods = {n: model.get_submodule(full(b, n)) for n in (g.q, g.k, g.v, g.o)}
@@ -715,20 +853,20 @@ def prune_heads_(
                 raise ValueError(f"layer {full(b, n)!r}: {what}={getattr(mods[n], what)} but the head layout "
                                  f"(heads={h}, kv_heads={kv}, head_dim={d}) needs {size}")
     stats = {}
-    if importance != "magnitude" and units:
-        stats = _collect(model, calibration, [full(b, g.o) for b, g in units], importance == "fluctuation")
+    if config.importance != "magnitude" and units:
+        stats = _collect(model, calibration, [full(b, g.o) for b, g in units], config.importance == "fluctuation")
     scores = {}
     for b, g in units:
         q, k, v, o = (model.get_submodule(full(b, n)) for n in (g.q, g.k, g.v, g.o))
-        scores[(b.name, g.o)] = _finite(head_importance(q, k, v, o, g, importance, stats.get(full(b, g.o))),
+        scores[(b.name, g.o)] = _finite(head_importance(q, k, v, o, g, config.importance, stats.get(full(b, g.o))),
                                         full(b, g.o))
-    if adaptive:
-        keep_counts = _adaptive_keep(scores, block_ratio[found[0].index], min_keep, 1)
+    if config.adaptive:
+        keep_counts = _adaptive_keep(scores, block_ratio[found[0].index], config.min_keep, 1)
     else:
         index = {b.name: b.index for b in found}
         keep_counts = {key: _uniform_keep(s.numel(), block_ratio[index[key[0]]], 1, f"block {key[0]}")
                        for key, s in scores.items()}
-    report = StructuredReport("heads", importance, linear_params_before=_linear_params(model))
+    report = StructuredReport("heads", config.importance, linear_params_before=_linear_params(model))
     new_layers: Dict[str, nn.Linear] = {}
     attrs: Dict[str, Dict[str, int]] = {}
     heads_per_block: Dict[int, Tuple[int, int]] = {}
@@ -745,8 +883,8 @@ def prune_heads_(
         for n, rows, cols in slices:
             old = model.get_submodule(full(b, n))
             new_layers[full(b, n)] = _sliced(old, rows=rows, cols=cols)
-            before += sum(p.numel() for p in old.parameters())
-            after += sum(p.numel() for p in new_layers[full(b, n)].parameters())
+            before += _params(old)
+            after += _params(new_layers[full(b, n)])
         report.blocks[b.name] = {"params_before": before, "params_after": after, "kept": keep, "total": kv}
         heads_per_block[b.index] = (keep * rep, keep)
         owner = g.module if g.module is not None else _parent(g.o)
@@ -758,19 +896,11 @@ def prune_heads_(
                     a[attr] = new_v
         if a:
             attrs[full(b, owner) if owner else b.name] = a
-    for name, layer in new_layers.items():
-        _set(model, name, layer)
-    for name, a in attrs.items():
-        for k, v in a.items():
-            setattr(model.get_submodule(name), k, v)
-    config_updates = _update_config_heads(model, found, heads_per_block)
-    _record(model, new_layers, attrs, config_updates)
-    report.linear_params_after = _linear_params(model)
-    return report
+    return _edit(model, report, new_layers, attrs, _config_heads(model, found, heads_per_block))
 
 
-def _update_config_heads(model: nn.Module, found: List[BlockGroups], heads: Dict[int, Tuple[int, int]]
-                         ) -> Dict[str, Any]:
+def _config_heads(model: nn.Module, found: List[BlockGroups], heads: Dict[int, Tuple[int, int]]) -> Dict[str, Any]:
+    """The head layout for ``model.config`` when every block will agree; else nothing."""
     cfg = getattr(model, "config", None)
     if cfg is None or not isinstance(getattr(cfg, "num_attention_heads", None), int):
         return {}
@@ -787,6 +917,4 @@ def _update_config_heads(model: nn.Module, found: List[BlockGroups], heads: Dict
     updates["num_attention_heads"] = new_h
     if hasattr(cfg, "num_key_value_heads"):
         updates["num_key_value_heads"] = new_kv
-    for k, v in updates.items():
-        setattr(cfg, k, v)
     return updates
