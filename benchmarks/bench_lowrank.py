@@ -35,7 +35,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt import SVD, evaluate, plan_ranks  # noqa: E402
+from llmopt import SVD, evaluate  # noqa: E402
+from llmopt.methods.lowrank import plan_ranks  # noqa: E402
 
 from bench_models import load_smollm2_quality  # noqa: E402
 

@@ -8,7 +8,8 @@ applied alone, in a list or in a :class:`Recipe`. Around it: :func:`save` / :fun
 :func:`save_pretrained` / :func:`load_pretrained`, :func:`memory_report`, :func:`allocate`, the LoRA
 verbs that are not compressions (:func:`merge_lora_`, :func:`unmerge_lora_`, :func:`save_adapters`,
 :func:`load_adapters`), the extension points (:class:`MethodConfig` / :func:`register_method`,
-:class:`WeightFormat` / :func:`register_format`) and the :mod:`llmopt.nn` wrappers. Everything else
+:class:`WeightFormat` / :func:`register_format`, :func:`register_kernel`), the quantization scheme
+:class:`WeightQuant`, and the :mod:`llmopt.nn` wrappers. Everything else
 lives in the subpackages (``llmopt.methods``, ``llmopt.pipeline``, ``llmopt.core``, ...).
 """
 
@@ -25,9 +26,11 @@ from .core import measure as _measure  # noqa: E402
 from .core.errors import CompressionError  # noqa: E402
 from .core.formats import WeightFormat, get_format, list_formats, register_format  # noqa: E402
 from .core.measure import memory_report  # noqa: E402
+from .core.scheme import WeightQuant  # noqa: E402
 from .io.adapters import load_adapters, save_adapters  # noqa: E402
 from .io.hf import load_pretrained, save_pretrained  # noqa: E402
 from .io.save import load, save  # noqa: E402
+from .kernels import list_kernels, register_kernel  # noqa: E402
 from .methods.base import MethodConfig, list_methods, register_method  # noqa: E402
 from .methods.lowrank import compensation as _compensation  # noqa: E402
 from .methods.lowrank import lora as _lora  # noqa: E402
@@ -63,7 +66,8 @@ __all__ = [
     "Magnitude", "Wanda", "SparseGPT", "PruneChannels", "PruneHeads",
     "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters",
     "memory_report", "allocate", "Allocation",
-    "WeightFormat", "register_format", "get_format", "list_formats", "nn",
+    "WeightFormat", "register_format", "get_format", "list_formats", "WeightQuant",
+    "register_kernel", "list_kernels", "nn",
 ]
 
 # Names the top level exported before every technique became a method of compress_: they keep

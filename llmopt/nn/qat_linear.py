@@ -119,7 +119,7 @@ class QATLinear(CompressedLinear):
     """
 
     # A wrapper llmopt's methods must not compress as if it were a float layer: compress_ skips it
-    # ("already compressed (QATLinear)"); convert it with convert_qat_ first.
+    # ("already compressed (QATLinear)"); convert it first (compress_(model, QAT(step="convert")).
     is_llmopt_compressed = True
     is_llmopt_qat = True
 

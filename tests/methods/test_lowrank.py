@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmopt
-from llmopt import RTN, SVD, plan_ranks
+from llmopt import RTN, SVD
+from llmopt.methods.lowrank import plan_ranks
 from llmopt.core.errors import CompressionError
 from llmopt.methods.lowrank import allocate_ranks, rank_from, saves_parameters
 from llmopt.solvers.decompose import asvd_scales, scaled_svd, truncated_svd, whitened_svd, whitening_factor

@@ -211,7 +211,7 @@ def compensation_to_lora_(model: nn.Module, *, alpha: Optional[float] = None, dr
     quantized base with adapters starting at the factors (:meth:`CompensatedLinear.to_lora`), in place.
 
     The model computes the same function (up to the adapter ``dtype``); the adapters then train as
-    QLoRA. With ``freeze_base`` every other parameter gets ``requires_grad=False`` (as ``add_lora_``).
+    QLoRA. With ``freeze_base`` every other parameter gets ``requires_grad=False`` (as a ``LoRA`` stage of ``compress_``).
     Returns ``{name: repr of the new layer}``. ``merge_lora_`` afterwards re-quantizes ``W_q + B A``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompensatedLinear)}

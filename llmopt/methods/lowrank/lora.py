@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from ...core.errors import CompressionError
-from ...core.formats import get_format
 from ...core.targets import Patterns, _as_list, _matches, get_submodule, is_compressed, select_linears
 from ...nn.lora_linear import LORA_INITS, LoRALinear
 from ..base import MethodConfig, register_method
+from ..quantized import QuantizesWeights
 
 __all__ = ["LoRA", "LoRAError", "LoRALinear", "lora_layers", "trainable_parameters"]
 
@@ -41,7 +41,7 @@ class LoRAError(CompressionError):
 
 
 @dataclass(frozen=True)
-class LoRA(MethodConfig):
+class LoRA(QuantizesWeights, MethodConfig):
     """LoRA / DoRA adapter settings: ``llmopt.compress_(model, LoRA(...), include=...)`` adds them.
 
     Args:
@@ -65,6 +65,10 @@ class LoRA(MethodConfig):
     """
 
     name = "lora"
+    # quantize_base / quant_group_size are a WeightQuant's format / group_size (checked by the mixin);
+    # without quantize_base nothing is quantized (scheme is None).
+    scheme_optional = True
+    scheme_field_names = {"format": "quantize_base", "group_size": "quant_group_size"}
     adds_adapters = True  # adapters train on top of the final compressed model: LoRA stages come last
     reduces_stored_bytes = False  # the adapters add parameters
 
@@ -79,6 +83,7 @@ class LoRA(MethodConfig):
     quant_group_size: Optional[int] = 64
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # quantize_base and quant_group_size, as a WeightQuant
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"LoRA: rank must be a positive integer, got {self.rank!r}")
         if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
@@ -93,13 +98,6 @@ class LoRA(MethodConfig):
             raise ValueError(f"LoRA: init must be one of {LORA_INITS}, got {self.init!r}")
         if not isinstance(self.loftq_iters, int) or isinstance(self.loftq_iters, bool) or self.loftq_iters < 1:
             raise ValueError(f"LoRA: loftq_iters must be a positive integer, got {self.loftq_iters!r}")
-        if self.quantize_base is not None:
-            if not isinstance(self.quantize_base, str):
-                raise ValueError(f"LoRA: quantize_base must be a format name or None, got {self.quantize_base!r}")
-            get_format(self.quantize_base)  # unknown name: ValueError listing the registered formats
-        gs = self.quant_group_size
-        if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1)):
-            raise ValueError(f"LoRA: quant_group_size must be a positive integer, -1 or None, got {gs!r}")
         if self.init == "loftq" and self.quantize_base is None:
             raise ValueError("LoRA: init='loftq' quantizes the base weights itself: give quantize_base "
                              "(e.g. quantize_base='nf4') and apply it to the dense (unquantized) model")

@@ -39,11 +39,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from ...core.primitives import resolve_group_size
 from ...core.targets import Patterns, select_linears
-from ...kernels import list_kernels
-from ...nn.qat_linear import QATLinear, _check_act_bits, _check_scale_dtype, _resolve_format, qat_layers
+from ...nn.qat_linear import QATLinear, _check_act_bits, qat_layers
 from ..base import MethodConfig, register_method
+from ..quantized import WeightQuantFields
 
 __all__ = ["QAT", "QATLinear", "qat_layers", "QAT_STEPS"]
 
@@ -51,7 +50,7 @@ QAT_STEPS = ("prepare", "convert")
 
 
 @dataclasses.dataclass(frozen=True)
-class QAT(MethodConfig):
+class QAT(WeightQuantFields, MethodConfig):
     """Quantization-aware training, in two ``compress_`` calls (as torchao's ``QATConfig``).
 
     ``step="prepare"`` replaces the targeted ``nn.Linear`` layers by :class:`QATLinear` (same
@@ -75,27 +74,17 @@ class QAT(MethodConfig):
 
     name = "qat"
 
-    format: str = "int4"
+    # format, group_size, symmetric, scale_dtype, kernel come from WeightQuantFields (config.scheme);
+    # a different default:
     group_size: Optional[int] = 64
-    symmetric: Optional[bool] = None
-    scale_dtype: str = "bfloat16"
     act_bits: Optional[int] = None
     step: str = "prepare"
-    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.step not in QAT_STEPS:
             raise ValueError(f"QAT: step must be one of {QAT_STEPS}, got {self.step!r}")
-        self.weight_format()  # unknown format / bad options fail here, before any layer is touched
-        resolve_group_size(self.group_size, 1 << 30)
-        _check_scale_dtype(self.scale_dtype)
+        super().__post_init__()  # the scheme: unknown format / bad options fail before any layer is touched
         _check_act_bits(self.act_bits)
-        if self.kernel != "auto" and self.kernel not in list_kernels():
-            raise ValueError(f"unknown kernel {self.kernel!r}; use 'auto' or one of {list_kernels()}")
-
-    def weight_format(self):
-        """The :class:`~llmopt.core.formats.WeightFormat` the prepare step fake-quantizes with."""
-        return _resolve_format(self.format, self.symmetric)
 
     # -- protocol: what differs between the two steps ----------------------------------------------
     @property
