@@ -20,13 +20,7 @@ from llmopt.pipeline.lora import merge_lora_, unmerge_lora_
 from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

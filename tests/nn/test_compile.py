@@ -30,14 +30,15 @@ BF16_EAGER, BF16_REF = 1e-2, 2e-2
 K, N = 128, 64  # tiny: compiling on two cores costs seconds per case
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
+
+
 @pytest.fixture(autouse=True)
-def _one_thread_fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo():
+    """Every case compiles from scratch (no graphs or guards left by another case)."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:

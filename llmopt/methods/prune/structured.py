@@ -743,19 +743,37 @@ def _targeted(units: List[Tuple["BlockGroups", Any]], names, targets: Mapping[st
     return kept
 
 
+# What each structured method prunes: the block attribute holding its groups, the layers of a group, the
+# name used in messages, and how to name the groups by hand.
+_UNIT_KINDS = {
+    "mlp": ("mlp", lambda g: (*g.inputs, g.output), "MLP",
+            "groups=[MLPGroup(inputs=[...], output=...)] naming the layers"),
+    "attention": ("attention", lambda g: (g.q, g.k, g.v, g.o), "attention",
+                  "groups=[AttentionGroup(q=, k=, v=, o=, num_heads=, num_kv_heads=, head_dim=)]"),
+}
+
+
+def _pruning_units(model: nn.Module, config: Any, targets: Mapping[str, nn.Module], kind: str):
+    """``(blocks, {block index: ratio}, [(block, group)])``: the groups of ``kind`` a structured config
+    prunes, every layer of each targeted; clear errors when the blocks have none to prune."""
+    attr, layers_of, label, hint = _UNIT_KINDS[kind]
+    found = find_groups(model, _group_objects(config.groups), config.blocks_path)
+    block_ratio = _block_ratios(found, config.ratio, config.ratios)
+    if not any(getattr(b, attr) for b in found):
+        raise ValueError(f"no {label} group found in the blocks ({found[0].name} ...): pass {hint}")
+    missing = [b.name for b in found if not getattr(b, attr) and block_ratio[b.index] > 0]
+    if missing:
+        raise ValueError(f"block(s) {missing[:4]} have no {label} group to prune; pass groups=... to name "
+                         "them")
+    units = _targeted([(b, g) for b in found for g in getattr(b, attr) if block_ratio[b.index] > 0],
+                      layers_of, targets, label)
+    return found, block_ratio, units
+
+
 @register_method(PruneChannels)
 def _plan_channels(model: nn.Module, config: PruneChannels, *, targets: Mapping[str, nn.Module],
                    calibration: Optional[Iterable[Any]] = None, **_: Any) -> ModelEdit:
-    found = find_groups(model, _group_objects(config.groups), config.blocks_path)
-    block_ratio = _block_ratios(found, config.ratio, config.ratios)
-    if not any(b.mlp for b in found):
-        raise ValueError(f"no MLP group found in the blocks ({found[0].name} ...): pass "
-                         "groups=[MLPGroup(inputs=[...], output=...)] naming the layers")
-    missing = [b.name for b in found if not b.mlp and block_ratio[b.index] > 0]
-    if missing:
-        raise ValueError(f"block(s) {missing[:4]} have no MLP group to prune; pass groups=... to name them")
-    units = _targeted([(b, g) for b in found for g in b.mlp if block_ratio[b.index] > 0],
-                      lambda g: (*g.inputs, g.output), targets, "MLP")
+    found, block_ratio, units = _pruning_units(model, config, targets, "mlp")
     full = lambda b, n: f"{b.name}.{n}"  # noqa: E731
     for b, g in units:
         for n in (*g.inputs, g.output):
@@ -829,17 +847,7 @@ def _config_mlp(model: nn.Module, found: List[BlockGroups], widths: Dict[int, Li
 @register_method(PruneHeads)
 def _plan_heads(model: nn.Module, config: PruneHeads, *, targets: Mapping[str, nn.Module],
                 calibration: Optional[Iterable[Any]] = None, **_: Any) -> ModelEdit:
-    found = find_groups(model, _group_objects(config.groups), config.blocks_path)
-    block_ratio = _block_ratios(found, config.ratio, config.ratios)
-    if not any(b.attention for b in found):
-        raise ValueError(f"no attention group found in the blocks ({found[0].name} ...): pass "
-                         "groups=[AttentionGroup(q=, k=, v=, o=, num_heads=, num_kv_heads=, head_dim=)]")
-    missing = [b.name for b in found if not b.attention and block_ratio[b.index] > 0]
-    if missing:
-        raise ValueError(f"block(s) {missing[:4]} have no attention group to prune; pass groups=... to "
-                         "name them")
-    units = _targeted([(b, g) for b in found for g in b.attention if block_ratio[b.index] > 0],
-                      lambda g: (g.q, g.k, g.v, g.o), targets, "attention")
+    found, block_ratio, units = _pruning_units(model, config, targets, "attention")
     full = lambda b, n: f"{b.name}.{n}"  # noqa: E731
     for b, g in units:
         mods = {n: model.get_submodule(full(b, n)) for n in (g.q, g.k, g.v, g.o)}
