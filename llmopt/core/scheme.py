@@ -155,10 +155,7 @@ class WeightQuant:
     # ------------------------------------------------------------------ building and saving
     def replace(self, **changes: Any) -> "WeightQuant":
         """A copy with ``changes`` applied (checked like a new scheme)."""
-        unknown = sorted(set(changes) - set(self.field_names()))
-        if unknown:
-            raise ValueError(f"WeightQuant has no field(s) {unknown}; fields: {list(self.field_names())}")
-        return dataclasses.replace(self, **changes)
+        return self.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> Dict[str, Any]:
         """``{"format": ..., "group_size": ..., ...}``, every field in order; JSON-serialisable."""

@@ -19,6 +19,7 @@ from ..core.primitives import (
     quantize_weight,
     resolve_group_size,
 )
+from ..core.scheme import WeightQuant
 from ..kernels import Kernel, KernelSpec, select_kernel
 from .base import CompressedLinear
 
@@ -129,14 +130,21 @@ class QuantLinear(CompressedLinear):
     def from_linear(
         cls,
         linear: nn.Linear,
-        format: Union[str, WeightFormat, Dict[str, Any]] = "int4",
+        format: Union[str, WeightFormat, Dict[str, Any], WeightQuant] = "int4",
         group_size: Optional[int] = 128,
         *,
         symmetric: Optional[bool] = None,
         scale_dtype: Union[str, torch.dtype] = torch.bfloat16,
         kernel: str = "auto",
     ) -> "QuantLinear":
-        """Quantize an ``nn.Linear`` (or any subclass with ``weight``/``bias``) by round to nearest."""
+        """Quantize an ``nn.Linear`` (or any subclass with ``weight``/``bias``) by round to nearest.
+
+        ``format`` may be a whole :class:`~llmopt.WeightQuant` (a method config's ``scheme``), which then
+        gives the group size, symmetry, scale dtype and kernel too.
+        """
+        if isinstance(format, WeightQuant):
+            format, group_size, scale_dtype, kernel = (format.weight_format(), format.group_size,
+                                                       format.scale_dtype, format.kernel)
         fmt = get_format(format, **({"symmetric": symmetric} if symmetric is not None else {}))
         weight = linear.weight
         check_linear_weight(weight)

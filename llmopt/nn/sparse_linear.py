@@ -33,6 +33,7 @@ from torch import Tensor
 from ..core.checks import check_linear_input, check_linear_weight, dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
 from ..core.primitives import quantize_weight, resolve_group_size
+from ..core.scheme import WeightQuant
 from .sparse.layouts import bool_mask, make_layout, nm_index_bits
 from .sparse.runtimes import RUNTIMES, RuntimeSwitch
 from .sparse.storage import StoredTensorsLinear, check_bias
@@ -171,12 +172,15 @@ class SparseLinear(RuntimeSwitch, StoredTensorsLinear):
         self._install(self._layout.in_state_order(metadata, {**self._values.store(kept), **(params or {})}))
         return self
 
-    def quantize(self, format: FormatSpec = "int4", group_size: Optional[int] = 128, *,
+    def quantize(self, format: Union[FormatSpec, WeightQuant] = "int4", group_size: Optional[int] = 128, *,
                  scale_dtype: DtypeSpec = torch.bfloat16) -> "SparseLinear":
         """A new layer with the same mask and layout whose kept weights are quantized by round to nearest
-        (sparsity + int4). Group parameters are chosen over the dense groups, pruned zeros included."""
+        (sparsity + int4). Group parameters are chosen over the dense groups, pruned zeros included.
+        ``format`` may be a whole :class:`~llmopt.WeightQuant` (its group size and scale dtype too)."""
         if self.quantized:
             raise ValueError(f"SparseLinear: values are already quantized ({self.format.name})")
+        if isinstance(format, WeightQuant):
+            format, group_size, scale_dtype = format.weight_format(), format.group_size, format.scale_dtype
         fmt = get_format(format)
         q = quantize_weight(self.dequantize_weight(torch.float32), fmt, group_size, parse_dtype(scale_dtype))
         bias = self.bias.detach() if self.bias is not None else None

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from llmopt.nn import QuantLinear
@@ -113,3 +114,17 @@ def test_input_gradient_flows_through_reference():
     expected = q.dequantize_weight().sum(0).expand(2, 64)
     assert torch.allclose(x.grad, expected, atol=1e-5)
     assert all(not p.requires_grad for p in q.parameters())
+
+
+def test_from_linear_takes_a_whole_scheme():
+    """A method config's WeightQuant gives the format, group size, symmetry, scale dtype and kernel at once."""
+    from llmopt.core.scheme import WeightQuant
+
+    linear = nn.Linear(96, 32)
+    scheme = WeightQuant("int4", 32, symmetric=True, scale_dtype="float16", kernel="reference")
+    a = QuantLinear.from_linear(linear, scheme)
+    b = QuantLinear.from_linear(linear, "int4", 32, symmetric=True, scale_dtype=torch.float16, kernel="reference")
+    assert a.format == b.format == scheme.weight_format() and a.group_size == 32 and a.scale_dtype == torch.float16
+    assert a.kernel.name == "reference"
+    for key, value in b.state_dict().items():
+        assert torch.equal(a.state_dict()[key], value), key

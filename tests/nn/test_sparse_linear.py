@@ -516,3 +516,14 @@ def test_stable_format_bit_order_of_packed_tensors():
     assert q.state_dict()["qdata"].tolist() == [0 | 7 << 4, 9 | 10 << 4, 12]
     q24 = SparseLinear.from_quantized(codes, scale, zero, mask24, nm=(2, 4), format="int4", group_size=8)
     assert q24.state_dict()["qdata"].tolist() == [[0 | 2 << 4, 5 | 7 << 4], [9 | 11 << 4, 12 | 14 << 4]]
+
+
+def test_quantize_takes_a_whole_scheme():
+    from llmopt.core.scheme import WeightQuant
+
+    weight = torch.randn(16, 64)
+    layer = SparseLinear.from_dense(weight, weight.abs() > 0.5)
+    a = layer.quantize(WeightQuant("int4", 32, scale_dtype="float32"))
+    b = layer.quantize("int4", 32, scale_dtype=torch.float32)
+    for key, value in b.state_dict().items():
+        assert torch.equal(a.state_dict()[key], value), key

@@ -165,8 +165,7 @@ def quantize_base(linear: nn.Module, config: QuantLowRank) -> QuantLinear:
     scheme = config.scheme
     fmt = scheme.weight_format()
     if config.base == "rtn":
-        return QuantLinear.from_linear(linear, fmt, scheme.group_size, scale_dtype=scheme.scale_dtype,
-                                       kernel=scheme.kernel)
+        return QuantLinear.from_linear(linear, scheme)
     q = hqq_quantize(weight.detach(), fmt, scheme.group_size, scale_dtype=scheme.scale_torch_dtype,
                      round_zero=True)
     bias = getattr(linear, "bias", None)

@@ -240,8 +240,8 @@ class HQQ(WeightQuantFields, MethodConfig):
             outlier-tolerant.
         scale_dtype: dtype of stored scales/zero points (``"bfloat16"`` by default).
         kernel: ``"auto"`` or a kernel name from ``llmopt.kernels.list_kernels()``.
-            These four are ``config.scheme`` (a :class:`~llmopt.core.scheme.WeightQuant`; no ``symmetric``:
-            HQQ refits the zero point, so the format is asymmetric).
+            With ``symmetric`` (``None`` or ``False`` only: HQQ refits the zero point, so the format is
+            asymmetric) these are ``config.scheme`` (a :class:`~llmopt.core.scheme.WeightQuant`).
         round_zero: start from RTN's zero point rounded to a whole code (the hqq library's
             default at 4 bits), which puts the value 0 on the grid; ``False`` starts from RTN
             exactly and never ends worse than it (per group, mean absolute error).

@@ -50,10 +50,6 @@ class RTN(WeightQuantFields, MethodConfig):
 
 @register_method(RTN)
 def _apply_rtn(linear: nn.Module, config: RTN, *, name: str = "") -> nn.Module:
-    scheme = config.scheme
     if isinstance(linear, SparseLinear):  # sparsity + quantization: same mask, quantized values
-        return linear.quantize(scheme.weight_format(), scheme.group_size, scale_dtype=scheme.scale_dtype)
-    return QuantLinear.from_linear(
-        linear, scheme.weight_format(), scheme.group_size,
-        scale_dtype=scheme.scale_dtype, kernel=scheme.kernel,
-    )
+        return linear.quantize(config.scheme)
+    return QuantLinear.from_linear(linear, config.scheme)
