@@ -33,7 +33,6 @@ from .io.save import load, save  # noqa: E402
 from .kernels import list_kernels, register_kernel  # noqa: E402
 from .methods.base import MethodConfig, list_methods, register_method  # noqa: E402
 from .methods.lowrank import compensation as _compensation  # noqa: E402
-from .methods.lowrank import lora as _lora  # noqa: E402
 from .methods.lowrank import svd as _svd  # noqa: E402
 from .methods.lowrank.compensation import QuantLowRank  # noqa: E402
 from .methods.lowrank.lora import LoRA  # noqa: E402
@@ -83,7 +82,7 @@ _MOVED: Dict[str, Tuple[Any, str, str]] = {
     "GradualPruner": (_schedule, "GradualPruner", "llmopt.methods.prune.GradualPruner"),
     "cubic_sparsity": (_schedule, "cubic_sparsity", "llmopt.methods.prune.cubic_sparsity"),
     "plan_global_sparsity": (_magnitude, "plan_global_sparsity", "llmopt.methods.prune.plan_global_sparsity"),
-    "trainable_parameters": (_lora, "trainable_parameters", "llmopt.methods.lowrank.lora.trainable_parameters"),
+    "trainable_parameters": (_measure, "trainable_parameters", "llmopt.core.measure.trainable_parameters"),
     "compensation_to_lora_": (_compensation, "compensation_to_lora_",
                               "llmopt.methods.lowrank.compensation_to_lora_"),
     "QATLinear": (_qat_linear, "QATLinear", "llmopt.nn.QATLinear"),

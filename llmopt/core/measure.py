@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .targets import is_compressed
 
-__all__ = ["memory_report", "MemoryReport", "LayerMemory", "sqnr"]
+__all__ = ["memory_report", "MemoryReport", "LayerMemory", "sqnr", "trainable_parameters", "total_parameters"]
 
 
 def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -119,3 +119,13 @@ def memory_report(model: nn.Module) -> MemoryReport:
             counted.add(key)
             report.other_bytes += t.numel() * t.element_size()
     return report
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements with ``requires_grad`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def total_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 __all__ = ["find_linears", "select_linears", "get_submodule", "set_submodule", "replace_modules", "is_compressed",
-           "RESIZED_ATTR"]
+           "RESIZED_ATTR", "requires_grad_flags", "restore_requires_grad"]
 
 Patterns = Optional[Union[str, Sequence[str]]]
 
@@ -117,3 +117,14 @@ def restore_modules(model: nn.Module, originals: Dict[str, nn.Module]) -> None:
     """Undo :func:`replace_modules` (in reverse order)."""
     for name in reversed(list(originals)):
         set_submodule(model, name, originals[name])
+
+
+def requires_grad_flags(model: nn.Module) -> List[Tuple[nn.Parameter, bool]]:
+    """``[(parameter, requires_grad)]`` of every parameter, for :func:`restore_requires_grad` on a rollback."""
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def restore_requires_grad(flags: List[Tuple[nn.Parameter, bool]]) -> None:
+    """Put back the flags :func:`requires_grad_flags` recorded."""
+    for p, flag in flags:
+        p.requires_grad_(flag)

@@ -12,15 +12,18 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..core.targets import get_submodule, replace_modules, restore_modules
+from ..core.measure import total_parameters, trainable_parameters
+from ..core.targets import (
+    get_submodule,
+    replace_modules,
+    requires_grad_flags,
+    restore_modules,
+    restore_requires_grad,
+)
 from ..methods.lowrank.lora import (
     LoRAError,
     _freeze_all_but_adapters,
-    _requires_grad_flags,
-    _restore_flags,
-    _total_parameters,
     lora_layers,
-    trainable_parameters,
 )
 from ..nn.lora_linear import LoRALinear
 from ..pipeline.report import LoRAReport
@@ -139,7 +142,7 @@ def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freez
         raise LoRAError(f"{directory}: tensors {extra[:5]} belong to no listed layer")
 
     # 2. Build wrappers for plain layers, then swap and copy (undone on any failure).
-    flags = _requires_grad_flags(model)
+    flags = requires_grad_flags(model)
     swapped: Dict[str, nn.Module] = {}
     previous: List[tuple] = []
     try:
@@ -167,11 +170,11 @@ def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freez
             for p, value in previous:
                 p.copy_(value)
         restore_modules(model, swapped)
-        _restore_flags(flags)
+        restore_requires_grad(flags)
         raise
     for name in plan:
         report.replaced[name] = repr(get_submodule(model, name))
     report.trainable_parameters = trainable_parameters(model)
-    report.total_parameters = _total_parameters(model)
+    report.total_parameters = total_parameters(model)
     report.seconds = time.perf_counter() - start
     return report

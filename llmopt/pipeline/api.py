@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..calibration import StatsSpec, collect_stats, find_blocks, run_blocks, spec_for_dtype
 from ..core.errors import CompressionError, SkipLayer
-from ..core.measure import memory_report
+from ..core.measure import memory_report, total_parameters, trainable_parameters
 from ..core.targets import (
     RESIZED_ATTR,
     Patterns,
@@ -27,6 +27,8 @@ from ..core.targets import (
     get_submodule,
     is_compressed,
     replace_modules,
+    requires_grad_flags,
+    restore_requires_grad,
     select_linears,
 )
 from ..methods.base import MethodConfig, MethodEntry, ModelEdit, get_method
@@ -321,7 +323,7 @@ def compress_(
     start = time.perf_counter()
     changes = _Changes(model)
     targeted: Set[str] = set()  # names of the modules the methods were asked to change
-    flags = [(p, p.requires_grad) for p in model.parameters()]  # an after_stage step may freeze them
+    flags = requires_grad_flags(model)  # an after_stage step may freeze them
     try:
         for index, stage in enumerate(stages):
             if stage.config.SCOPE == "model":
@@ -338,8 +340,7 @@ def compress_(
             report.details.append(details)
     except BaseException:
         changes.undo()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        restore_requires_grad(flags)
         raise
     _record_recipe(model, [_effective_stage(stage, include, exclude) for stage in stages])
     report.seconds = time.perf_counter() - start
@@ -354,8 +355,8 @@ def compress_(
             continue  # inside a layer replaced earlier in this call (SVD then RTN): counted with it
         report.bytes_before += memory_report(original).stored_bytes
         report.bytes_after += memory_report(new).stored_bytes
-    report.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report.total_parameters = sum(p.numel() for p in model.parameters())
+    report.trainable_parameters = trainable_parameters(model)
+    report.total_parameters = total_parameters(model)
     return report
 
 

@@ -7,6 +7,7 @@ before.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn as nn
 
 from ..core.checks import dtype_name
 from ..core.formats import WeightFormat, get_format
-from ..core.targets import Patterns
-from ..methods.lowrank.lora import LoRA, _total_parameters
+from ..core.measure import trainable_parameters
+from ..core.targets import Patterns, requires_grad_flags
+from ..methods.lowrank.lora import LoRA
 from ..methods.prune.structured import PruneChannels, PruneHeads, StructuredReport
 from ..methods.quant.qat import QAT
 from .api import compress_
@@ -35,18 +37,15 @@ def add_lora_(model: nn.Module, config: Optional[LoRA] = None, *, include: Patte
         config = LoRA()
     if not isinstance(config, LoRA):
         raise TypeError(f"expected a LoRA config (llmopt.LoRA(...)), got {config!r}")
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = requires_grad_flags(model)
     report = compress_(model, config, include=include, exclude=exclude)
     if not freeze_base:
         wrapped = {id(p) for name in report.replaced for p in model.get_submodule(name).base.parameters()}
         for p, flag in flags:
             if id(p) not in wrapped:
                 p.requires_grad_(flag)
-    out = LoRAReport(replaced=report.replaced, skipped=report.skipped, notes=report.notes,
-                     bytes_before=report.bytes_before, bytes_after=report.bytes_after, seconds=report.seconds,
-                     methods=report.methods, layer_configs=report.layer_configs, details=report.details)
-    out.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out.total_parameters = _total_parameters(model)
+    out = LoRAReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)})
+    out.trainable_parameters = trainable_parameters(model)  # freeze_base=False changed the flags
     return out
 
 

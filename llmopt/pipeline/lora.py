@@ -11,8 +11,9 @@ from typing import Dict, List
 
 import torch.nn as nn
 
+from ..core.measure import total_parameters, trainable_parameters
 from ..core.targets import replace_modules
-from ..methods.lowrank.lora import LoRAError, LoRALinear, _total_parameters, lora_layers, trainable_parameters
+from ..methods.lowrank.lora import LoRAError, LoRALinear, lora_layers
 from .report import LoRAReport
 
 __all__ = ["merge_lora_", "unmerge_lora_"]
@@ -69,7 +70,7 @@ def merge_lora_(model: nn.Module, *, keep_adapters: bool = False) -> LoRAReport:
         for name, module in new.items():
             report.replaced[name] = repr(module)
     report.trainable_parameters = trainable_parameters(model)
-    report.total_parameters = _total_parameters(model)
+    report.total_parameters = total_parameters(model)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from ...core.errors import CompressionError
+from ...core.measure import trainable_parameters
 from ...core.targets import Patterns, _as_list, _matches, get_submodule, is_compressed, select_linears
 from ...nn.lora_linear import LORA_INITS, LoRALinear
 from ..base import MethodConfig, register_method
@@ -156,15 +157,6 @@ def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameter elements with ``requires_grad`` (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _total_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _adapter_ids(model: nn.Module) -> set:
     return {id(p) for layer in lora_layers(model).values() for p in layer.adapter_parameters().values()}
 
@@ -174,15 +166,6 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
-
-
-def _requires_grad_flags(model: nn.Module) -> List[tuple]:
-    return [(p, p.requires_grad) for p in model.parameters()]
-
-
-def _restore_flags(flags: List[tuple]) -> None:
-    for p, flag in flags:
-        p.requires_grad_(flag)
 
 
 def _linear_like(module: nn.Module) -> bool:
