@@ -18,11 +18,11 @@ from ..core.checks import check_linear_weight, dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
 from ..core.primitives import (
     ACT_BITS,
-    SCALE_DTYPES,
     QuantizedWeight,
     dequantize_weight,
     fake_quantize,
     fake_quantize_activations,
+    parse_scale_dtype,
     quantize_weight,
     resolve_group_size,
 )
@@ -48,16 +48,6 @@ def _resolve_format(format: FormatSpec, symmetric: Optional[bool]) -> WeightForm
 def _check_act_bits(act_bits: Optional[int]) -> None:
     if act_bits is not None and (isinstance(act_bits, bool) or act_bits not in ACT_BITS):
         raise ValueError(f"act_bits must be None or one of {ACT_BITS}, got {act_bits!r}")
-
-
-def _check_scale_dtype(scale_dtype: Union[str, torch.dtype]) -> torch.dtype:
-    try:
-        dtype = parse_dtype(scale_dtype)
-    except ValueError:
-        dtype = None
-    if dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of float32, float16, bfloat16; got {scale_dtype!r}")
-    return dtype
 
 
 # Formats the compiled fake quantization may be asked for, by their JSON key (see _format_key). Filled by
@@ -144,7 +134,7 @@ class QATLinear(CompressedLinear):
         self.format = _resolve_format(format, symmetric)
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.group_size = resolve_group_size(group_size, self.in_features)
-        self.scale_dtype = _check_scale_dtype(scale_dtype)
+        self.scale_dtype = parse_scale_dtype(scale_dtype)
         self.act_bits = act_bits
         self._format_key = _format_key(self.format)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
