@@ -7,14 +7,14 @@ A config keeps the scheme's options as its own flat fields (``RTN("int4", 64, sy
 Two ways to carry the fields:
 
 * :class:`WeightQuantFields` declares all five (``format, group_size, symmetric, scale_dtype, kernel``,
-  RTN's defaults, in that order, first). A new config adopts the scheme in one line,
-  ``class QAT(WeightQuantFields, MethodConfig)``, and redeclares only a default it wants different
-  (``group_size: Optional[int] = 64``; a redeclared field keeps its place).
-* Configs whose serialised key order or positional arguments put the fields elsewhere (GPTQ, AWQ,
-  HQQ, QuantLowRank, SparseGPT, SmoothQuant: dataclass fields of a base class always come first)
-  inherit :class:`QuantizesWeights` alone and declare the fields they expose, where they always were.
-  The mixin finds them by name; a scheme field the config does not declare takes the config's
-  ``scheme_fixed`` value (SmoothQuant: int8, symmetric, per channel) or the scheme's default.
+  RTN's defaults, in that order, first): RTN, GPTQ, AWQ, HQQ, QuantLowRank and QAT. A config adopts the
+  scheme in one line, ``class QAT(WeightQuantFields, MethodConfig)``, and redeclares only a default it
+  wants different (``group_size: Optional[int] = 64``; a redeclared field keeps its place).
+* Configs whose positional arguments put the fields elsewhere (SparseGPT: the sparsity comes first
+  and the format is optional) or that fix some of them (SmoothQuant: int8, symmetric, per channel)
+  inherit :class:`QuantizesWeights` alone and declare the fields they expose. The mixin finds them
+  by name; a scheme field the config does not declare takes the config's ``scheme_fixed`` value or
+  the scheme's default.
 * A config that names them otherwise maps them: LoRA would set
   ``scheme_field_names = {"format": "quantize_base", "group_size": "quant_group_size"}`` and
   ``scheme_optional = True`` (no ``quantize_base``: no quantization).
