@@ -89,14 +89,17 @@ class QuantLinear(CompressedLinear):
         super().__init__()
         if act_bits is not None and act_bits not in ACT_BITS:
             raise ValueError(f"act_bits must be None or one of {ACT_BITS}, got {act_bits!r}")
-        self.act_bits = act_bits
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.format = get_format(format)
-        self.group_size = resolve_group_size(group_size, self.in_features)
-        self.scale_dtype = parse_dtype(scale_dtype)
+        # The one record of format, group size, scale dtype and activation bits (read back through the
+        # properties below): what every kernel call is handed.
+        self.kernel_spec = KernelSpec(
+            format=get_format(format), in_features=self.in_features, out_features=self.out_features,
+            group_size=resolve_group_size(group_size, self.in_features), scale_dtype=parse_dtype(scale_dtype),
+            act_bits=act_bits, has_bias=bool(bias),
+        )
         self.requested_kernel = kernel
         device = torch.device(device) if device is not None else torch.device("cpu")
         param_dtype = parse_dtype(dtype)
@@ -116,11 +119,6 @@ class QuantLinear(CompressedLinear):
             self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
             self.input_scale = None
-        self.kernel_spec = KernelSpec(
-            format=self.format, in_features=self.in_features, out_features=self.out_features,
-            group_size=self.group_size, scale_dtype=self.scale_dtype, act_bits=self.act_bits,
-            has_bias=bool(bias),
-        )
         self._runtime_names: tuple = ()
         self.kernel: Kernel = select_kernel(self.kernel_spec, "reference", device)
         self.set_canonical(canonical)
@@ -193,6 +191,25 @@ class QuantLinear(CompressedLinear):
         layer.requested_kernel = kernel
         layer.set_canonical(canonical)
         return layer
+
+    # ------------------------------------------------------------------ the scheme (from kernel_spec)
+    @property
+    def format(self) -> WeightFormat:
+        return self.kernel_spec.format
+
+    @property
+    def group_size(self) -> int:
+        """Columns per group, resolved (per-channel layers: ``in_features``)."""
+        return self.kernel_spec.group_size
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.kernel_spec.scale_dtype
+
+    @property
+    def act_bits(self) -> Optional[int]:
+        """Bits activations are quantized to per token (W8A8: 8), or ``None``."""
+        return self.kernel_spec.act_bits
 
     # ------------------------------------------------------------------ storage
     @property
