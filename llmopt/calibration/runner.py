@@ -260,7 +260,7 @@ def _dense_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
     SmolLM2 block at 128 x 512 tokens). Layers that quantize activations are kept as they are."""
     runner = copy.deepcopy(block)
     dense = {name: module.to_linear(dtype) for name, module in runner.named_modules()
-             if getattr(module, "is_llmopt_compressed", False) and hasattr(module, "to_linear")
+             if is_compressed(module) and hasattr(module, "to_linear")
              and getattr(module, "act_bits", None) is None}
     for name, linear in dense.items():
         parent_name, _, attr = name.rpartition(".")

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.targets import is_compressed
+
 __all__ = ["CompressedLinear", "dense_linear", "register_module_type", "module_types", "layer_bytes"]
 
 
@@ -32,7 +34,7 @@ def dense_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
 def layer_bytes(module: nn.Module, stored: bool = True) -> int:
     """Bytes of a sub-layer (a factor, a wrapped base): a compressed wrapper's ``stored_bytes()`` (or
     ``runtime_bytes()`` with ``stored=False``), else the bytes of its parameters and buffers."""
-    if getattr(module, "is_llmopt_compressed", False):
+    if is_compressed(module):
         return int(module.stored_bytes() if stored else module.runtime_bytes())
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.checks import dtype_name, parse_dtype
+from ..core.targets import is_compressed
 from .base import CompressedLinear, layer_bytes
 
 __all__ = ["LowRankLinear", "FACTOR_ATTR"]
@@ -18,13 +19,9 @@ __all__ = ["LowRankLinear", "FACTOR_ATTR"]
 FACTOR_ATTR = "llmopt_lowrank_factor"
 
 
-def _is_compressed(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_llmopt_compressed", False))
-
-
 def _weight_of(module: nn.Module, dtype: Optional[torch.dtype] = None) -> Tensor:
     """The float weight a factor multiplies by: its ``weight`` or, once compressed, its dequantized one."""
-    if _is_compressed(module):
+    if is_compressed(module):
         return module.dequantize_weight(dtype)
     weight = module.weight.detach()
     return weight if dtype is None else weight.to(dtype)
@@ -32,8 +29,8 @@ def _weight_of(module: nn.Module, dtype: Optional[torch.dtype] = None) -> Tensor
 
 def _weight_bytes(module: nn.Module) -> float:
     """Stored bytes of a factor's weight alone (bias excluded)."""
-    if _is_compressed(module):
-        return module.bits_per_weight() * module.in_features * module.out_features / 8.0
+    if is_compressed(module):
+        return module.weight_bytes()
     return float(module.weight.numel() * module.weight.element_size())
 
 
@@ -116,7 +113,7 @@ class LowRankLinear(CompressedLinear):
     def weight_dtype(self) -> torch.dtype:
         """dtype of the layer's float weights (the factors', or their dequantized dtype)."""
         up = self.up
-        return up.weight_dtype if _is_compressed(up) else up.weight.dtype
+        return up.weight_dtype if is_compressed(up) else up.weight.dtype
 
     # ------------------------------------------------------------------ maths
     def forward(self, x: Tensor) -> Tensor:
@@ -144,7 +141,7 @@ class LowRankLinear(CompressedLinear):
 
     def describe(self) -> str:
         """Short summary for reports: ``"rank 16, float32"`` or ``"rank 16, int4 g64 [reference]"``."""
-        parts = [m.describe() if _is_compressed(m) else dtype_name(m.weight.dtype) for m in (self.down, self.up)]
+        parts = [m.describe() if is_compressed(m) else dtype_name(m.weight.dtype) for m in (self.down, self.up)]
         return f"rank {self.rank}, " + (parts[0] if parts[0] == parts[1] else f"down {parts[0]} / up {parts[1]}")
 
     def extra_repr(self) -> str:

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from ...calibration import StatsSpec, collect_stats, find_blocks
+from ...core.targets import is_compressed
 from ..base import MethodConfig, ModelEdit, register_method
 
 __all__ = [
@@ -154,7 +155,7 @@ class BlockGroups:
 
 def _linears(block: nn.Module) -> Dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)
-            and not getattr(m, "is_llmopt_compressed", False)}
+            and not is_compressed(m)}
 
 
 def _conv1d_names(block: nn.Module) -> List[str]:
