@@ -69,12 +69,12 @@ def _config_from_dict(data: Mapping[str, Any], stage_keys: Tuple[str, ...] = ())
     stage's own keys). The options are brought to the config's ``VERSION`` first."""
     method = data.get("method")
     if method is None:
-        raise RecipeError(f"missing 'method' (one of: {', '.join(_method_names())}); keys given: "
+        raise RecipeError(f"missing 'method' (one of: {', '.join(list_methods())}); keys given: "
                           f"{sorted(map(str, data))}")
     if not isinstance(method, str):
         raise RecipeError(f"'method' must be a string, got {type(method).__name__} {method!r}")
     if method not in list_methods():
-        raise RecipeError(f"unknown method {method!r}; registered: {', '.join(_method_names())}")
+        raise RecipeError(f"unknown method {method!r}; registered: {', '.join(list_methods())}")
     config_cls = get_method(method).config_cls
     try:
         options = config_cls.read_options({k: v for k, v in data.items() if k not in stage_keys})
@@ -101,14 +101,6 @@ def _build(config_cls: type, options: Mapping[str, Any], method: str) -> StageCo
 
 def _message(exc: BaseException) -> str:
     return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-
-
-def _method_names() -> List[str]:
-    return list_methods()
-
-
-def _is_config(value: Any) -> bool:
-    return isinstance(value, MethodConfig)
 
 
 def _stage_kind(config: MethodConfig) -> str:
@@ -174,7 +166,7 @@ class Stage:
     overrides: Dict[str, OverrideValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _is_config(self.config):
+        if not isinstance(self.config, MethodConfig):
             raise RecipeError(f"Stage.config must be a method config (e.g. llmopt.RTN(...)), got {self.config!r}")
         get_method(self.config)  # registered, and under its own class
         self.include = _patterns(self.include, "include")
@@ -208,7 +200,7 @@ class Stage:
     def _normalise_override(self, value: Any) -> OverrideValue:
         if value is None or (isinstance(value, str) and value.lower() == SKIP):
             return None
-        if _is_config(value):
+        if isinstance(value, MethodConfig):
             config = value
         elif isinstance(value, Mapping):
             if "method" in value:
@@ -327,7 +319,7 @@ class Recipe:
             raise RecipeError(f"Recipe.stages must be a list of stages, got {type(self.stages).__name__}")
         stages = []
         for i, stage in enumerate(self.stages):
-            if _is_config(stage):
+            if isinstance(stage, MethodConfig):
                 stage = Stage(stage)
             if not isinstance(stage, Stage):
                 raise RecipeError(f"stage {i}: expected a Stage or a method config, got {stage!r}")
