@@ -123,10 +123,8 @@ class QAT(WeightQuantFields, MethodConfig):
     def label(self) -> str:
         if self.step == "convert":
             return "qat convert" + (f" [{self.kernel}]" if self.kernel != "auto" else "")
-        group = "channel" if self.group_size is None else f"g{self.group_size}"
-        sym = " sym" if self.symmetric else ""
         act = f" a{self.act_bits}" if self.act_bits is not None else ""
-        return f"qat {self.format}{sym} {group}{act}"
+        return f"qat {self.scheme.label()}{act}"
 
 
 def _shared_weight_notes(model: nn.Module, layers: Dict[str, nn.Module]) -> List[str]:
