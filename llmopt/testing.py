@@ -25,7 +25,7 @@ from .core.primitives import (
 from .kernels import Kernel, KernelSpec, get_kernel
 
 __all__ = ["sqnr", "ToyMLP", "ToyAttentionBlock", "ToyTransformer", "CustomLinear", "word_tokenizer",
-           "check_kernel", "KernelCheck", "format_variants", "check_format"]
+           "check_kernel", "KernelCheck", "format_variants", "check_format", "bit_equal"]
 
 
 class CustomLinear(nn.Linear):
@@ -189,7 +189,7 @@ class KernelCheck:
     refused: List[Tuple[str, str]] = field(default_factory=list)  # (spec, reason)
 
 
-def _bit_equal(a: Tensor, b: Tensor) -> bool:
+def bit_equal(a: Tensor, b: Tensor) -> bool:
     """Same dtype, shape, device and bytes (so -0.0 != 0.0 and NaN payloads count)."""
     if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
         return False
@@ -228,7 +228,7 @@ def _check_one_spec(kernel: Kernel, spec: KernelSpec, device: torch.device, gen:
         assert set(back) == set(originals), (
             f"{where}: to_canonical {when} gives {sorted(back)}, expected {sorted(originals)}")
         for name, tensor in originals.items():
-            assert _bit_equal(back[name], tensor), (
+            assert bit_equal(back[name], tensor), (
                 f"{where}: canonical -> runtime -> canonical changed {name!r} {when} "
                 f"({back[name].dtype} {tuple(back[name].shape)} vs {tensor.dtype} {tuple(tensor.shape)})")
 

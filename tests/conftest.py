@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmopt.testing import ToyTransformer
+from llmopt.testing import ToyTransformer, bit_equal  # noqa: F401  (bit_equal: shared by the fixtures)
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +28,6 @@ def example_input(model: nn.Module, batch: int = 2, seq: int = 16, seed: int = 1
 def calibration_batches(model: nn.Module, n: int = 3):
     """A few input batches, for methods with ``needs_calibration=True``."""
     return [example_input(model, seed=100 + i) for i in range(n)]
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Exact equality of dtype, shape and bits (NaN == NaN when the bits match)."""
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    if a.is_floating_point():
-        as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
-        return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
-    return torch.equal(a, b)
 
 
 class Snapshot:

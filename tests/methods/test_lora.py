@@ -17,16 +17,10 @@ from llmopt.io.adapters import load_adapters, lora_state_dict, save_adapters
 from llmopt.methods.lowrank.lora import LoRA, LoRAError, LoRALinear, lora_layers, trainable_parameters
 from llmopt.nn import QuantLinear
 from llmopt.pipeline.lora import merge_lora_, unmerge_lora_
-from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer
+from llmopt.testing import CustomLinear, ToyMLP, ToyTransformer, bit_equal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: see conftest.one_thread
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
-                                                                     b.contiguous().view(torch.uint8))
 
 
 def _randomize_adapters(layer: LoRALinear, seed: int = 0) -> None:

@@ -29,6 +29,7 @@ from llmopt.nn import (
     SparseLinear,
 )
 from llmopt.nn.base import module_types
+from llmopt.testing import bit_equal
 
 IN, OUT, RANK = 64, 24, 8
 # Everything below computes in float32 with reference kernels: a forward differs from the float64
@@ -133,12 +134,6 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).norm() / ref.double().norm())
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
 # ---------------------------------------------------------------------------------------------- coverage
 def test_every_registered_wrapper_has_an_example():
     covered = {type(_example(row)).__name__ for row in EXAMPLES}
@@ -176,7 +171,7 @@ def test_state_dict_round_trips_bit_exactly(row):
     got = twin.state_dict()
     assert list(got) == list(state)
     for key, value in state.items():
-        assert _bit_equal(got[key], value), key
+        assert bit_equal(got[key], value), key
     assert twin.config() == layer.config()
     with torch.no_grad():
         assert torch.equal(twin(_x()), layer(_x()))
@@ -192,7 +187,7 @@ def test_llmopt_save_load_into_a_meta_skeleton_is_bit_exact(row, tmp_path):
     assert type(skeleton[0]) is type(layer)
     expected, got = layer.state_dict(), skeleton[0].state_dict()
     assert list(got) == list(expected)
-    assert all(_bit_equal(got[key], value) for key, value in expected.items())
+    assert all(bit_equal(got[key], value) for key, value in expected.items())
     with torch.no_grad():
         assert torch.equal(skeleton.eval()(_x()), layer(_x()))
 
