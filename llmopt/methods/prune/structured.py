@@ -618,11 +618,24 @@ def _check_structured(config: "MethodConfig", round_to: int = 1) -> None:
     object.__setattr__(config, "groups", _normalise_groups(config.groups))
 
 
+@dataclass(frozen=True, eq=True)
 class _Structured(MethodConfig):
-    """What the two structured methods declare alike (not registered itself)."""
+    """What the two structured methods declare alike, options included (not registered itself); see
+    :class:`PruneChannels` for the options."""
 
     SCOPE = "model"  # the handler sees the whole model: coupled layers, head counts, the HF config
     changes_shapes = True  # smaller plain nn.Linear layers, not wrappers
+
+    ratio: Optional[float] = None
+    ratios: Optional[Dict[str, float]] = None
+    importance: str = "magnitude"
+    adaptive: bool = False
+    min_keep: float = 0.1
+    groups: Optional[Any] = None
+    blocks_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_structured(self, getattr(self, "round_to", 1))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -659,17 +672,7 @@ class PruneChannels(_Structured):
 
     name = "prune_channels"
 
-    ratio: Optional[float] = None
-    ratios: Optional[Dict[str, float]] = None
-    importance: str = "magnitude"
-    adaptive: bool = False
-    min_keep: float = 0.1
     round_to: int = 1
-    groups: Optional[Any] = None
-    blocks_path: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _check_structured(self, self.round_to)
 
     __hash__ = _Structured.__hash__
 
@@ -695,17 +698,6 @@ class PruneHeads(_Structured):
     """
 
     name = "prune_heads"
-
-    ratio: Optional[float] = None
-    ratios: Optional[Dict[str, float]] = None
-    importance: str = "magnitude"
-    adaptive: bool = False
-    min_keep: float = 0.1
-    groups: Optional[Any] = None
-    blocks_path: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _check_structured(self)
 
     __hash__ = _Structured.__hash__
 
