@@ -5,15 +5,16 @@ Each raises a clear ``ValueError``/``TypeError`` naming the problem; callers add
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, Iterable, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["parse_dtype", "dtype_name", "check_linear_weight", "check_linear_input", "check_nm", "FLOAT_DTYPES",
-           "MAX_NM_M", "NM", "check_choice", "check_flag", "check_int", "check_number"]
+           "MAX_NM_M", "NM", "check_fields", "check_choice", "check_flag", "check_int", "check_number"]
 
 MAX_NM_M = 256
 NM = Tuple[int, int]
@@ -123,3 +124,12 @@ def check_number(name: str, value: Any, low: float, high: float, *, low_open: bo
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return value
+
+
+def check_fields(cls: type, names: Iterable[str], what: str, noun: str = "option(s)") -> None:
+    """``ValueError`` naming the ``names`` dataclass ``cls`` has no field for (``"<what> has no option(s)
+    [...]; known: [...]"``): a misspelt key in a stored dict must not be dropped silently."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(names) - known))
+    if unknown:
+        raise ValueError(f"{what} has no {noun} {unknown}; known: {sorted(known)}")

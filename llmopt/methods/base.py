@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch.nn as nn
 
 from ..calibration import StatsSpec
+from ..core.checks import check_fields
 from ..core.targets import Patterns, select_linears
 
 __all__ = [
@@ -173,10 +174,7 @@ class MethodConfig:
         if cls is not MethodConfig and not issubclass(config_cls, cls):
             raise ValueError(f"not a {cls.__name__} config: method={method!r}")
         options = config_cls.read_options(data)
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"method {method!r} has no option(s) {unknown}; known: {sorted(known)}")
+        check_fields(config_cls, options, f"method {method!r}")
         return config_cls(**options)
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from ...calibration import StatsSpec, collect_stats, find_blocks
+from ...core.checks import check_fields
 from ...core.targets import is_compressed
 from ..base import MethodConfig, ModelEdit, register_method
 
@@ -136,10 +137,7 @@ def group_from_dict(data: Union[MLPGroup, AttentionGroup, Mapping[str, Any]]) ->
         raise ValueError(f"groups: a group dict needs 'kind' in {sorted(_GROUP_KINDS)}, got {dict(data)!r}")
     cls = _GROUP_KINDS[data["kind"]]
     options = {k: v for k, v in data.items() if k != "kind"}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"groups: {cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+    check_fields(cls, options, f"groups: {cls.__name__}", noun="field(s)")
     return cls(**options)
 
 
