@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from .targets import is_compressed
 
-__all__ = ["memory_report", "MemoryReport", "LayerMemory", "sqnr", "trainable_parameters", "total_parameters"]
+__all__ = ["memory_report", "MemoryReport", "LayerMemory", "sqnr", "trainable_parameters", "total_parameters",
+           "tensor_bytes"]
 
 
 def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -129,3 +130,8 @@ def trainable_parameters(model: nn.Module) -> int:
 def total_parameters(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def tensor_bytes(*tensors: Optional[torch.Tensor]) -> int:
+    """Bytes of the given tensors' elements; ``None`` (an absent bias) counts 0."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

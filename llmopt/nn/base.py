@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.measure import tensor_bytes
 from ..core.targets import is_compressed
 
 __all__ = ["CompressedLinear", "dense_linear", "register_module_type", "module_types", "layer_bytes"]
@@ -36,7 +37,7 @@ def layer_bytes(module: nn.Module, stored: bool = True) -> int:
     ``runtime_bytes()`` with ``stored=False``), else the bytes of its parameters and buffers."""
     if is_compressed(module):
         return int(module.stored_bytes() if stored else module.runtime_bytes())
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return tensor_bytes(*module.parameters(), *module.buffers())
 
 
 # type name -> class with .config() and .from_config(config, device)
@@ -111,8 +112,7 @@ class CompressedLinear(nn.Module):
     def weight_bytes(self) -> float:
         """Stored bytes of the weight alone (bias excluded): the numerator of :meth:`bits_per_weight`."""
         bias = getattr(self, "bias", None)
-        bias_bytes = bias.numel() * bias.element_size() if isinstance(bias, Tensor) else 0
-        return float(self.stored_bytes() - bias_bytes)
+        return float(self.stored_bytes() - tensor_bytes(bias if isinstance(bias, Tensor) else None))
 
     def bits_per_weight(self) -> float:
         """Stored bits per weight, parameters included, bias excluded."""

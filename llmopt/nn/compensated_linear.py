@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.checks import dtype_name, parse_dtype
+from ..core.measure import tensor_bytes
 from .lora_linear import LoRALinear
 from .quant_linear import QuantLinear
 
@@ -161,7 +162,7 @@ class CompensatedLinear(QuantLinear):
 
     # ------------------------------------------------------------------ memory
     def _factor_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+        return tensor_bytes(self.down, self.up)
 
     def stored_bytes(self) -> int:
         """Bytes ``llmopt.save`` writes: codes, scales, bias (as ``QuantLinear``) plus both factors."""

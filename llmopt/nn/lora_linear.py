@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..core.checks import dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
+from ..core.measure import tensor_bytes
 from ..core.primitives import dequantize_weight as _dequantize_codes
 from ..core.primitives import quantize_weight
 from .base import CompressedLinear, layer_bytes, module_types
@@ -468,7 +469,7 @@ class LoRALinear(CompressedLinear):
         return params
 
     def _adapter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.adapter_parameters().values())
+        return tensor_bytes(*self.adapter_parameters().values())
 
     def stored_bytes(self) -> int:
         """Bytes ``llmopt.save`` writes: the base (compressed or not) plus the adapters."""

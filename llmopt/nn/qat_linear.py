@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..core.checks import check_linear_weight, dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
+from ..core.measure import tensor_bytes
 from ..core.primitives import (
     ACT_BITS,
     QuantizedWeight,
@@ -198,7 +199,7 @@ class QATLinear(CompressedLinear):
     # ------------------------------------------------------------------ reports
     def stored_bytes(self) -> int:
         """Bytes of the float weight and bias (what a checkpoint of this training layer holds)."""
-        return sum(p.numel() * p.element_size() for p in (self.weight, self.bias) if p is not None)
+        return tensor_bytes(self.weight, self.bias)
 
     def runtime_bytes(self) -> int:
         """The same bytes: the float weight and bias are all this layer holds."""

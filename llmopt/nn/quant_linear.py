@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..core.checks import check_linear_input, check_linear_weight, dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
+from ..core.measure import tensor_bytes
 from ..core.packing import pack_codes, packed_row_bytes
 from ..core.primitives import (
     ACT_BITS,
@@ -289,20 +290,11 @@ class QuantLinear(CompressedLinear):
 
     def stored_bytes(self) -> int:
         """Bytes of the canonical stored form (codes, parameters, bias), as written by ``save``."""
-        total = self._stored_weight_bytes()
-        if self.bias is not None:
-            total += self.bias.numel() * self.bias.element_size()
-        if self.input_scale is not None:
-            total += self.input_scale.numel() * self.input_scale.element_size()
-        return total
+        return self._stored_weight_bytes() + tensor_bytes(self.bias, self.input_scale)
 
     def runtime_bytes(self) -> int:
         """Bytes this layer actually holds in memory (kernel layout, padding and bias included)."""
-        total = sum(t.numel() * t.element_size() for t in self._runtime().values())
-        for extra in (self.bias, self.input_scale):
-            if extra is not None:
-                total += extra.numel() * extra.element_size()
-        return total
+        return tensor_bytes(*self._runtime().values(), self.bias, self.input_scale)
 
     def weight_bytes(self) -> float:
         """Stored bytes of codes and parameters: what :meth:`bits_per_weight` counts (bias and input

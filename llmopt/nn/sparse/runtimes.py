@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...core.measure import tensor_bytes
+
 __all__ = ["Runtime", "DenseRuntime", "CompressedRuntime", "SemiStructuredRuntime", "RUNTIMES", "get_runtime",
            "RuntimeSwitch"]
 
@@ -30,10 +32,6 @@ __all__ = ["Runtime", "DenseRuntime", "CompressedRuntime", "SemiStructuredRuntim
 # sparse tensor subclass cannot go through state_dict or deepcopy) the semi-structured tensor.
 DENSE_BUFFER = "dense_weight"
 SEMI_ATTR = "_semi"
-
-
-def _nbytes(t: Optional[Tensor]) -> int:
-    return t.numel() * t.element_size() if isinstance(t, Tensor) else 0
 
 
 def drop_runtime_state(layer: nn.Module) -> None:
@@ -46,7 +44,7 @@ def runtime_state_bytes(layer: nn.Module) -> int:
     """Bytes of whatever the runtimes derived: a dense copy, or the packed 2:4 tensor and its metadata."""
     semi = layer.__dict__.get(SEMI_ATTR)
     parts = [getattr(semi, attr, None) for attr in ("packed", "meta", "packed_t", "meta_t")]
-    return sum(_nbytes(t) for t in [layer._buffers.get(DENSE_BUFFER)] + parts)
+    return tensor_bytes(layer._buffers.get(DENSE_BUFFER), *parts)
 
 
 class Runtime:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...core.measure import tensor_bytes
 from ..base import CompressedLinear
 
 __all__ = ["StoredTensorsLinear", "check_bias"]
@@ -113,8 +114,7 @@ class StoredTensorsLinear(CompressedLinear, register=False):
 
     def stored_bytes(self) -> int:
         """Bytes ``llmopt.save`` writes: the stored tensors plus the bias."""
-        tensors = list(self.canonical_state().values()) + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(*self.canonical_state().values(), self.bias)
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
