@@ -51,6 +51,7 @@ import torch.nn as nn
 
 from ...calibration import StatsSpec, collect_stats, find_blocks
 from ...core.checks import check_fields
+from ...core.measure import total_parameters
 from ...core.targets import is_compressed
 from ..base import MethodConfig, ModelEdit, register_method
 
@@ -711,14 +712,11 @@ class PruneHeads(_Structured):
 # --------------------------------------------------------------------------------------------------
 # Handlers: plan the edit, change nothing
 # --------------------------------------------------------------------------------------------------
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _edit(model: nn.Module, report: "StructuredReport", new_layers: Dict[str, nn.Linear],
           attrs: Dict[str, Dict[str, int]], config: Dict[str, Any]) -> ModelEdit:
     """The :class:`ModelEdit`, with the report's after-count computed from the planned layers."""
-    removed = sum(_params(model.get_submodule(name)) - _params(layer) for name, layer in new_layers.items())
+    removed = sum(total_parameters(model.get_submodule(name)) - total_parameters(layer)
+                  for name, layer in new_layers.items())
     report.linear_params_after = report.linear_params_before - removed
     note = (f"Linear params {report.linear_params_before:,} -> {report.linear_params_after:,} "
             f"({report.removed_fraction:.1%} removed)")
@@ -802,12 +800,12 @@ def _plan_channels(model: nn.Module, config: PruneChannels, *, targets: Mapping[
         for name in g.inputs:
             old = model.get_submodule(full(b, name))
             new_layers[full(b, name)] = _sliced(old, rows=idx)
-            before += _params(old)
-            after += _params(new_layers[full(b, name)])
+            before += total_parameters(old)
+            after += total_parameters(new_layers[full(b, name)])
         old = model.get_submodule(full(b, g.output))
         new_layers[full(b, g.output)] = _sliced(old, cols=idx)
-        before += _params(old)
-        after += _params(new_layers[full(b, g.output)])
+        before += total_parameters(old)
+        after += total_parameters(new_layers[full(b, g.output)])
         entry = report.blocks.setdefault(b.name, dict(params_before=0, params_after=0, kept=0, total=0))
         entry["params_before"] += before
         entry["params_after"] += after
@@ -882,8 +880,8 @@ def _plan_heads(model: nn.Module, config: PruneHeads, *, targets: Mapping[str, n
         for n, rows, cols in slices:
             old = model.get_submodule(full(b, n))
             new_layers[full(b, n)] = _sliced(old, rows=rows, cols=cols)
-            before += _params(old)
-            after += _params(new_layers[full(b, n)])
+            before += total_parameters(old)
+            after += total_parameters(new_layers[full(b, n)])
         report.blocks[b.name] = {"params_before": before, "params_after": after, "kept": keep, "total": kv}
         heads_per_block[b.index] = (keep * rep, keep)
         owner = g.module if g.module is not None else _parent(g.o)
