@@ -446,7 +446,7 @@ def _apply_model_stage(model: nn.Module, stage: Stage, index: int, include: Patt
     the names of the replaced modules and the method's own summary."""
     cfg = stage.config
     entry = get_method(cfg)
-    targets, skipped = _select_for_stage(model, stage, include, exclude, cfg.accepts_compressed)
+    targets, skipped = _select_for_stage(model, stage, include, exclude)
     for name, reason in skipped.items():
         if name not in changes.swapped:
             report.skipped[name] = reason
