@@ -470,6 +470,7 @@ def test_llmopt_save_load_with_lora_layers(tmp_path, dora):
 
 
 def test_llmopt_load_failure_restores_skeleton(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     model = ToyMLP()
@@ -478,7 +479,12 @@ def test_llmopt_load_failure_restores_skeleton(tmp_path):
     llmopt.save(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["up.lora_A.weight"]
-    save_file(tensors, tmp_path / "model.safetensors")
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        header = f.metadata()
+    save_file(tensors, tmp_path / "model.safetensors", metadata=header)  # same save id: a consistent save
+    manifest = json.loads((tmp_path / "llmopt.json").read_text())
+    manifest["tensor_bytes"] = (tmp_path / "model.safetensors").stat().st_size
+    (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
     skeleton = ToyMLP()
     before = dict(skeleton.named_modules())
     with pytest.raises(RuntimeError, match="lora_A"):
