@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
 from .._version import __version__
 from ..core.measure import total_parameters, trainable_parameters
@@ -27,6 +29,8 @@ from ..methods.lowrank.lora import (
 )
 from ..nn.lora_linear import LoRALinear
 from ..pipeline.report import LoRAReport
+from .files import LoadError, finish_file, member_path, new_save_id, remove_quietly, temp_path, write_bytes_atomic
+from .save import SAVE_ID_KEY, check_json_metadata
 
 __all__ = ["lora_state_dict", "save_adapters", "load_adapters", "ADAPTERS_MANIFEST", "ADAPTERS_TENSORS"]
 
@@ -52,22 +56,94 @@ def save_adapters(model: nn.Module, directory: Union[str, os.PathLike],
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapters: the model has no LoRALinear layers")
-    os.makedirs(directory, exist_ok=True)
-    tensors = {key: t.to("cpu").contiguous().clone() for key, t in lora_state_dict(model).items()}
+    directory = os.fspath(directory)
     manifest = {
         "kind": "llmopt-lora-adapters",
         "format_version": ADAPTERS_FORMAT_VERSION,
         "llmopt_version": __version__,
+        "save_id": "",
         "tensors": ADAPTERS_TENSORS,
+        "tensor_bytes": 0,
         "layers": {name: layer.settings() for name, layer in layers.items()},
         "metadata": metadata or {},
     }
-    save_file(tensors, os.path.join(directory, ADAPTERS_TENSORS), metadata={"format": "pt", "llmopt": "lora"})
-    with open(os.path.join(directory, ADAPTERS_MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    return str(directory)
+    if not isinstance(manifest["metadata"], dict):
+        raise TypeError(f"save_adapters: metadata must be a dict of JSON values, got {type(metadata).__name__}")
+    check_json_metadata(manifest["metadata"])  # before anything is written
+    tensors = {key: t.to("cpu").contiguous().clone() for key, t in lora_state_dict(model).items()}
+    os.makedirs(directory, exist_ok=True)
+    # Same protocol as llmopt.save: a new tensor file never overwrites the one the current manifest
+    # names, the manifest is replaced atomically last (the commit point), then the old file goes.
+    save_id = new_save_id()
+    name = ADAPTERS_TENSORS
+    if os.path.lexists(os.path.join(directory, name)):
+        name = f"adapters-{save_id[:8]}.safetensors"
+    tmp = temp_path(directory, save_id, name)
+    final = os.path.join(directory, name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(safetensors_save(tensors, metadata={"format": "pt", "llmopt": "lora", SAVE_ID_KEY: save_id}))
+            finish_file(f)
+        os.replace(tmp, final)
+        manifest.update(save_id=save_id, tensors=name, tensor_bytes=os.path.getsize(final))
+        write_bytes_atomic(os.path.join(directory, ADAPTERS_MANIFEST),
+                           json.dumps(manifest, indent=2, sort_keys=True).encode(), save_id=save_id)
+    except BaseException:
+        remove_quietly(tmp)
+        if name != ADAPTERS_TENSORS:
+            remove_quietly(final)
+        raise
+    for fname in os.listdir(directory):  # the previous save's tensor file and crashed saves' leftovers
+        if fname.startswith("adapters") and fname.endswith(".safetensors") and fname != name:
+            remove_quietly(os.path.join(directory, fname))
+    return directory
 
 
+def _read_adapter_files(directory: str) -> tuple:
+    """``(manifest, tensors)`` of an adapter directory, every problem reported with the file's path."""
+    path = os.path.join(directory, ADAPTERS_MANIFEST)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} not found: not a directory written by save_adapters")
+    member_path(directory, ADAPTERS_MANIFEST, source=directory, what="manifest")
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path} is not valid JSON ({exc}): not an adapter manifest, or a damaged one") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "llmopt-lora-adapters":
+        raise LoadError(f"{path} is not an llmopt adapter manifest")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LoadError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > ADAPTERS_FORMAT_VERSION:
+        raise LoadError(f"{path} has format_version {version}; this llmopt reads up to "
+                        f"{ADAPTERS_FORMAT_VERSION}: upgrade llmopt")
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise LoadError(f"{path}: 'layers' must map layer names to settings objects")
+    missing = [f"{name}.{key}" for name, settings in layers.items() for key in _REQUIRED_SETTINGS
+               if key not in settings]
+    if missing:
+        raise LoadError(f"{path}: layer settings lack {missing[:5]}")
+    tensors_path = member_path(directory, manifest.get("tensors", ADAPTERS_TENSORS), source=path, what="tensor file")
+    size = manifest.get("tensor_bytes")
+    if isinstance(size, int) and os.path.getsize(tensors_path) != size:
+        raise LoadError(f"{tensors_path}: {os.path.getsize(tensors_path)} bytes where {path} recorded {size}: "
+                        "the file is truncated or belongs to another save")
+    try:
+        with safe_open(tensors_path, framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(tensors_path)
+    except Exception as exc:  # safetensors' own errors do not name the file
+        raise LoadError(f"{tensors_path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    save_id = manifest.get("save_id")
+    if save_id and header.get(SAVE_ID_KEY) != save_id:
+        raise LoadError(f"{tensors_path} does not belong to the save {path} describes: the directory mixes "
+                        "files of different saves")
+    return manifest, tensors
+
+
+_REQUIRED_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "use_dora", "dtype", "in_features", "out_features")
 _MATCHED_SETTINGS = ("rank", "alpha", "use_rslora", "use_dora", "dtype", "in_features", "out_features")
 
 
@@ -81,17 +157,8 @@ def load_adapters(model: nn.Module, directory: Union[str, os.PathLike], *, freez
     loaded into layers that already carry it (rebuild it by running the same ``compress_(model, LoRA(...))``
     on the same original model), or save the whole model with ``llmopt.save`` instead.
     """
-    path = os.path.join(directory, ADAPTERS_MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: not a directory written by save_adapters")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("kind") != "llmopt-lora-adapters":
-        raise ValueError(f"{path} is not an llmopt adapter manifest")
-    if manifest.get("format_version", 0) > ADAPTERS_FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest['format_version']}; this llmopt reads up to "
-                         f"{ADAPTERS_FORMAT_VERSION}: upgrade llmopt")
-    tensors = load_file(os.path.join(directory, manifest.get("tensors", ADAPTERS_TENSORS)))
+    directory = os.fspath(directory)
+    manifest, tensors = _read_adapter_files(directory)
     start = time.perf_counter()
     report = LoRAReport()
 

@@ -13,13 +13,15 @@ Requires the ``hf`` extra (transformers, accelerate).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .save import DEFAULT_SHARD_BYTES, load, read_manifest, save
+from .files import new_save_id, write_bytes_atomic
+from .save import DEFAULT_SHARD_BYTES, check_json_metadata, load, read_manifest, save
 
 __all__ = ["save_pretrained", "load_pretrained", "HF_METADATA_KEY"]
 
@@ -53,22 +55,35 @@ def save_pretrained(
     if config is None or not hasattr(config, "to_json_file"):
         raise TypeError(f"save_pretrained needs a transformers model with a .config, got {type(model).__name__}; "
                         "use llmopt.save for other models")
-    os.makedirs(directory, exist_ok=True)
-    # The config describes the uncompressed architecture; llmopt.json says what replaced what.
-    config.save_pretrained(directory)
+    directory = os.fspath(directory)
+    # The config describes the uncompressed architecture; llmopt.json says what replaced what. A copy
+    # of it goes into the manifest, which is replaced atomically with the tensors it describes: loading
+    # builds from that copy, so a crash between writing config.json and the manifest cannot pair the
+    # old tensors with a new architecture.
+    config_json = config.to_json_string(use_diff=False)
     generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "save_pretrained"):
+    generation_json = None
+    if generation is not None and hasattr(generation, "to_json_string"):
         try:
-            generation.save_pretrained(directory)
+            generation.validate()
+            generation_json = generation.to_json_string(use_diff=True)
         except (ValueError, TypeError):  # an invalid generation config must not lose the model
-            pass
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+            generation_json = None
     architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
     meta = dict(metadata or {})
-    meta[HF_METADATA_KEY] = {"architectures": architectures, "class": type(model).__name__}
+    meta[HF_METADATA_KEY] = {"architectures": architectures, "class": type(model).__name__,
+                             "config": json.loads(config_json)}
+    check_json_metadata(meta)  # before anything is written
+    os.makedirs(directory, exist_ok=True)
+    save_id = new_save_id()
+    write_bytes_atomic(os.path.join(directory, "config.json"), config_json.encode(), save_id=save_id)
+    if generation_json is not None:
+        write_bytes_atomic(os.path.join(directory, "generation_config.json"), generation_json.encode(),
+                           save_id=save_id)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     save(model, directory, metadata=meta, max_shard_bytes=max_shard_bytes)
-    return str(directory)
+    return directory
 
 
 def _model_class(manifest: Dict[str, Any], config: Any):
@@ -106,10 +121,16 @@ def load_pretrained(
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory!r} is not a directory written by llmopt.save_pretrained")
     manifest = read_manifest(directory)
-    if not os.path.isfile(os.path.join(directory, "config.json")):
+    saved = manifest.get("metadata", {}).get(HF_METADATA_KEY, {}).get("config")
+    if saved is None and not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory}/config.json is missing: the directory was written by llmopt.save, not "
                                 "save_pretrained; build the architecture yourself and call llmopt.load(skeleton, dir)")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if isinstance(saved, dict) and isinstance(saved.get("model_type"), str):
+        # The copy saved with the tensors (see save_pretrained); config.json is for other tools.
+        fields = {k: v for k, v in saved.items() if k != "model_type"}
+        config = AutoConfig.for_model(saved["model_type"], **fields)
+    else:  # saves written before the manifest carried the config
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
     cls = _model_class(manifest, config)
     # Parameters on meta (every one is replaced from the file); buffers real, because non-persistent
     # ones (rotary inv_freq) are not saved and must be computed by the constructor.

@@ -97,6 +97,8 @@ def save(
     on load. One writer per directory at a time.
     """
 
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"llmopt.save: metadata must be a dict of JSON values, got {type(metadata).__name__}")
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     directory = os.fspath(directory)
@@ -161,13 +163,19 @@ def save(
     return directory
 
 
+def check_json_metadata(metadata: Dict[str, Any]) -> None:
+    """Refuse, before anything is written, metadata that ``json`` cannot write (naming the entry)."""
+    _check_json({"metadata": metadata})
+
+
 def _check_json(manifest: Dict[str, Any]) -> None:
     """Refuse, before anything is written, a manifest that ``json`` cannot write (naming the entry)."""
     try:
         json.dumps(manifest)
     except (TypeError, ValueError) as exc:
         where = "manifest"
-        for key, value in manifest.get("metadata", {}).items():
+        metadata = manifest.get("metadata")
+        for key, value in (metadata.items() if isinstance(metadata, dict) else ()):
             try:
                 json.dumps(value)
             except (TypeError, ValueError):
