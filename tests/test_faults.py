@@ -2,7 +2,7 @@
 to the saved directory, and load errors that name the file.
 
 The crash tests are real: a subprocess saves a ~50 MB model over an existing save, is stopped at a
-named crash point (``LLMOPT_PAUSE_AT``, see ``llmopt/io/files.py``: deterministic, no timing luck)
+named crash point (``LLMOPT_PAUSE_AT``, see ``llmopt/core/files.py``: deterministic, no timing luck)
 and killed with ``SIGKILL``; the directory must then load the complete old model or the complete
 new one, bit-exact.
 """
@@ -521,3 +521,20 @@ def test_adapters_load_is_confined_and_names_files(tmp_path):
     (tmp_path / "adapters.json").write_text("[")
     with pytest.raises(LoadError, match=r"adapters\.json is not valid JSON"):
         llmopt.load_adapters(_small(0), tmp_path)
+
+
+def test_recipe_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    recipe = llmopt.Recipe([llmopt.Stage(llmopt.RTN("int4", 32))])
+    path = tmp_path / "recipe.yaml"
+    recipe.save(path)
+    before = path.read_bytes()
+    import llmopt.pipeline.recipe as recipe_module
+
+    def failing(data):
+        raise RuntimeError("injected failure while serialising")
+
+    monkeypatch.setattr(recipe_module, "_yaml_dump", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        llmopt.Recipe([llmopt.Stage(llmopt.RTN("int8", None))]).save(path)
+    assert path.read_bytes() == before
+    assert _listing(tmp_path) == ["recipe.yaml"]

@@ -3,7 +3,7 @@
 from ..nn.base import register_module_type  # where wrappers register for load (kept here for old imports)
 from .adapters import load_adapters, save_adapters
 from .hf import load_pretrained, save_pretrained
-from .files import LoadError
+from ..core.files import LoadError
 from .save import MANIFEST_NAME, TENSORS_NAME, load, read_manifest, save, tensor_files
 
 __all__ = ["save", "load", "save_pretrained", "load_pretrained", "save_adapters", "load_adapters", "read_manifest",

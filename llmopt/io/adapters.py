@@ -29,7 +29,7 @@ from ..methods.lowrank.lora import (
 )
 from ..nn.lora_linear import LoRALinear
 from ..pipeline.report import LoRAReport
-from .files import LoadError, finish_file, member_path, new_save_id, remove_quietly, temp_path, write_bytes_atomic
+from ..core.files import LoadError, finish_file, member_path, new_save_id, remove_quietly, temp_path, write_bytes_atomic
 from .save import SAVE_ID_KEY, check_json_metadata
 
 __all__ = ["lora_state_dict", "save_adapters", "load_adapters", "ADAPTERS_MANIFEST", "ADAPTERS_TENSORS"]

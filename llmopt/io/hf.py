@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .files import new_save_id, write_bytes_atomic
+from ..core.files import new_save_id, write_bytes_atomic
 from .save import DEFAULT_SHARD_BYTES, check_json_metadata, load, read_manifest, save
 
 __all__ = ["save_pretrained", "load_pretrained", "HF_METADATA_KEY"]

@@ -16,7 +16,7 @@ from .._version import __version__
 from ..core.targets import RESIZED_ATTR, get_submodule, set_submodule
 from ..nn.base import _MODULE_TYPES
 from ..pipeline.recipe import RecipeError, check_versions
-from .files import (
+from ..core.files import (
     CHUNK_BYTES,
     TEMP_PREFIX,
     LoadError,

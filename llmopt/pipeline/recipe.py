@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
+from ..core.files import new_save_id, write_bytes_atomic
 from ..core.targets import _matches
 from ..methods.base import VERSION_KEY, MethodConfig, get_method, list_methods
 
@@ -396,12 +397,9 @@ class Recipe:
         path = os.fspath(path)
         kind = _file_kind(path)
         data = self.to_dict()
-        with open(path, "w", encoding="utf-8") as f:
-            if kind == "json":
-                json.dump(data, f, indent=2)
-                f.write("\n")
-            else:
-                f.write(_yaml_dump(data))
+        # Serialised first, then written atomically: a failure leaves the old file whole.
+        text = json.dumps(data, indent=2) + "\n" if kind == "json" else _yaml_dump(data)
+        write_bytes_atomic(path, text.encode("utf-8"), save_id=new_save_id())
 
     def label(self) -> str:
         """One line: the stages' labels joined by ``->``."""
