@@ -1,0 +1,142 @@
+"""Bad or extreme inputs of issue 13 (items 4-9, 11): each is refused with a clear error naming the layer
+or the key, or handled correctly; never a silent wrong result."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmopt
+from llmopt import RTN, CompressionError, compress_
+from llmopt.core.formats import get_format
+from llmopt.nn import QuantLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: weights near the float32 limit
+
+
+def _rtn_reference(weight: torch.Tensor, bits: int, group_size: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Asymmetric RTN in float64: the dequantized weight and each element's scale."""
+    qmax, mid = (1 << bits) - 1, 1 << (bits - 1)
+    n, k = weight.shape
+    w = weight.to(torch.float64).reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = lo + mid * scale
+    codes = ((w - zero) / scale).round().add(mid).clamp(0, qmax)
+    deq = (codes - mid) * scale + zero
+    return deq.reshape(n, k), scale.expand_as(w).reshape(n, k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(exponent=st.floats(-30, 38.48), sign=st.sampled_from([1.0, -1.0]),
+       scale_dtype=st.sampled_from(["float32", "bfloat16", "float16"]), seed=st.integers(0, 2**16))
+def test_item4_extreme_weights_quantize_finite_or_refused(exponent, sign, scale_dtype, seed):
+    magnitude = 10.0 ** exponent  # up to ~3e38, inside float32
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 4))
+    with torch.no_grad():
+        weight = torch.randn(4, 64, generator=gen, dtype=torch.float64)
+        weight[0, 0], weight[0, 1] = sign * magnitude, -sign * magnitude  # max - min = 2 * magnitude
+        model[0].weight.copy_(weight.to(torch.float32))
+    weight = model[0].weight.detach().to(torch.float64).clone()
+    ref, ref_scale = _rtn_reference(weight, 4, 32)
+    fits = float(ref_scale.max()) * 8 < torch.finfo(getattr(torch, scale_dtype)).max * 0.99
+    too_big = float(ref_scale.max()) > torch.finfo(getattr(torch, scale_dtype)).max * 1.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            compress_(model, RTN("int4", 32, scale_dtype=scale_dtype))
+        except CompressionError as exc:
+            assert not fits, f"refused a representable weight: {exc}"
+            assert "layer '0'" in str(exc) and scale_dtype in str(exc), str(exc)
+            assert isinstance(model[0], nn.Linear)  # left as it was
+            return
+    assert not too_big, "a scale the scale dtype cannot hold was accepted"
+    got = model[0].dequantize_weight(torch.float64)
+    assert torch.isfinite(got).all(), "dequantized weight has NaN/Inf"
+    # Each value within half a step of the weight (plus the scale dtype's rounding of the parameters),
+    # and within one step of the float64 reference (a rounding tie may go either way).
+    eps = {"float32": 2**-22, "bfloat16": 2**-7, "float16": 2**-10}[scale_dtype]
+    slack = eps * float(weight.abs().max()) + 1e-6  # float16 cannot hold scales below ~6e-8
+    assert bool(((got - weight).abs() <= 0.5 * ref_scale * (1 + eps) + slack).all())
+    assert bool(((got - ref).abs() <= ref_scale * (1 + eps) + slack).all())
+
+
+def test_item4_plus_minus_3e38_int4_g32():
+    """The issue's case: +-3e38 in a row, RTN int4 g32 -> finite, and each weight within half a step."""
+    model = nn.Sequential(nn.Linear(64, 16))
+    with torch.no_grad():
+        model[0].weight[0, 0], model[0].weight[0, 1] = 3e38, -3e38
+    weight = model[0].weight.detach().to(torch.float64).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(model, RTN("int4", 32))
+        got = model[0].dequantize_weight(torch.float64)
+    assert torch.isfinite(got).all()
+    ref, ref_scale = _rtn_reference(weight, 4, 32)
+    assert bool(((got - weight).abs() <= 0.5 * ref_scale * 1.01 + 2**-7 * 3e38).all())
+    assert abs(float(got[0, 0]) - 3e38) < 3e38 * 0.01 and abs(float(got[0, 1]) + 3e38) < 3e38 * 0.01
+
+
+@pytest.mark.parametrize("method", [llmopt.HQQ("int4", 32), llmopt.GPTQ("int4", 32),
+                                    llmopt.SparseGPT(0.5, format="int4", group_size=32),
+                                    RTN("int4", 32, symmetric=True), RTN("nf4", 32)],
+                         ids=lambda m: m.label())
+def test_item4_other_methods_at_3e38(method):
+    """HQQ, GPTQ's grid, SparseGPT + int4, symmetric and codebook formats: finite at +-3e38."""
+    model = nn.Sequential(nn.Linear(64, 16))
+    with torch.no_grad():
+        model[0].weight[0, 0], model[0].weight[0, 1] = 3e38, -3e38
+    calibration = [torch.randn(4, 64)] if method.needs_calibration else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(model, method, calibration=calibration)
+        got = model[0].dequantize_weight(torch.float64)
+    assert torch.isfinite(got).all()
+    assert abs(float(got[0, 0]) - 3e38) < 0.1 * 3e38
+
+
+def test_item4_unrepresentable_refused_with_layer_named():
+    """A scale float16 cannot hold, and an int2 grid whose end codes overflow: refused, model untouched."""
+    for method in (RTN("int4", 32, scale_dtype="float16"), RTN("int2", 32, scale_dtype="float32")):
+        model = nn.Sequential(nn.Linear(64, 16))
+        with torch.no_grad():
+            model[0].weight[0, 0], model[0].weight[0, 1] = 3.3e38, -3.3e38
+        with pytest.raises(CompressionError, match=r"layer '0'.*too large"):
+            compress_(model, method)
+        assert type(model[0]) is nn.Linear
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 5: QuantLinear.from_codes checks the codes
+
+
+@pytest.mark.parametrize("fmt, bad", [("int4", 200), ("int4", 16), ("int2", 4), ("nf4", 255)])
+def test_item5_from_codes_refuses_codes_out_of_range(fmt, bad):
+    f = get_format(fmt)
+    codes = torch.zeros(4, 32, dtype=torch.uint8)
+    codes[1, 3] = bad
+    scale = torch.ones(4, 1)
+    zero = torch.zeros(4, 1) if f.has_zero_point else None
+    with pytest.raises(ValueError, match=rf"QuantLinear.from_codes: codes must lie in \[0, {1 << f.bits}\).*{bad}"):
+        QuantLinear.from_codes(codes, scale, zero, format=fmt, group_size=32)
+    negative = codes.to(torch.int32)
+    negative[1, 3] = -1
+    with pytest.raises(ValueError, match="codes must lie in"):
+        QuantLinear.from_codes(negative, scale, zero, format=fmt, group_size=32)
+    with pytest.raises(ValueError, match="scale has NaN/Inf"):
+        QuantLinear.from_codes(torch.zeros(4, 32, dtype=torch.uint8), torch.full((4, 1), float("nan")),
+                               zero, format=fmt, group_size=32)
+    # In range: accepted, and the codes come back as given.
+    codes[1, 3] = (1 << f.bits) - 1
+    layer = QuantLinear.from_codes(codes, scale, zero, format=fmt, group_size=32)
+    assert torch.equal(layer.codes(), codes)
