@@ -15,6 +15,7 @@ import llmopt
 from llmopt import RTN, CompressionError, compress_
 from llmopt.core.formats import get_format
 from llmopt.nn import QuantLinear
+from llmopt.testing import ToyMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,3 +141,21 @@ def test_item5_from_codes_refuses_codes_out_of_range(fmt, bad):
     codes[1, 3] = (1 << f.bits) - 1
     layer = QuantLinear.from_codes(codes, scale, zero, format=fmt, group_size=32)
     assert torch.equal(layer.codes(), codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 6: Inf activations are refused by every calibrated method, AWQ included
+
+
+@pytest.mark.parametrize("method", [llmopt.AWQ("int4", 32), llmopt.AWQ("int4", 32, fold=False, clip=False),
+                                    llmopt.SmoothQuant(), llmopt.GPTQ("int4", 32), llmopt.Wanda(0.5)],
+                         ids=lambda m: m.label())
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_item6_awq_refuses_inf_activations(method, bad, snapshot):
+    model = ToyMLP()
+    before = snapshot(model)
+    x = torch.randn(2, 8, 96)
+    x[0, 0, 3] = bad
+    with pytest.raises(CompressionError, match=r"layer 'up'.*NaN/Inf"):
+        compress_(model, method, calibration=[x])
+    before.check()
