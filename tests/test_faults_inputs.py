@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import llmopt
 from llmopt import RTN, CompressionError, compress_
 from llmopt.core.formats import get_format
+from llmopt.calibration import collect_stats, forward_keywords
 from llmopt.nn import QuantLinear
 from llmopt.testing import ToyMLP
 
@@ -159,3 +160,76 @@ def test_item6_awq_refuses_inf_activations(method, bad, snapshot):
     with pytest.raises(CompressionError, match=r"layer 'up'.*NaN/Inf"):
         compress_(model, method, calibration=[x])
     before.check()
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 7: calibration dict keys the model's forward does not take
+
+
+class _KwargsModel(nn.Module):
+    """A forward that swallows anything through **kwargs (as Hugging Face models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(128, 32)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 32)) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("key, hint", [("bogus", None), ("attention_msk", "attention_mask")])
+def test_item7_calibration_dict_refuses_unknown_keys(key, hint, snapshot):
+    ids = torch.randint(0, 128, (2, 16))
+    model = _KwargsModel()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"calibration batch 0: key\(s\) \['{key}'\] are not keyword arguments "
+                                         r"of _KwargsModel.forward") as info:
+        compress_(model, llmopt.GPTQ("int4", 32), calibration=[{"input_ids": ids, key: torch.ones(2, 16)}])
+    assert "'attention_mask', 'input_ids'" in str(info.value)  # what the forward takes
+    if hint:
+        assert f"did you mean '{hint}'" in str(info.value)
+    before.check()
+    # The named keys pass.
+    compress_(model, llmopt.GPTQ("int4", 32), calibration=[{"input_ids": ids, "attention_mask": torch.ones(2, 16)}])
+
+
+def test_item7_hf_llama_keys():
+    """A Llama's real keys pass (explicit, typed **kwargs and the usual HF ones); a typo is refused."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (2, 16))
+    good = {"input_ids": ids, "attention_mask": torch.ones(2, 16, dtype=torch.long),
+            "position_ids": torch.arange(16).expand(2, -1), "labels": ids, "output_attentions": False,
+            "use_cache": False}
+    accepted = forward_keywords(model)
+    assert set(good) <= accepted and {"inputs_embeds", "output_hidden_states", "return_dict"} <= accepted
+    with pytest.raises(ValueError, match=r"'attention_mask' for 'attention_msk'"):
+        compress_(model, llmopt.GPTQ("int4", 32),
+                  calibration=[{"input_ids": ids, "attention_msk": torch.ones(2, 16, dtype=torch.long)}])
+    assert collect_stats(model, [good], include="*.q_proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(model, llmopt.GPTQ("int4", 32), calibration=[good])
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 9: a bare tensor as calibration
+
+
+@pytest.mark.parametrize("data", [torch.randint(0, 128, (2, 16)), {"input_ids": torch.randint(0, 128, (2, 16))}],
+                         ids=["tensor", "dict"])
+def test_item9_bare_tensor_calibration_says_what_is_expected(data, snapshot):
+    model = llmopt.testing.ToyTransformer()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"must be a list of batches, got a single .*wrap it in a list"):
+        compress_(model, llmopt.GPTQ("int4", 32), calibration=data)
+    with pytest.raises(ValueError, match=r"must be a list of batches"):
+        compress_(model, [RTN("int4", 32), llmopt.AWQ("int4", 32)], calibration=data)
+    before.check()
+    compress_(model, llmopt.GPTQ("int4", 32), calibration=[data])  # wrapped: one batch

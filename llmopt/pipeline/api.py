@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 import torch.nn as nn
 
-from ..calibration import StatsSpec, collect_stats, find_blocks, run_blocks, spec_for_dtype
+from ..calibration import StatsSpec, check_calibration_data, collect_stats, find_blocks, run_blocks, spec_for_dtype
 from ..core.errors import CompressionError, SkipLayer
 from ..core.measure import memory_report, total_parameters, trainable_parameters
 from ..core.targets import (
@@ -313,9 +313,14 @@ def compress_(
     for index, stage in enumerate(stages):
         for cfg in stage.configs():
             get_method(cfg)
-            if cfg.needs_calibration and not calibration:
+            if cfg.needs_calibration:
                 where = f" (stage {index})" if len(stages) > 1 else ""
-                raise ValueError(f"method {cfg.name!r}{where} needs calibration data; pass calibration=[...]")
+                if calibration is None or (isinstance(calibration, (list, tuple)) and not calibration):
+                    raise ValueError(f"method {cfg.name!r}{where} needs calibration data; "
+                                     f"pass calibration=[...]")
+                # A bare tensor or dict: "wrap it in a list" (truth-testing a tensor would raise
+                # "Boolean value of Tensor ... is ambiguous").
+                check_calibration_data(calibration)
     if include is not None:
         select_linears(model, include)  # an include glob matching no module is an error, before any work
 
