@@ -233,3 +233,22 @@ def test_item9_bare_tensor_calibration_says_what_is_expected(data, snapshot):
         compress_(model, [RTN("int4", 32), llmopt.AWQ("int4", 32)], calibration=data)
     before.check()
     compress_(model, llmopt.GPTQ("int4", 32), calibration=[data])  # wrapped: one batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 8: an override that cannot apply is reported
+
+
+@pytest.mark.parametrize("later", [llmopt.RTN("int4", 32), llmopt.GPTQ("int4", 32), llmopt.SVD(rank=8)],
+                         ids=lambda m: m.name)
+def test_item8_override_that_cannot_apply_is_in_report_skipped(later):
+    model = ToyMLP()
+    stages = [llmopt.Stage(llmopt.Wanda(0.5)), llmopt.Stage(later, overrides={"up": llmopt.SVD(rank=500)})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress_(model, stages, calibration=[torch.randn(2, 8, 96)])
+    reason = report.skipped.get("up", "")
+    assert "stage 1" in reason and "override 'up' (svd) cannot apply" in reason and "SparseLinear" in reason, \
+        report.skipped
+    assert "wanda" in reason
+    assert type(model.up).__name__ == "SparseLinear"  # as the Wanda stage made it
