@@ -252,3 +252,81 @@ def test_item8_override_that_cannot_apply_is_in_report_skipped(later):
         report.skipped
     assert "wanda" in reason
     assert type(model.up).__name__ == "SparseLinear"  # as the Wanda stage made it
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 11: CLI user errors are one line with exit status 2; "(nanx)"; prune_heads_'s blocks_path
+
+
+def _cli_error(capsys, argv):
+    from llmopt.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, err)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"llmopt {argv[0]}: error: "), err
+    return err
+
+
+def test_item11_cli_user_errors_one_line_exit_2(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text("stages:\n  - method: rtn\n    format: int4\n")
+    (tmp_path / "notsave").mkdir()
+    (tmp_path / "notsave" / "weights.bin").write_bytes(b"\0" * 16)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{}")
+    (corrupt / "llmopt.json").write_text("{not json")
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a gguf file")
+
+    err = _cli_error(capsys, ["bench", str(tmp_path / "notsave")])
+    assert "notsave" in err and "neither an llmopt save" in err
+    err = _cli_error(capsys, ["report", str(corrupt)])
+    assert "corrupt" in err
+    for command in (["compress", "--model", str(fake), "--recipe", str(recipe), "--out", str(tmp_path / "o")],
+                    ["bench", str(fake)]):
+        err = _cli_error(capsys, command)
+        assert "fake.gguf" in err and "not a GGUF file" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_item11_cli_loader_errors_are_user_errors(tmp_path, capsys, monkeypatch):
+    """A ValueError / OSError / CompressionError escaping a command is one line, exit 2; another exception
+    (a bug) keeps its traceback."""
+    import llmopt.cli as cli
+
+    for exc in (ValueError("bad file 'x': truncated"), OSError(2, "No such file", "x.bin"),
+                CompressionError("layer 'a': boom")):
+        def boom(args, exc=exc):
+            raise exc
+        monkeypatch.setattr(cli, "cmd_report", boom)
+        err = _cli_error(capsys, ["report", str(tmp_path)])
+        assert ("'x'" in err or "'x.bin'" in err or "layer 'a'" in err), err
+
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(cli, "cmd_report", bug)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["report", str(tmp_path)])
+
+
+def test_item11_recompress_reports_no_nan_ratio():
+    model = ToyMLP()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(model, RTN("int4", 32))
+        report = compress_(model, RTN("int4", 32))
+    assert not report.replaced and set(report.skipped) == {"up", "down"}
+    assert "nan" not in str(report).lower() and "nothing compressed" in str(report)
+    assert report.compression_ratio == 1.0 and report.to_dict()["compression_ratio"] == 1.0
+
+
+def test_item11_prune_heads_error_names_blocks_path():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((ValueError, CompressionError)) as info:
+            llmopt.prune_heads_(ToyMLP(), 0.5)
+    assert "blocks_path='...'" in str(info.value) and " path='" not in str(info.value), str(info.value)

@@ -102,12 +102,14 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_blocks(model: nn.Module, path: Optional[str] = None) -> Tuple[str, nn.ModuleList]:
+def find_blocks(model: nn.Module, path: Optional[str] = None, *, argument: str = "path"
+                ) -> Tuple[str, nn.ModuleList]:
     """``(dotted_path, blocks)``: the model's repeated blocks.
 
     Without ``path``: the ``nn.ModuleList`` holding the most parameters among those whose children
     all have the same class (``model.layers`` for Llama, ``transformer.h`` for GPT-2, ``layers`` for
     a hand-written model). ``path`` overrides the search (an ``nn.ModuleList`` or ``nn.Sequential``).
+    ``argument``: the caller's name for ``path`` (``"blocks_path"``), which the errors tell the user to pass.
     """
     if path is not None:
         try:
@@ -132,7 +134,7 @@ def find_blocks(model: nn.Module, path: Optional[str] = None) -> Tuple[str, nn.M
             best, best_size = (name, module), size
     if best is None:
         raise ValueError(f"no repeated blocks found in {type(model).__name__}: it has no nn.ModuleList whose "
-                         "children share one class; pass path='...' (e.g. 'model.layers') to name them")
+                         f"children share one class; pass {argument}='...' (e.g. 'model.layers') to name them")
     return best
 
 
