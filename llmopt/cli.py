@@ -8,8 +8,9 @@ llmopt bench out/ --text eval.txt [--new-tokens 32] [--json]
 llmopt demo
 ```
 
-Input errors (a missing file, a bad recipe, empty calibration text, ...) print one line
-``llmopt <command>: error: ...`` and exit with status 2; a compression failure exits with 1.
+Input errors (a missing file, a bad recipe, empty calibration text, a file that is not a model, a corrupt
+manifest, ...) print one line ``llmopt <command>: error: ...`` and exit with status 2; a compression
+failure exits with 1. Any other exception is a bug and keeps its traceback.
 Nothing is downloaded: models come from local directories, GGUF files or the SmolLM2 wheel.
 """
 
@@ -63,14 +64,25 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _check_model_source(source: str) -> None:
+    """A clear one-line error for a model source that cannot load, before the (slow) load is tried."""
     if source == "smollm2":
         return
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise CliError(f"model file {source!r} not found")
+        with open(source, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CliError(f"model file {source!r} is not a GGUF file (it does not start with the GGUF magic "
+                           "bytes)")
         return
     if not os.path.isdir(source):
         raise CliError(f"model {source!r} not found: give a local model directory, a .gguf file or 'smollm2'")
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        saved = os.path.isfile(os.path.join(source, MANIFEST_NAME))
+        raise CliError(f"{source!r} has no config.json: " + (
+            "written by llmopt.save, not save_pretrained (load it with llmopt.load(skeleton, dir))" if saved else
+            "neither an llmopt save (llmopt.json) nor a Hugging Face model directory"))
 
 
 def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
@@ -95,13 +107,22 @@ def calibration_batches(ids: torch.Tensor, samples: int, seqlen: int) -> List[to
 
 def _load_any(source: str, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, saved_manifest_or_None)``: an llmopt directory (``save_pretrained``) or any
-    source :func:`llmopt.models.load_causal_lm` takes."""
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, MANIFEST_NAME)):
-        manifest = read_manifest(source)
-        model, tokenizer = load_pretrained(source)
-        return model, tokenizer, manifest
+    source :func:`llmopt.models.load_causal_lm` takes.
+
+    An llmopt directory is loaded with its compressed layers (``load_pretrained``): read as a plain
+    Hugging Face directory, its quantized weights would be missing and silently re-initialised. A file
+    that cannot be read as a model (``ValueError`` / ``OSError`` from the loader) is a one-line
+    :class:`CliError` naming it.
+    """
     _check_model_source(source)
-    model, tokenizer, _info = load_causal_lm(source, dtype=dtype)
+    try:
+        if os.path.isdir(source) and os.path.isfile(os.path.join(source, MANIFEST_NAME)):
+            manifest = read_manifest(source)
+            model, tokenizer = load_pretrained(source)
+            return model, tokenizer, manifest
+        model, tokenizer, _info = load_causal_lm(source, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"could not load model {source!r}: {_one_line(exc)}") from exc
     return model, tokenizer, None
 
 
@@ -142,7 +163,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if os.path.isfile(args.out):
         raise CliError(f"--out {args.out!r} is a file; give a directory")
 
-    model, tokenizer, _info = load_causal_lm(args.model, dtype=args.dtype)
+    model, tokenizer, _manifest = _load_any(args.model, dtype=args.dtype)
+    if tokenizer is None and text is not None:
+        raise CliError(f"{args.model!r} has no tokenizer saved with it; cannot tokenize the calibration text")
     calibration = None
     if text is not None:
         calibration = calibration_batches(_token_ids(tokenizer, text), args.calib_samples, args.calib_seqlen)
@@ -180,8 +203,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CliError(f"{directory!r} has no config.json: written by llmopt.save, not save_pretrained "
                        "(load it with llmopt.load(skeleton, dir))")
-    manifest = read_manifest(directory)
-    model, _tokenizer = load_pretrained(directory, with_tokenizer=False)
+    try:
+        manifest = read_manifest(directory)
+        model, _tokenizer = load_pretrained(directory, with_tokenizer=False)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"could not load {directory!r}: {_one_line(exc)}") from exc
     memory = memory_report(model)
     recipe = _recipe_dict(manifest.get("metadata", {}).get("recipe"))
     linear_weights = sum(layer.num_weights for layer in memory.layers)
@@ -213,8 +239,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = _read_text(args.text, "text") if args.text else None
     if args.new_tokens < 2:
         raise CliError(f"--new-tokens must be >= 2, got {args.new_tokens}")
-    if not (os.path.isdir(args.model) or args.model.endswith(".gguf") or args.model == "smollm2"):
-        raise CliError(f"model {args.model!r} not found: give a directory, a .gguf file or 'smollm2'")
     model, tokenizer, manifest = _load_any(args.model, args.dtype)
     result: Dict[str, Any] = {"model": args.model, "compressed": manifest is not None}
     if text is not None:
@@ -307,7 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CliError, RecipeError, FileNotFoundError) as exc:
+    # User errors: bad input files (a loader's ValueError / OSError names the file), a bad recipe, a model
+    # the recipe cannot apply to. Anything else is a bug in llmopt and keeps its traceback.
+    except (CliError, RecipeError, CompressionError, ValueError, OSError) as exc:
         print(f"llmopt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -316,9 +342,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, (KeyError, FileNotFoundError)) and exc.args and \
-        isinstance(exc.args[0], str) else str(exc)
-    return " ".join(text.split())
+    """The exception's message on one line (an OSError's own text with its file name, not its repr)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.strerror}: {exc.filename!r}"
+    elif isinstance(exc, (KeyError, OSError)) and exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@
 from .runner import (
     CalibrationRun,
     capture_block_inputs,
+    check_calibration_data,
     collect_stats,
     find_blocks,
     float_layer_stats,
+    forward_keywords,
     linear_like_modules,
     run_blocks,
     spec_for_dtype,
@@ -22,5 +24,5 @@ from .stats import LayerStats, StatsSpec
 
 __all__ = [
     "run_blocks", "collect_stats", "float_layer_stats", "spec_for_dtype", "capture_block_inputs", "find_blocks", "linear_like_modules",
-    "CalibrationRun", "LayerStats", "StatsSpec",
+    "CalibrationRun", "LayerStats", "StatsSpec", "check_calibration_data", "forward_keywords",
 ]

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import difflib
 import functools
 import inspect
 import time
@@ -40,7 +41,7 @@ from .stats import LayerStats, StatsSpec, compute_increment
 
 __all__ = [
     "find_blocks", "capture_block_inputs", "run_blocks", "collect_stats", "CalibrationRun",
-    "linear_like_modules",
+    "linear_like_modules", "check_calibration_data", "forward_keywords",
 ]
 
 Batch = Union[torch.Tensor, Mapping]
@@ -101,12 +102,14 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_blocks(model: nn.Module, path: Optional[str] = None) -> Tuple[str, nn.ModuleList]:
+def find_blocks(model: nn.Module, path: Optional[str] = None, *, argument: str = "path"
+                ) -> Tuple[str, nn.ModuleList]:
     """``(dotted_path, blocks)``: the model's repeated blocks.
 
     Without ``path``: the ``nn.ModuleList`` holding the most parameters among those whose children
     all have the same class (``model.layers`` for Llama, ``transformer.h`` for GPT-2, ``layers`` for
     a hand-written model). ``path`` overrides the search (an ``nn.ModuleList`` or ``nn.Sequential``).
+    ``argument``: the caller's name for ``path`` (``"blocks_path"``), which the errors tell the user to pass.
     """
     if path is not None:
         try:
@@ -131,7 +134,7 @@ def find_blocks(model: nn.Module, path: Optional[str] = None) -> Tuple[str, nn.M
             best, best_size = (name, module), size
     if best is None:
         raise ValueError(f"no repeated blocks found in {type(model).__name__}: it has no nn.ModuleList whose "
-                         "children share one class; pass path='...' (e.g. 'model.layers') to name them")
+                         f"children share one class; pass {argument}='...' (e.g. 'model.layers') to name them")
     return best
 
 
@@ -187,17 +190,78 @@ def _check_ids(index: int, ids: Any, emb: Optional[nn.Embedding], what: str) -> 
     return ids
 
 
-def _normalize_batches(model: nn.Module, batches: Iterable[Batch]) -> List[Tuple[tuple, dict]]:
-    """Check every batch before anything runs; returns ``(args, kwargs)`` for the model's forward."""
+# Keyword arguments every Hugging Face model's forward takes, in some version, explicitly or through an
+# untyped ``**kwargs`` that it passes on to its layers (which would drop a misspelt key silently).
+_HF_FORWARD_KWARGS = frozenset({
+    "input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds", "labels", "use_cache",
+    "past_key_values", "cache", "cache_position", "head_mask", "output_attentions", "output_hidden_states",
+    "return_dict", "logits_to_keep", "num_logits_to_keep", "num_items_in_batch",
+})
+
+
+def forward_keywords(model: nn.Module) -> Optional[frozenset]:
+    """The keyword arguments ``model.forward`` is known to take, or ``None`` when they cannot be known.
+
+    Explicit parameters, plus the keys of a typed ``**kwargs: Unpack[SomeTypedDict]`` (Hugging Face's
+    ``TransformersKwargs``), plus the usual Hugging Face keyword arguments for a ``PreTrainedModel``
+    (they are often read from an untyped ``**kwargs``). ``None`` for a forward with no named parameter
+    at all (``(*args, **kwargs)``, e.g. a wrapper): nothing can be checked then.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = [p for p in params if p.kind == p.VAR_KEYWORD]
+    if not var_kw:
+        return frozenset(names)
+    typed = getattr(var_kw[0].annotation, "__args__", None)  # Unpack[TD] -> (TD,)
+    if typed and isinstance(typed[0], type) and issubclass(typed[0], dict):
+        names |= set(getattr(typed[0], "__required_keys__", set())) | set(getattr(typed[0], "__optional_keys__",
+                                                                                   set()))
+    if any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__):
+        names |= _HF_FORWARD_KWARGS
+    return frozenset(names) if names else None
+
+
+def _check_keys(index: int, batch: Mapping, accepted: Optional[frozenset], model: nn.Module) -> None:
+    """A key the forward does not take would be swallowed by a ``**kwargs`` (a misspelt ``attention_mask``
+    then silently calibrates without a mask): refuse it, naming it and what the forward takes."""
+    if accepted is None:
+        return
+    unknown = sorted(str(k) for k in batch if k not in accepted)
+    if not unknown:
+        return
+    hints = [f"{close[0]!r} for {k!r}" for k in unknown
+             for close in [difflib.get_close_matches(k, sorted(accepted), 1)] if close]
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    raise ValueError(
+        f"calibration batch {index}: key(s) {unknown} are not keyword arguments of "
+        f"{type(model).__name__}.forward" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        + f"; it takes {sorted(accepted)}"
+        + (". A key the forward only reads from **kwargs cannot be checked: make it a named parameter"
+           if var_kw else ""))
+
+
+def check_calibration_data(batches: Any) -> None:
+    """The one mistake that can be seen without the model: a single batch (a tensor or a dict) or ``None``
+    where a list of batches is expected. Raises ``ValueError`` saying what is expected."""
     if batches is None:
         raise ValueError(f"calibration data is empty (got None); pass a list of batches, each {_EXPECTED}")
     if isinstance(batches, (torch.Tensor, Mapping)):
-        raise ValueError("calibration data must be a list of batches, got a single "
-                         f"{type(batches).__name__}; wrap it in a list")
+        shape = f" of shape {tuple(batches.shape)}" if isinstance(batches, torch.Tensor) else ""
+        raise ValueError(f"calibration data must be a list of batches, got a single {type(batches).__name__}"
+                         f"{shape}; wrap it in a list (calibration=[batch]), each batch {_EXPECTED}")
+
+
+def _normalize_batches(model: nn.Module, batches: Iterable[Batch]) -> List[Tuple[tuple, dict]]:
+    """Check every batch before anything runs; returns ``(args, kwargs)`` for the model's forward."""
+    check_calibration_data(batches)
     batches = list(batches)
     if not batches:
         raise ValueError(f"calibration data is empty; pass a list of batches, each {_EXPECTED}")
     emb = _input_embedding(model)
+    accepted = forward_keywords(model) if any(isinstance(b, Mapping) for b in batches) else None
     out = []
     for i, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):
@@ -205,6 +269,7 @@ def _normalize_batches(model: nn.Module, batches: Iterable[Batch]) -> List[Tuple
         elif isinstance(batch, Mapping):
             if not batch:
                 raise ValueError(f"calibration batch {i} is an empty dict; expected {_EXPECTED}")
+            _check_keys(i, batch, accepted, model)
             kwargs = dict(batch)
             if "input_ids" in kwargs and kwargs["input_ids"] is not None:
                 kwargs["input_ids"] = ids = _check_ids(i, kwargs["input_ids"], emb, "input_ids")

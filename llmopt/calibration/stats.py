@@ -154,6 +154,16 @@ class LayerStats:
         self._require_data()
         return self.col_abs_sum / self.count
 
+    def check_finite(self) -> None:
+        """``ValueError`` if any statistic holds NaN/Inf (an Inf or NaN activation, or x^T x overflowing
+        its dtype): every method reading them would otherwise pick its parameters from garbage."""
+        bad = [label for label, t in (("hessian", self.hessian), ("column sums of squares", self.col_sq_sum),
+                                      ("column absolute sums", self.col_abs_sum), ("absmax", self.absmax))
+               if t is not None and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"the calibration statistics ({', '.join(bad)}) contain NaN/Inf values "
+                             f"(overflow or NaN in the calibration activations?)")
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()

@@ -122,6 +122,17 @@ class AffineFormat(WeightFormat):
         scale = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE)
         # The mid code stands for lo + mid * scale, so code 0 lands on lo and code qmax on hi.
         zero_point = lo + self.mid * scale
+        overflow = ~(torch.isfinite(scale) & torch.isfinite(zero_point))
+        if bool(overflow.any()):
+            # Finite weights near +-3e38: hi - lo (or mid * scale) overflowed float32 although the
+            # parameters themselves fit. Redo those groups in float64; the other groups keep their
+            # float32 parameters bit for bit. A scale that still does not fit float32 (1-bit formats)
+            # stays Inf and is refused by check_params_finite.
+            lo64, hi64 = lo.to(torch.float64), hi.to(torch.float64)
+            scale64 = ((hi64 - lo64) / self.qmax).clamp_min(_MIN_SCALE)
+            zero64 = lo64 + self.mid * scale64
+            scale = torch.where(overflow, scale64.to(scale.dtype), scale)
+            zero_point = torch.where(overflow, zero64.to(zero_point.dtype), zero_point)
         return scale, zero_point
 
     def quantize(self, groups: Tensor, scale: Tensor, zero_point: Optional[Tensor]) -> Tensor:

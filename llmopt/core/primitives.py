@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import parse_dtype
+from .checks import dtype_name, parse_dtype
 from .formats import WeightFormat
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "fake_quantize",
     "quantize_activations",
     "fake_quantize_activations",
+    "check_params_finite",
+    "check_quantized",
 ]
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,12 +120,96 @@ def quantize_weight(
         groups, scale.to(torch.float32), zero_point.to(torch.float32) if zero_point is not None else None
     )
     codes = codes.reshape(n, -1)[:, :k].contiguous()
+    check_params_finite(fmt, scale.squeeze(-1), zero_point.squeeze(-1) if zero_point is not None else None,
+                        codes, gs, weight)
     return QuantizedWeight(
         codes=codes,
         scale=scale.squeeze(-1).contiguous(),
         zero_point=zero_point.squeeze(-1).contiguous() if zero_point is not None else None,
         group_size=gs,
     )
+
+
+def check_params_finite(fmt: WeightFormat, scale: Tensor, zero_point: Optional[Tensor],
+                        codes: Optional[Tensor] = None, group_size: Optional[int] = None,
+                        weight: Optional[Tensor] = None) -> None:
+    """``ValueError`` unless ``scale`` / ``zero_point`` ``[N, G]`` (as stored) are finite and the weight
+    they encode dequantizes to finite float32 values.
+
+    Weights near the float32 limit (+-3e38), or merely large ones with float16 scales, give parameters
+    that overflow their dtype, or codes whose value overflows when dequantized (``(code - mid) * scale``):
+    the layer would compute with Inf/NaN. Fast path: both ends of the format's grid dequantize to finite
+    values in every group (one pass over the parameters). Otherwise, with ``codes [N, K]`` and
+    ``group_size``, only the rows whose grid ends overflow are dequantized, and pass if the codes they
+    actually use are finite (symmetric formats never use their lowest code). ``weight`` (optional) only
+    makes the message say how large the weights are.
+    """
+    problem = None
+    for label, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            problem = f"{label} has NaN/Inf values"
+            break
+    grid = fmt.grid() if problem is None else None
+    if grid is not None and grid.numel():
+        s32 = scale.to(torch.float32)
+        z32 = zero_point.to(torch.float32) if zero_point is not None else 0.0
+        ends = torch.stack([float(grid.min()) * s32 + z32, float(grid.max()) * s32 + z32])
+        rows = (~torch.isfinite(ends)).flatten(1).any(0) if ends.dim() > 1 else None
+        if rows is not None and bool(rows.any()):
+            problem = "codes dequantize to Inf in float32"
+            if codes is not None and group_size is not None and ends.dim() == 3:
+                rows = rows.view(scale.shape[0], -1).any(-1)
+                values = dequantize_weight(codes[rows], scale[rows], zero_point[rows] if zero_point is not None
+                                           else None, fmt, group_size)
+                if bool(torch.isfinite(values).all()):
+                    problem = None
+    if problem is None:
+        return
+    where = f"{fmt.name or type(fmt).__name__} with {dtype_name(scale.dtype)} scales"
+    if weight is None and problem.startswith(("scale", "zero_point")):
+        raise ValueError(f"{problem} ({where})")  # parameters given as they are (from_codes, a file)
+    size = ""
+    if weight is not None and weight.numel():
+        size = f", largest |weight| {float(weight.detach().abs().max().to(torch.float64)):.3g}"
+    raise ValueError(f"weights too large for {where}{size}: {problem}; use float32 scales, more bits, "
+                     f"or smaller weights")
+
+
+def check_quantized(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], fmt: WeightFormat,
+                    group_size: Optional[int], where: str) -> int:
+    """Check codes ``[N, K]`` on ``fmt``'s grid (integers in ``[0, 2**bits)``) and parameters ``[N, G]``
+    that are finite and dequantize to finite values (raises ``ValueError`` or ``TypeError`` naming
+    ``where`` and the problem); returns the resolved group size."""
+    if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.numel() == 0:
+        raise ValueError(f"{where}: codes must be a non-empty 2-D tensor [out, in]")
+    if codes.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"{where}: codes must be integers, got {codes.dtype}")
+    if codes.device.type != "meta":
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << fmt.bits):
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: codes must lie in [0, {1 << fmt.bits}) for {fmt.bits}-bit format "
+                             f"{fmt.name!r}, got {bad}")
+    rows, k = codes.shape
+    group_size = resolve_group_size(group_size, k)
+    groups = num_groups(k, group_size)
+    if fmt.has_zero_point != (zero_point is not None):
+        need = "needs" if fmt.has_zero_point else "takes no"
+        raise ValueError(f"{where}: format {fmt.name!r} {need} zero_point")
+    for label, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{where}: {label} must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != (rows, groups):
+            raise ValueError(f"{where}: {label} has shape {tuple(t.shape)}, expected ({rows}, {groups})")
+    if scale.device.type != "meta":
+        try:
+            check_params_finite(fmt, scale, zero_point, codes, group_size)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return group_size
 
 
 def dequantize_weight(

@@ -15,6 +15,7 @@ from ..core.measure import tensor_bytes
 from ..core.packing import pack_codes, packed_row_bytes
 from ..core.primitives import (
     ACT_BITS,
+    check_quantized,
     fake_quantize_activations,
     num_groups,
     quantize_weight,
@@ -176,14 +177,15 @@ class QuantLinear(CompressedLinear):
         ``act_bits=8`` quantizes activations per token (W8A8).
         """
         fmt = get_format(format)
+        # Out-of-range codes would be packed modulo 2**bits (200 -> 8 for int4); NaN/Inf or overflowing
+        # parameters would make the layer compute Inf/NaN: refuse both before building anything.
+        check_quantized(codes, scale, zero_point, fmt, group_size, "QuantLinear.from_codes")
         n, k = codes.shape
         layer = cls(k, n, bias=bias is not None, format=fmt, group_size=group_size,
                     scale_dtype=scale.dtype, dtype=dtype, device="meta", kernel="reference",
                     input_scale=input_scale is not None, act_bits=act_bits)
         if input_scale is not None:
             layer.set_input_scale(input_scale)
-        if fmt.has_zero_point != (zero_point is not None):
-            raise ValueError(f"format {fmt.name!r} {'needs' if fmt.has_zero_point else 'takes no'} zero_point")
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(parse_dtype(dtype)).clone(), requires_grad=False)
         canonical = {"qdata": pack_codes(codes, fmt.bits), "scale": scale}

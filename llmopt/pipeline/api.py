@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 import torch.nn as nn
 
-from ..calibration import StatsSpec, collect_stats, find_blocks, run_blocks, spec_for_dtype
+from ..calibration import StatsSpec, check_calibration_data, collect_stats, find_blocks, run_blocks, spec_for_dtype
 from ..core.errors import CompressionError, SkipLayer
 from ..core.measure import memory_report, total_parameters, trainable_parameters
 from ..core.targets import (
@@ -313,9 +313,14 @@ def compress_(
     for index, stage in enumerate(stages):
         for cfg in stage.configs():
             get_method(cfg)
-            if cfg.needs_calibration and not calibration:
+            if cfg.needs_calibration:
                 where = f" (stage {index})" if len(stages) > 1 else ""
-                raise ValueError(f"method {cfg.name!r}{where} needs calibration data; pass calibration=[...]")
+                if calibration is None or (isinstance(calibration, (list, tuple)) and not calibration):
+                    raise ValueError(f"method {cfg.name!r}{where} needs calibration data; "
+                                     f"pass calibration=[...]")
+                # A bare tensor or dict: "wrap it in a list" (truth-testing a tensor would raise
+                # "Boolean value of Tensor ... is ambiguous").
+                check_calibration_data(calibration)
     if include is not None:
         select_linears(model, include)  # an include glob matching no module is an error, before any work
 
@@ -368,6 +373,23 @@ def _note_unused_overrides(stage: Stage, index: int, names: List[str], report: C
                             "matched none of the stage's layers")
 
 
+def _note_override_cannot_apply(stage: Stage, index: int, name: str, module: nn.Module,
+                                report: CompressionReport) -> None:
+    """An override naming a layer an earlier stage of this call replaced with a wrapper its method does not
+    compose with (an ``SVD`` override on a layer Wanda made sparse) would do nothing: list it in
+    ``report.skipped`` with why, rather than drop the user's explicit request silently."""
+    hit = stage.match(name)
+    cfg = stage.resolve(hit[1]) if hit is not None else None
+    if cfg is None or cfg.accepts_compressed(module):
+        return
+    applied = [c.get("method", "?") for c in report.layer_configs.get(name, [])]
+    origin = f" by an earlier stage ({', '.join(applied)})" if applied else " by an earlier stage"
+    reason = (f"stage {index} ({stage.config.name}): override {hit[0]!r} ({cfg.name}) cannot apply: the layer "
+              f"was replaced{origin} with a {type(module).__name__}, which {cfg.name} does not compose with; "
+              f"left as that stage made it")
+    report.skipped[name] = f"{report.skipped[name]}; {reason}" if name in report.skipped else reason
+
+
 def _resolve_layer(stage: Stage, index: int, name: str, report: CompressionReport) -> Optional[MethodConfig]:
     """The layer's config in this stage (first matching override, else the stage's); ``None`` when an
     override skips it, recorded in ``report.skipped``."""
@@ -394,6 +416,8 @@ def _apply_stage(model: nn.Module, stage: Stage, index: int, include: Patterns, 
         if name not in changes.swapped:
             report.skipped[name] = reason
     earlier = [name for name in skipped if name in changes.swapped]
+    for name in earlier:
+        _note_override_cannot_apply(stage, index, name, get_submodule(model, name), report)
     if earlier:
         kinds = sorted({type(get_submodule(model, name)).__name__ for name in earlier})
         report.notes.append(f"stage {index} ({cfg.name}): {len(earlier)} layer(s) replaced by an earlier stage "
@@ -414,6 +438,8 @@ def _apply_stage(model: nn.Module, stage: Stage, index: int, include: Patterns, 
         if is_compressed(module) and not layer_cfg.accepts_compressed(module):
             if name not in changes.swapped:
                 report.skipped[name] = f"already compressed ({type(module).__name__})"
+            else:  # replaced by an earlier stage of this call: an override of this stage cannot apply
+                _note_override_cannot_apply(stage, index, name, module, report)
             continue
         passes.setdefault(key(layer_cfg), {})[name] = layer_cfg
     replaced: Set[str] = set()

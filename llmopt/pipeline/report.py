@@ -34,7 +34,11 @@ class CompressionReport:
 
     @property
     def compression_ratio(self) -> float:
-        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        """``bytes_before / bytes_after`` of the replaced layers; ``1.0`` when nothing was replaced (a model
+        compressed already: every layer skipped), so reports and JSON never show NaN."""
+        if not self.bytes_after:
+            return 1.0 if not self.bytes_before else float("inf")
+        return self.bytes_before / self.bytes_after
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -48,6 +52,9 @@ class CompressionReport:
         }
 
     def __str__(self) -> str:
+        if not (self.bytes_before or self.bytes_after):
+            return (f"compressed {len(self.replaced)} layer(s), skipped {len(self.skipped)}: nothing compressed "
+                    f"in {self.seconds:.2f} s")
         return (f"compressed {len(self.replaced)} layer(s), skipped {len(self.skipped)}: "
                 f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
                 f"({self.compression_ratio:.2f}x) in {self.seconds:.2f} s")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...calibration import LayerStats, StatsSpec, float_layer_stats, spec_for_dtype
+from ...calibration import LayerStats, StatsSpec, check_calibration_data, float_layer_stats, spec_for_dtype
 from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.errors import SkipLayer
 from ...core.targets import select_linears
@@ -390,8 +390,9 @@ def plan_ranks(
     if not activation_aware:
         spectra = {name: _spectrum(linear, config, None) for name, linear in targets.items()}
     else:
-        if not calibration:
+        if calibration is None or (isinstance(calibration, (list, tuple)) and not calibration):
             raise ValueError("plan_ranks(activation_aware=True) needs calibration data; pass calibration=[...]")
+        check_calibration_data(calibration)  # a bare tensor: "wrap it in a list", not a truth-value error
         spec = spec_for_dtype(config.stats_spec(), calibration_dtype)  # as compress_ does
 
         def add(name: str, layer_stats: Optional[LayerStats]) -> None:

@@ -271,7 +271,7 @@ def find_groups(model: nn.Module, groups: Union[None, Sequence, Mapping[int, Seq
     its string, as JSON writes it). ``blocks_path`` names the
     ``ModuleList`` of blocks when the automatic search picks the wrong one.
     """
-    path, blocks = find_blocks(model, blocks_path)
+    path, blocks = find_blocks(model, blocks_path, argument="blocks_path")
     out = []
     for i, block in enumerate(blocks):
         name = f"{path}.{i}" if path else str(i)

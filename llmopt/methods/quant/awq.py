@@ -237,6 +237,10 @@ def _stats_of(name: str, stats: Dict[str, LayerStats]) -> LayerStats:
     st = stats.get(name)
     if st is None or st.count == 0:
         raise ValueError(f"layer {name!r} received no inputs during calibration")
+    try:
+        st.check_finite()  # with Inf in H every candidate scores NaN and s = 1 would win silently
+    except ValueError as exc:
+        raise ValueError(f"layer {name!r}: {exc}") from None
     return st
 
 

@@ -115,6 +115,10 @@ def _apply_smoothquant(layers: Dict[str, nn.Module], config: SmoothQuant, *, sta
             raise type(exc)(f"layer {name!r}: {exc}") from None
         if stats.get(name) is None or stats[name].count == 0:
             raise ValueError(f"layer {name!r} received no inputs during calibration")
+        try:
+            stats[name].check_finite()  # an Inf absmax would give Inf/NaN smoothing factors
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
     out: Dict[str, nn.Module] = {}
     for group in input_groups(list(layers), sources):
         producer = fold_candidate(group, sources, root, prefix) if (config.fold and config.alpha is not None) else None

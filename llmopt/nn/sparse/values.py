@@ -20,7 +20,7 @@ from torch import Tensor
 from ...core.checks import dtype_name
 from ...core.formats import WeightFormat
 from ...core.packing import pack_codes, unpack_codes
-from ...core.primitives import dequantize_weight, num_groups, resolve_group_size
+from ...core.primitives import check_quantized, dequantize_weight, num_groups
 from .layouts import SparseLayout, TensorSpec
 
 __all__ = ["KeptValues", "FloatValues", "QuantizedValues", "check_quantized_inputs", "stored_spec",
@@ -158,29 +158,8 @@ class QuantizedValues(KeptValues):
         return f"format={self.format.name}, group_size={self.group_size}"
 
 
-def check_quantized_inputs(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], fmt: WeightFormat,
-                           group_size: Optional[int], where: str) -> int:
-    """Check codes ``[N, K]`` on ``fmt``'s grid and finite parameters ``[N, G]`` (raises ValueError or
-    TypeError naming the problem); returns the resolved group size."""
-    if codes.dim() != 2 or codes.numel() == 0:
-        raise ValueError(f"{where}: codes must be a non-empty 2-D tensor [out, in]")
-    if codes.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"{where}: codes must be integers, got {codes.dtype}")
-    if int(codes.min()) < 0 or int(codes.max()) >= (1 << fmt.bits):
-        raise ValueError(f"{where}: codes must lie in [0, {1 << fmt.bits}) for {fmt.bits}-bit format "
-                         f"{fmt.name!r}")
-    rows, k = codes.shape
-    group_size = resolve_group_size(group_size, k)
-    groups = num_groups(k, group_size)
-    for label, t in (("scale", scale), ("zero_point", zero_point)):
-        if t is not None and tuple(t.shape) != (rows, groups):
-            raise ValueError(f"{where}: {label} has shape {tuple(t.shape)}, expected ({rows}, {groups})")
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}: {label} has NaN/Inf values")
-    if fmt.has_zero_point != (zero_point is not None):
-        need = "needs" if fmt.has_zero_point else "takes no"
-        raise ValueError(f"{where}: format {fmt.name!r} {need} zero_point")
-    return group_size
+# Kept under its old name: the check moved to core (QuantLinear.from_codes uses it too).
+check_quantized_inputs = check_quantized
 
 
 def stored_spec(layout: SparseLayout, values: KeptValues, nnz: int) -> TensorSpec:
