@@ -143,7 +143,8 @@ def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.dev
         kernel = _KERNELS[name]
         reason = kernel.unsupported_reason(spec, device)
         if reason is None and not _fast_enough(kernel, spec, device):
-            reason = _speed_decision(kernel, spec, device).reason
+            known = speed.cached_decision(kernel, spec, device)
+            reason = known.reason if known is not None and not known.fast else "slower than a dense matmul here"
         if reason is None:
             return kernel
         reasons.append(f"{name}: {reason}")

@@ -47,7 +47,7 @@ from ..core.packing import packed_row_bytes
 from .base import Kernel, KernelSpec, is_cpu
 
 __all__ = ["KernelDecision", "kernel_decisions", "clear_kernel_decisions", "set_probe_timer",
-           "probe_enabled", "decide", "probe_spec", "cpu_flags_reason", "TOLERANCE", "PROBE_BATCHES",
+           "probe_enabled", "decide", "cached_decision", "probe_spec", "cpu_flags_reason", "TOLERANCE", "PROBE_BATCHES",
            "PROBE_BUDGET_S", "PROBE_MIN_DIM", "PROBE_MAX_DIM", "ABORT_FACTOR", "FIRST_CALL_GRACE_S"]
 
 # A kernel within 10% of dense counts as "not slower": medians of 5 calls on a shared machine vary by
@@ -287,12 +287,21 @@ def _measure(bench: _Bench, start: float, budget: float) -> Tuple[bool, str, Dic
     return judged_so_far()
 
 
+def _key(kernel: Kernel, spec: KernelSpec, device: torch.device) -> tuple:
+    return (kernel.name, torch.device(device).type, probe_spec(spec))
+
+
+def cached_decision(kernel: Kernel, spec: KernelSpec, device: torch.device) -> Optional[KernelDecision]:
+    """The decision already made for ``kernel``, ``spec``'s shape class and ``device``, or None."""
+    return _DECISIONS.get(_key(kernel, spec, device))
+
+
 def decide(kernel: Kernel, spec: KernelSpec, device: torch.device, reference: Kernel) -> KernelDecision:
     """The (cached) decision for ``kernel`` serving ``spec`` on ``device``; see the module docstring."""
     device = torch.device(device)
     cpu = cpu_info()
     pspec = probe_spec(spec)
-    key = (kernel.name, device.type, pspec)
+    key = _key(kernel, spec, device)
     if key in _DECISIONS:
         return _DECISIONS[key]
 
