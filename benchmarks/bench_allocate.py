@@ -37,7 +37,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -49,6 +48,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import HQQ, RTN, evaluate  # noqa: E402
 from llmopt.core.measure import memory_report  # noqa: E402
 from llmopt.core.targets import find_linears  # noqa: E402
@@ -199,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = list(find_linears(base, exclude=EXCLUDE))
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
         "model": info.get("path", "smollm2") + " (fp32)",
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
                                f"{cfg['window']}",

@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 
@@ -87,6 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     block_act_bytes = tokens * hidden * torch.empty((), dtype=calib_dtype).element_size()
     budget = 1.2 * (model_bytes + 2 * block_act_bytes)
     header = {"type": "header", "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+              "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
               "threads": torch.get_num_threads(), "samples": args.samples, "length": args.length,
               "batch": args.batch,
               "calibration_dtype": args.dtype, "model_mib": model_bytes / 2**20,

@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.kernels.int4_cpu import int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
@@ -240,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     header = {"date": time.strftime("%Y-%m-%d %H:%M"), "size": args.size, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "cpu": platform.machine(),
+              "threads": torch.get_num_threads(), "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
               "decode": f"batch 1, prompt {args.prompt}, {args.new_tokens} new tokens (greedy), "
                         f"{args.rounds} interleaved rounds, medians",
               "compile": "torch.compile(decode_step, fullgraph=True, dynamic=False), StaticCache"

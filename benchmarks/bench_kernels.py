@@ -64,6 +64,7 @@ from timing import (  # noqa: E402
     foreign_cpu_load,
     gbps,
     is_contended,
+    kernel_decisions_record,
     last_level_cache_bytes,
     machine_info,
     measure_copy_bandwidth,
@@ -73,7 +74,8 @@ from timing import (  # noqa: E402
     wait_for_quiet,
 )
 
-from llmopt.kernels import auto_order, get_kernel  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
+from llmopt.kernels import auto_order, get_kernel, kernel_decisions  # noqa: E402
 from llmopt.nn import QuantLinear  # noqa: E402
 from llmopt.core.formats import get_format  # noqa: E402
 from llmopt.core.primitives import quantize_weight  # noqa: E402
@@ -127,8 +129,10 @@ CONTENDERS: List[Contender] = [
     Contender("int4_g64_fp32in", "quant", torch.float32, torch.float32, "int4", 64, judged=True,
               layer_key="int4_g64"),
     # A prefill path, judged by its own check (faster than bf16 dense at M >= 16), not by the M <= 16 one.
+    # kernel="auto": int8_onednn_cpu where it is fast (AMX-INT8), else int8_dynamic_cpu. Named explicitly,
+    # oneDNN runs for seconds per call on CPUs without AMX; it is timed only in the bounded W8A8 table.
     Contender("w8a8", "quant", torch.float32, torch.bfloat16, "int8", None, symmetric=True, act_bits=8,
-              kernel="int8_onednn_cpu"),
+              kernel="auto"),
     # The same arithmetic through torch._int_mm (weight reordered by oneDNN on every call): shown for
     # comparison, not judged.
     Contender("w8a8_intmm", "quant", torch.float32, torch.bfloat16, "int8", None, symmetric=True, act_bits=8,
@@ -184,6 +188,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-foreign-cpus", type=float, default=0.3,
                    help="a measurement is 'contended' when other processes used more CPUs than this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--w8a8-table", action=argparse.BooleanOptionalAction, default=True,
+                   help="append the bounded W8A8 side-by-side table (4096x4096, M=1 and 128)")
+    p.add_argument("--w8a8-table-only", action="store_true", help="print only the W8A8 side-by-side table")
+    p.add_argument("--w8a8-cap-s", type=float, default=2.0,
+                   help="a W8A8 contender whose first call takes longer than this is not timed further")
     args = p.parse_args(argv)
 
     # Defaults that depend on --quick.
@@ -352,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(md_path), exist_ok=True)
 
     info = machine_info()
+    log(f"# cpu: {info['cpu']}")
     log(f"# torch {info['torch_version']}  cpu={info['cpu_capability']}  threads={info['num_threads']}  "
         f"llc={llc / MiB:.0f} MiB  mode={'warm' if args.warm else 'cold'}")
     load0 = foreign_cpu_load(0.5)
@@ -491,10 +501,14 @@ def run(args: argparse.Namespace) -> int:
                "bandwidth_trace": bw_trace, "elapsed_s": elapsed, "retries_used": budget.retries,
                "retry_budget_left_s": budget.left,
                "contended_rows": sum(1 for r in records if (r["foreign_cpus"] or 0) > args.max_foreign_cpus),
-               "checks": checks}
+               "checks": checks, "kernel_decisions": kernel_decisions_record()}
+    if args.w8a8_table:
+        summary["w8a8_side_by_side"] = w8a8_side_by_side(args.w8a8_cap_s)
     write_jsonl(out_path, summary)
 
     md = render_markdown(header, summary, records, checks, bw_end["gbps"], elapsed)
+    if args.w8a8_table:
+        md += "\n" + w8a8_markdown(summary["w8a8_side_by_side"])
     with open(md_path, "w") as f:
         f.write(md)
     print(md)
@@ -652,8 +666,101 @@ def render_markdown(header: Dict[str, Any], summary: Dict[str, Any], records: Li
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ W8A8 side by side
+W8A8_TABLE_SHAPE = (4096, 4096)
+W8A8_TABLE_M = (1, 128)
+
+
+def w8a8_side_by_side(cap_s: float = 2.0, shape: Tuple[int, int] = W8A8_TABLE_SHAPE,
+                      m_values: Sequence[int] = W8A8_TABLE_M, repeats: int = 5) -> Dict[str, Any]:
+    """One W8A8 layer (int8 symmetric per channel, ``act_bits=8``) on every W8A8 path, and what
+    ``kernel="auto"`` picked, next to dense fp32/bf16. Warm cache, median of ``repeats`` calls after a
+    warm-up; a contender whose warm-up call exceeds ``cap_s`` is reported with that one call and
+    skipped (int8_onednn_cpu without AMX: seconds per call)."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=gen) / k ** 0.5
+    q = quantize_weight(weight, get_format("int8", symmetric=True), None, torch.bfloat16)
+    layers: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    dense32 = nn.Linear(k, n, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        dense32.weight.copy_(weight)
+    dense16 = copy.deepcopy(dense32).to(torch.bfloat16)
+    layers["fp32_dense"] = dense32
+    layers["bf16_dense"] = lambda x: dense16(x.to(torch.bfloat16))
+    picked = None
+    for kernel in ("auto", "int8_dynamic_cpu", "int8_onednn_cpu"):
+        try:
+            layer = QuantLinear.from_codes(q.codes, q.scale, None, format=get_format("int8", symmetric=True),
+                                           group_size=None, kernel=kernel, act_bits=8)
+        except ValueError as error:
+            layers[kernel] = None  # type: ignore[assignment]
+            log(f"# {kernel}: {error}")
+            continue
+        if kernel == "auto":
+            picked = layer.kernel.name
+            layers[f"auto ({picked})"] = layer
+        else:
+            layers[kernel] = layer
+    rows = []
+    for m in m_values:
+        x = torch.randn(m, k, generator=gen)
+        row: Dict[str, Any] = {"M": m}
+        for name, fn in layers.items():
+            if fn is None:
+                row[name] = {"ms": None, "note": "unavailable"}
+                continue
+            with torch.inference_mode():
+                start = time.perf_counter()
+                fn(x)
+                first = time.perf_counter() - start
+                if first > cap_s:
+                    row[name] = {"ms": first * 1e3, "note": f"one call only: over the {cap_s:g} s cap"}
+                    log(f"# W8A8 M={m} {name}: {first:.1f} s for one call; not timed further")
+                    continue
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    fn(x)
+                    times.append(time.perf_counter() - start)
+            row[name] = {"ms": sorted(times)[len(times) // 2] * 1e3}
+        rows.append(row)
+    decisions = [d.as_dict() for d in kernel_decisions()
+                 if d.kernel in ("int8_onednn_cpu", "int8_dynamic_cpu", "int8pack_cpu")]
+    return {"shape": f"{n}x{k}", "cpu": cpu_info().describe(), "threads": torch.get_num_threads(),
+            "auto_picked": picked, "rows": rows, "auto_decisions": decisions}
+
+
+def w8a8_markdown(table: Dict[str, Any]) -> str:
+    names = [key for key in table["rows"][0] if key != "M"]
+    lines = [f"## W8A8 side by side: {table['shape']}, {table['threads']} threads",
+             "", f"CPU: {table['cpu']}. Median ms per call (warm cache); auto picked "
+             f"`{table['auto_picked']}`.", "",
+             "| M | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row in table["rows"]:
+        cells = []
+        for name in names:
+            cell = row[name]
+            text = fmt_ms(cell["ms"]) if cell["ms"] is not None else "-"
+            cells.append(text + (f" ({cell['note']})" if cell.get("note") else ""))
+        lines.append(f"| {row['M']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for d in table["auto_decisions"]:
+        lines.append(f"* auto, `{d['kernel']}` on {d['shape']}: {'taken' if d['fast'] else 'skipped'}: "
+                     f"{d['reason']}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if args.w8a8_table_only:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        table = w8a8_side_by_side(args.w8a8_cap_s)
+        print(json.dumps(table))
+        print(w8a8_markdown(table))
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import SVD, evaluate  # noqa: E402
 from llmopt.methods.lowrank import plan_ranks  # noqa: E402
 
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
         "model": info.get("path", "smollm2"),
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, "
                                f"windows of {cfg['window']}",

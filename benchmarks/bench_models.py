@@ -25,7 +25,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -38,6 +37,8 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
+from llmopt.kernels import kernel_decisions  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm, smollm2_gguf_path, speed_model  # noqa: E402
 from llmopt.methods.base import get_method, list_methods  # noqa: E402
@@ -434,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, notes = build_rows(not args.no_peers, calibration)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-        "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+        "cpu": f"{cpu_info().describe()}, {torch.get_num_threads()} threads", "cpu_model": cpu_info().model,
         "profile": "quick" if args.quick else "full",
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
                                f"{cfg['window']} (non-overlapping, fresh context each)",
@@ -451,6 +452,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_model(model_name.strip(), rows, cfg, out, records, calibration)
         checks = target_checks(records)
         out.write(json.dumps({"type": "checks", "checks": checks}) + "\n")
+        # What kernel="auto" decided on this CPU (capability gate and speed probe), with the timings.
+        out.write(json.dumps({"type": "kernel_decisions", "cpu": cpu_info().describe(),
+                              "decisions": [d.as_dict() for d in kernel_decisions()]}) + "\n")
     header["elapsed"] = f"{time.perf_counter() - started:.0f} s"
     text = markdown(records, header, notes, checks)
     md_path = os.path.splitext(args.out)[0] + ".md"

@@ -30,7 +30,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -42,6 +41,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.core.measure import memory_report  # noqa: E402
 from llmopt.methods.prune.magnitude import Magnitude  # noqa: E402
@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
         "model": info.get("path", "smollm2"),
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
                                f"{cfg['window']}",

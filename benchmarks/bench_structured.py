@@ -24,7 +24,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 from llmopt.methods.prune.structured import PruneChannels  # noqa: E402
@@ -215,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "profile": "quick" if args.quick else "full",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_info().describe(), "cpu_model": cpu_info().model,
         "pruning": f"PruneChannels(ratio={RATIO}, round_to={ROUND_TO}) on every block's MLP",
         "perplexity protocol": f"benchmarks/data/eval.txt, first {cfg['eval_tokens']} tokens, windows of "
                                f"{cfg['window']}",

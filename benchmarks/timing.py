@@ -58,6 +58,7 @@ __all__ = [
     "measure_read_bandwidth",
     "measure_copy_bandwidth",
     "last_level_cache_bytes",
+    "kernel_decisions_record",
     "rotation_count",
     "Rotator",
     "machine_info",
@@ -375,14 +376,29 @@ class Rotator:
 
 # --------------------------------------------------------------------------------------- machine
 def _cpu_model() -> str:
+    """The CPU model name (``llmopt.core.cpu.cpu_model``; this module stays importable without llmopt)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        from llmopt.core.cpu import cpu_model
+        return cpu_model()
+    except ImportError:  # pragma: no cover - llmopt not on the path
+        return platform.processor() or "unknown"
+
+
+def _cpu_line() -> str:
+    try:
+        from llmopt.core.cpu import cpu_info
+        return cpu_info().describe()
+    except ImportError:  # pragma: no cover
+        return f"{_cpu_model()} ({platform.machine()})"
+
+
+def kernel_decisions_record() -> List[Dict[str, Any]]:
+    """What ``kernel="auto"`` decided in this process (``llmopt.kernels.kernel_decisions``), as dicts."""
+    try:
+        from llmopt.kernels import kernel_decisions
+    except ImportError:  # pragma: no cover
+        return []
+    return [d.as_dict() for d in kernel_decisions()]
 
 
 def machine_info() -> Dict[str, Any]:
@@ -393,6 +409,7 @@ def machine_info() -> Dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
+        "cpu": _cpu_line(),
         "llc_bytes": last_level_cache_bytes(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 from llmopt.methods.quant.qat import QAT  # noqa: E402
@@ -218,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     label = f"{fmt.name} g{args.group_size}"
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-        "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+        "cpu": f"{cpu_info().describe()}, {torch.get_num_threads()} threads", "cpu_model": cpu_info().model,
         "profile": "smoke" if args.smoke else "full", "format": label,
         "training": f"{cfg['steps']} steps x batch {args.batch} x {args.seq_len} tokens of calib.txt "
                     f"({calib_ids.numel()} tokens, {calib_ids.numel() // args.seq_len} windows), AdamW lr {args.lr:g} "

@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import llmopt  # noqa: E402
+from llmopt.core.cpu import cpu_info  # noqa: E402
 from llmopt import evaluate  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 
@@ -111,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "train_start_rss_mib": peak.to_dict()["start_rss_mib"],
         "loss_first10": sum(losses[:10]) / max(len(losses[:10]), 1), "loss_last10": sum(losses[-10:]) / max(len(losses[-10:]), 1),
         "ppl_before": ppl_before, "ppl_after": ppl_after, "eval_tokens": args.eval_tokens,
+        "cpu": cpu_info().describe(), "cpu_model": cpu_info().model, "threads": torch.get_num_threads(),
     }
     print(json.dumps(record), flush=True)
     with open(args.out, "a") as f:

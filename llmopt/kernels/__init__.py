@@ -17,10 +17,12 @@ Kernels (one file per family; each registers its kernels when imported):
 * ``int8_dynamic_cpu`` (:mod:`.int8_cpu`): W8A8 for layers with ``act_bits=8``: activations quantized
   per token to int8, multiplied by symmetric per-channel int8 weights with ``torch._int_mm``.
 * ``int8_onednn_cpu`` (:mod:`.onednn`): the same W8A8 arithmetic with the weight prepacked once for
-  oneDNN (``torch.ops.onednn.qlinear_pointwise``); preferred by ``"auto"``, 2-3x faster than ``_int_mm``.
+  oneDNN (``torch.ops.onednn.qlinear_pointwise``); tried first by ``"auto"`` on CPUs with AMX-INT8,
+  where it is 2-3x faster than ``_int_mm`` (without AMX it is 100x+ slower than dense, and skipped).
 
 A new kernel is one file that subclasses :class:`Kernel` and calls :func:`register_kernel`
-(see ``docs/add_kernel.md``); :mod:`.registry` decides ``"auto"``.
+(see ``docs/add_kernel.md``); :mod:`.registry` decides ``"auto"``, taking a kernel only when
+:mod:`.speed` finds it not slower than dense on this CPU (CPU flags, then a bounded, cached probe).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from . import reference  # noqa: F401
 from . import int4_cpu, int8_cpu, onednn  # noqa: F401
 from .base import Kernel, KernelSpec, log_once
 from .registry import auto_order, get_kernel, list_kernels, register_kernel, select_kernel, unregister_kernel
+from .speed import KernelDecision, clear_kernel_decisions, kernel_decisions, set_probe_timer
 
 __all__ = ["Kernel", "KernelSpec", "register_kernel", "unregister_kernel", "get_kernel", "list_kernels",
-           "auto_order", "select_kernel", "log_once"]
+           "auto_order", "select_kernel", "log_once", "KernelDecision", "kernel_decisions",
+           "clear_kernel_decisions", "set_probe_timer"]

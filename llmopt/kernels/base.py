@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Sequence
+from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,10 @@ class Kernel:
     # True if forward() quantizes the activations itself (layers with act_bits); otherwise the layer
     # hands it fake-quantized activations, so every kernel computes the same function.
     quantizes_activations: ClassVar[bool] = False
+    # CPU flags (as Linux's /proc/cpuinfo names them, e.g. "amx_int8") of which the CPU must have at
+    # least one for ``kernel="auto"`` to consider this kernel on a CPU; () means no requirement. The
+    # kernel still has to pass the speed probe (llmopt.kernels.speed); naming it explicitly skips both.
+    cpu_flags: ClassVar[Tuple[str, ...]] = ()
 
     def unsupported_reason(self, spec: KernelSpec, device: torch.device) -> Optional[str]:
         """``None`` if this kernel can serve ``spec`` on ``device``, else a short reason (shown to users)."""

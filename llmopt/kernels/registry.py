@@ -3,7 +3,9 @@
 Kernels register themselves when their module is imported (``register_kernel``). ``"auto"`` tries
 every kernel that has a priority, highest first (equal priorities: the earlier registered first),
 takes the first that can serve the layer on its device and passes :func:`_fast_enough`, and
-otherwise falls back to ``reference``, logging why once. The built-in order (priorities in their
+otherwise falls back to ``reference``, logging why once. Passing :func:`_fast_enough` means the CPU
+has the flags the kernel declares and a one-time probe found it not slower than dense here
+(:mod:`.speed`). The built-in order (priorities in their
 files) is ``int8_onednn_cpu`` (40) > ``int8_dynamic_cpu`` (30) > ``int8pack_cpu`` (20) >
 ``int4pack_cpu`` (10); a kernel registered without a priority gets 0, after them.
 """
@@ -14,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Type, TypeVar, Union, overloa
 
 import torch
 
+from . import speed
 from .base import Kernel, KernelSpec, is_cpu, log_once
 
 __all__ = ["register_kernel", "unregister_kernel", "get_kernel", "list_kernels", "auto_order",
@@ -107,14 +110,18 @@ def auto_order() -> List[str]:
 def _fast_enough(kernel: Kernel, spec: KernelSpec, device: torch.device) -> bool:
     """Whether ``"auto"`` may pick ``kernel`` for ``spec`` on ``device`` once it is known to serve it.
 
-    Today this always returns True. It is the single place every ``"auto"`` choice goes through, and
-    where issue 13 plugs in the measured-speed rule: ``"auto"`` must never pick a kernel that is
-    slower than a dense matmul on the running CPU. That decision comes from the CPU's capabilities
-    (instruction sets, oneDNN/AMX support) plus a one-time, time-bounded micro-probe of the kernel
-    against dense at the spec's shape class, cached per process and shape class (a plain dict, read
-    as a constant under ``torch.compile``). A kernel named explicitly is never subject to this rule.
+    The single place every ``"auto"`` choice goes through (issue 13): ``"auto"`` must never pick a
+    kernel that is slower than a dense matmul on the running CPU. The decision comes from the CPU's
+    flags (:attr:`Kernel.cpu_flags`) plus a one-time, time-bounded micro-probe of the kernel against
+    dense at the spec's shape class, cached per process (see :mod:`llmopt.kernels.speed`;
+    :func:`llmopt.kernels.kernel_decisions` lists the decisions). A kernel named explicitly is never
+    subject to this rule.
     """
-    return True
+    return _speed_decision(kernel, spec, device).fast
+
+
+def _speed_decision(kernel: Kernel, spec: KernelSpec, device: torch.device) -> speed.KernelDecision:
+    return speed.decide(kernel, spec, device, _KERNELS[REFERENCE])
 
 
 def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.device]) -> Kernel:
@@ -136,7 +143,8 @@ def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.dev
         kernel = _KERNELS[name]
         reason = kernel.unsupported_reason(spec, device)
         if reason is None and not _fast_enough(kernel, spec, device):
-            reason = "slower than a dense matmul here"
+            known = speed.cached_decision(kernel, spec, device)
+            reason = known.reason if known is not None and not known.fast else "slower than a dense matmul here"
         if reason is None:
             return kernel
         reasons.append(f"{name}: {reason}")

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmopt
+from llmopt.core.cpu import cpu_info
 from llmopt.core.errors import CompressionError
 from llmopt.core.formats import WeightFormat, get_format, list_formats, unregister_format
 from llmopt.core.primitives import fake_quantize, fake_quantize_activations, quantize_weight
@@ -58,7 +59,8 @@ def test_convert_matches_fake_quant_reference_kernel(fmt, gs, n, k, bias, act, s
 @pytest.mark.parametrize("fmt,gs,sym,act,kernel", [
     ("int4", 32, False, None, "int4pack_cpu"), ("int4", 64, True, None, "int4pack_cpu"),
     ("int3", 64, False, None, "int4pack_cpu"), ("int2", 128, False, None, "int4pack_cpu"),
-    ("int8", None, False, None, "int8pack_cpu"), ("int8", None, True, 8, "int8_onednn_cpu"),
+    ("int8", None, False, None, "int8pack_cpu"), ("int8", None, True, 8,
+                                               "int8_onednn_cpu" if cpu_info().has("amx_int8") else "int8_dynamic_cpu"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_convert_matches_fake_quant_fast_kernels(fmt, gs, sym, act, kernel, dtype):
