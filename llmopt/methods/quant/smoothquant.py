@@ -9,7 +9,8 @@ activations to the weights with a per-input-channel factor
 (``max|W_j|`` over every layer that reads the input), computing ``(x / s) @ (W * s).T``. The weights
 ``W * s`` are then quantized to symmetric per-channel int8, and at run time each token's activations
 are quantized to int8 with their own scale (dynamic, no calibration), so the matmul is int8 x int8
-with int32 accumulation (on CPU oneDNN's int8 GEMM with a prepacked weight, ``int8_onednn_cpu``, or ``torch._int_mm``).
+with int32 accumulation (on CPU oneDNN's int8 GEMM with a prepacked weight, ``int8_onednn_cpu``, where the CPU has
+AMX and it measures fast, else ``torch._int_mm`` in ``int8_dynamic_cpu``).
 
 ``1 / s`` is folded into the producing norm where exact (q/k/v after the attention norm, gate/up
 after the MLP norm), otherwise carried as ``QuantLinear.input_scale`` (o_proj, down_proj), so every
@@ -58,7 +59,8 @@ class SmoothQuant(QuantizesWeights, MethodConfig):
         alpha: migration strength in ``[0, 1]`` (0.5 in the paper); ``None`` for no smoothing.
         fold: fold ``1 / s`` into the producing norm where exact (else it stays on the layer).
         scale_dtype: dtype of the stored per-row weight scales.
-        kernel: ``"auto"`` (``int8_onednn_cpu`` on CPU) or a kernel name.
+        kernel: ``"auto"`` (on CPU the fastest measured W8A8 kernel: ``int8_onednn_cpu`` with AMX, else
+            ``int8_dynamic_cpu``) or a kernel name.
         propagate: ``"float"`` (statistics of the float model, one forward per block, as the paper)
             or ``"quantized"`` (of the W8A8 model so far).
 
