@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ import uuid
 from typing import Optional, Union
 
 __all__ = ["LoadError", "TEMP_PREFIX", "PAUSE_ENV", "pause_point", "new_save_id", "temp_path", "fsync_directory",
-           "write_bytes_atomic", "finish_file", "member_path", "remove_quietly", "CHUNK_BYTES"]
+           "write_bytes_atomic", "finish_file", "member_path", "read_json_member", "remove_quietly", "CHUNK_BYTES"]
 
 TEMP_PREFIX = ".llmopt-tmp-"
 PAUSE_ENV = "LLMOPT_PAUSE_AT"
@@ -118,6 +119,26 @@ def write_bytes_atomic(path: _PathLike, data: bytes, *, save_id: str, point: Opt
         remove_quietly(tmp)
         raise
     fsync_directory(directory)
+
+
+def read_json_member(directory: _PathLike, name: str, *, written_by: str) -> object:
+    """The parsed JSON file ``name`` of ``directory`` (confined like :func:`member_path`); every problem
+    is a :class:`LoadError` (or ``FileNotFoundError``) naming the file. ``written_by`` names the
+    function that writes such files, for the messages."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, name)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} not found: not a directory written by {written_by}")
+    member_path(directory, name, source=directory, what="manifest")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LoadError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        what = "is empty" if not raw.strip() else f"is not valid JSON ({exc})"
+        raise LoadError(f"{path} {what}: not a manifest written by {written_by}, or a damaged one") from None
 
 
 def member_path(directory: _PathLike, name: object, *, source: str, what: str = "file") -> str:

@@ -29,7 +29,16 @@ from ..methods.lowrank.lora import (
 )
 from ..nn.lora_linear import LoRALinear
 from ..pipeline.report import LoRAReport
-from ..core.files import LoadError, finish_file, member_path, new_save_id, remove_quietly, temp_path, write_bytes_atomic
+from ..core.files import (
+    LoadError,
+    finish_file,
+    member_path,
+    new_save_id,
+    read_json_member,
+    remove_quietly,
+    temp_path,
+    write_bytes_atomic,
+)
 from .save import SAVE_ID_KEY, check_json_metadata
 
 __all__ = ["lora_state_dict", "save_adapters", "load_adapters", "ADAPTERS_MANIFEST", "ADAPTERS_TENSORS"]
@@ -102,14 +111,7 @@ def save_adapters(model: nn.Module, directory: Union[str, os.PathLike],
 def _read_adapter_files(directory: str) -> tuple:
     """``(manifest, tensors)`` of an adapter directory, every problem reported with the file's path."""
     path = os.path.join(directory, ADAPTERS_MANIFEST)
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} not found: not a directory written by save_adapters")
-    member_path(directory, ADAPTERS_MANIFEST, source=directory, what="manifest")
-    try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{path} is not valid JSON ({exc}): not an adapter manifest, or a damaged one") from None
+    manifest = read_json_member(directory, ADAPTERS_MANIFEST, written_by="save_adapters")
     if not isinstance(manifest, dict) or manifest.get("kind") != "llmopt-lora-adapters":
         raise LoadError(f"{path} is not an llmopt adapter manifest")
     version = manifest.get("format_version", 0)

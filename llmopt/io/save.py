@@ -25,6 +25,7 @@ from ..core.files import (
     member_path,
     new_save_id,
     pause_point,
+    read_json_member,
     remove_quietly,
     temp_path,
     write_bytes_atomic,
@@ -355,18 +356,7 @@ def read_manifest(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The parsed ``llmopt.json`` of a saved directory; its structure checked, errors naming the file."""
     directory = os.fspath(directory)
     path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} not found: not a directory written by llmopt.save")
-    member_path(directory, MANIFEST_NAME, source=directory, what="manifest")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        manifest = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise LoadError(f"{path}: not a JSON file (not UTF-8 text)") from None
-    except json.JSONDecodeError as exc:
-        what = "is empty" if not raw.strip() else f"is not valid JSON ({exc})"
-        raise LoadError(f"{path} {what}: not a manifest written by llmopt.save, or a damaged one") from None
+    manifest = read_json_member(directory, MANIFEST_NAME, written_by="llmopt.save")
     problem = _manifest_problem(manifest)
     if problem:
         raise LoadError(f"{path}: {problem}")
