@@ -74,6 +74,17 @@ class WeightFormat:
         """The values a code can take for unit scale and zero offset, if the format has a fixed grid."""
         return None
 
+    def zero_point_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        """dtype the zero points are stored in, for scales stored in ``scale_dtype`` (the same, by default)."""
+        return scale_dtype
+
+    def finalize_params(self, scale: Tensor, zero_point: Optional[Tensor], scale_dtype: torch.dtype
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(scale, zero_point)`` from :meth:`choose_params` (float32) as they are stored: rounded to
+        ``scale_dtype`` (and :meth:`zero_point_dtype`). Codes are then chosen for these stored values."""
+        zero = zero_point.to(self.zero_point_dtype(scale_dtype)) if zero_point is not None else None
+        return scale.to(scale_dtype), zero
+
     def to_dict(self) -> Dict[str, Any]:
         """``{"name": ..., **options}``: enough to rebuild the format with :func:`get_format`."""
         return {"name": self.name, **self.options()}
@@ -89,17 +100,54 @@ class WeightFormat:
         return hash(tuple(sorted(self.to_dict().items())))
 
 
-class AffineFormat(WeightFormat):
-    """Uniform integer grid of ``bits`` bits, asymmetric (min/max) by default or symmetric (absmax)."""
+# How an asymmetric affine grid stores its offset (``AffineFormat(zero_point=...)``):
+# "float": any float, the value of the mid code, in the scale dtype (llmopt's default, HQQ's);
+# "int": an integer zero point on the code grid, ``w = (code - zp) * scale`` (GPTQ/AWQ checkpoints,
+#        compressed-tensors);
+# "min": the value of code 0 rounded to the scale dtype, ``w = code * scale + min`` (GGUF Q4_1/Q5_1).
+# "int" and "min" keep the zero point in float32, where ``(mid - zp) * scale`` and ``min + mid * scale``
+# are exact for fp16/bf16 scales, so the stored parameters map bit for bit onto those formats.
+ZERO_POINT_MODES = ("float", "int", "min")
 
-    def __init__(self, bits: int, symmetric: bool = False):
+
+class AffineFormat(WeightFormat):
+    """Uniform integer grid of ``bits`` bits, asymmetric (min/max) by default or symmetric (absmax).
+
+    ``zero_point`` (asymmetric only) is how the offset is stored: ``"float"`` (default), ``"int"`` or
+    ``"min"``; see :data:`ZERO_POINT_MODES`.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False, zero_point: str = "float"):
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise ValueError(f"affine format: bits must be an integer in 1..8, got {bits!r}")
         if symmetric and bits < 2:
             raise ValueError("affine format: symmetric needs at least 2 bits")
+        if zero_point not in ZERO_POINT_MODES:
+            raise ValueError(f"affine format: zero_point must be one of {ZERO_POINT_MODES}, got {zero_point!r}")
+        if symmetric and zero_point != "float":
+            raise ValueError(f"affine format: zero_point={zero_point!r} needs an asymmetric format "
+                             "(a symmetric grid has no zero point)")
         self.bits = bits
         self.symmetric = bool(symmetric)
         self.has_zero_point = not self.symmetric
+        self.zero_point_mode = zero_point
+
+    def zero_point_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return scale_dtype if self.zero_point_mode == "float" else torch.float32
+
+    def finalize_params(self, scale: Tensor, zero_point: Optional[Tensor], scale_dtype: torch.dtype
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+        if zero_point is None or self.zero_point_mode == "float":
+            return super().finalize_params(scale, zero_point, scale_dtype)
+        stored = scale.to(scale_dtype)
+        s = stored.to(torch.float32)
+        lo = zero_point.to(torch.float32) - self.mid * scale.to(torch.float32)  # the group's minimum
+        if self.zero_point_mode == "int":
+            # The code that stands for 0.0, so w = (code - zp) * s; (mid - zp) * s is exact in float32.
+            zp = torch.round(-lo / s).clamp_(0, self.qmax)
+            return stored, (self.mid - zp) * s
+        low = lo.to(scale_dtype).to(torch.float32)  # "min": code 0's value, representable in scale_dtype
+        return stored, low + self.mid * s
 
     @property
     def mid(self) -> int:
@@ -110,7 +158,10 @@ class AffineFormat(WeightFormat):
         return (1 << self.bits) - 1
 
     def options(self) -> Dict[str, Any]:
-        return {"symmetric": self.symmetric} if self.symmetric else {}
+        options: Dict[str, Any] = {"symmetric": True} if self.symmetric else {}
+        if self.zero_point_mode != "float":
+            options["zero_point"] = self.zero_point_mode
+        return options
 
     def choose_params(self, groups: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         if self.symmetric:
@@ -119,6 +170,10 @@ class AffineFormat(WeightFormat):
             return scale, None
         lo = groups.amin(dim=-1, keepdim=True)
         hi = groups.amax(dim=-1, keepdim=True)
+        if self.zero_point_mode == "int":
+            # An integer zero point is a code, so 0.0 must lie on the grid: the range includes it (as
+            # GPTQ/AWQ do), else a group far from 0 would clamp its zero point and lose its values.
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE)
         # The mid code stands for lo + mid * scale, so code 0 lands on lo and code qmax on hi.
         zero_point = lo + self.mid * scale

@@ -114,8 +114,7 @@ def quantize_weight(
             ratio = ratio.unsqueeze(-1)
         lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
         scale, zero_point = fmt.choose_params(torch.clamp(groups, lo * ratio, hi * ratio))
-    scale = scale.to(scale_dtype)
-    zero_point = zero_point.to(scale_dtype) if zero_point is not None else None
+    scale, zero_point = fmt.finalize_params(scale, zero_point, scale_dtype)
     codes = fmt.quantize(
         groups, scale.to(torch.float32), zero_point.to(torch.float32) if zero_point is not None else None
     )

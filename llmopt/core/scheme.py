@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 
 from .checks import dtype_name
-from .formats import WeightFormat, get_format
+from .formats import ZERO_POINT_MODES, WeightFormat, get_format
 from .primitives import parse_scale_dtype, resolve_group_size
 
 __all__ = ["WeightQuant"]
@@ -49,6 +49,13 @@ def _check_group_size(value: Any) -> Any:
 def _check_symmetric(value: Any) -> Any:
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"symmetric must be True, False or None (the format's default), got {value!r}")
+    return value
+
+
+def _check_zero_point(value: Any) -> Any:
+    if value is not None and value not in ZERO_POINT_MODES:
+        raise ValueError(f"zero_point must be None (the format's default, 'float') or one of {ZERO_POINT_MODES}, "
+                         f"got {value!r}")
     return value
 
 
@@ -81,6 +88,10 @@ class WeightQuant:
         scale_dtype: dtype of the stored scales / zero points, ``"float32"``, ``"float16"`` or
             ``"bfloat16"`` (a ``torch.dtype`` is accepted and stored by name).
         kernel: ``"auto"`` or a kernel name; :mod:`llmopt.methods.quantized` checks it is registered.
+        zero_point: asymmetric affine formats only: how the offset is stored. ``None`` (the format's
+            default, ``"float"``), ``"int"`` (an integer zero point on the code grid, as GPTQ/AWQ
+            checkpoints and compressed-tensors store it) or ``"min"`` (the value of code 0 in the scale
+            dtype, GGUF's Q4_1); see :data:`llmopt.core.formats.ZERO_POINT_MODES`.
 
     Every error is a ``ValueError`` naming the field. Equality is field by field (``symmetric=False``
     and ``symmetric=None`` build the same format but are different requests).
@@ -100,6 +111,7 @@ class WeightQuant:
     symmetric: Optional[bool] = _option(None, _check_symmetric, format_option=True)
     scale_dtype: str = _option("bfloat16", _check_scale_dtype)
     kernel: str = _option("auto", _check_kernel)
+    zero_point: Optional[str] = _option(None, _check_zero_point, format_option=True)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -121,7 +133,7 @@ class WeightQuant:
 
     @classmethod
     def field_names(cls) -> tuple:
-        """The scheme's fields in order: ``format, group_size, symmetric, scale_dtype, kernel``."""
+        """The scheme's fields in order: ``format, group_size, symmetric, scale_dtype, kernel, zero_point``."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
     # ------------------------------------------------------------------ what methods need
@@ -150,7 +162,8 @@ class WeightQuant:
 
     def label(self) -> str:
         """Short text for reports: ``"int4 sym g64"``, ``"nf4 g64"``, ``"int8 channel"``."""
-        return f"{self.format}{' sym' if self.symmetric else ''} {self.group_label()}"
+        zero = f" zp={self.zero_point}" if self.zero_point not in (None, "float") else ""
+        return f"{self.format}{' sym' if self.symmetric else ''}{zero} {self.group_label()}"
 
     # ------------------------------------------------------------------ building and saving
     def replace(self, **changes: Any) -> "WeightQuant":
@@ -158,8 +171,12 @@ class WeightQuant:
         return self.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> Dict[str, Any]:
-        """``{"format": ..., "group_size": ..., ...}``, every field in order; JSON-serialisable."""
-        return {name: getattr(self, name) for name in self.field_names()}
+        """``{"format": ..., "group_size": ..., ...}``, every field in order; JSON-serialisable.
+        ``zero_point`` (added later) is written only when set, so earlier dicts stay as they were."""
+        data = {name: getattr(self, name) for name in self.field_names()}
+        if data["zero_point"] is None:
+            del data["zero_point"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "WeightQuant":

@@ -80,6 +80,12 @@ class KernelSpec:
         """True if the canonical form carries a ``zero_point`` tensor (asymmetric formats)."""
         return self.format.has_zero_point
 
+    @property
+    def zero_point_dtype(self) -> torch.dtype:
+        """dtype of the canonical ``zero_point`` (``scale_dtype``, or float32 for the formats' "int" and
+        "min" zero-point modes, whose exact values need it)."""
+        return self.format.zero_point_dtype(self.scale_dtype)
+
     def describe(self) -> str:
         """``"int4 g64 256->128 scales=bfloat16"`` plus ``a8`` / ``+bias`` when set: for messages."""
         extras = f" a{self.act_bits}" if self.act_bits is not None else ""

@@ -134,6 +134,9 @@ class Int4PackCPUKernel(Kernel):
             return f"out_features={spec.out_features} is not a multiple of 16"
         if spec.scale_dtype != torch.bfloat16:
             return f"needs bfloat16 scales (scale_dtype={spec.scale_dtype} would be rounded)"
+        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
+            # The "int"/"min" zero-point modes keep exact float32 zero points; this layout holds bf16.
+            return f"needs bfloat16 zero points (zero_point={spec.format.options().get('zero_point')!r} keeps float32)"
         if int4_kernel_group(spec.group_size) is None:
             return f"group_size={spec.group_size} is not a multiple of 32"
         return None

@@ -48,6 +48,9 @@ class Int8PackCPUKernel(Kernel):
             return "needs one scale per output row (group_size=None); groupwise int8 has no CPU kernel"
         if spec.scale_dtype != torch.bfloat16:
             return f"needs bfloat16 scales (scale_dtype={spec.scale_dtype} would be rounded)"
+        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
+            # The "int"/"min" zero-point modes keep exact float32 zero points; this layout holds bf16.
+            return f"needs bfloat16 zero points (zero_point={spec.format.options().get('zero_point')!r} keeps float32)"
         return None
 
     def to_runtime(self, spec: KernelSpec, canonical: Tensors) -> Tensors:

@@ -138,7 +138,13 @@ class MethodConfig:
         head: Dict[str, Any] = {"method": self.name}
         if self.VERSION != 1:
             head[VERSION_KEY] = self.VERSION
-        return {**head, **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        # A field added later whose default means "as before" (metadata omit_if_default) is written
+        # only when set, so the dicts of configs that do not use it stay exactly as they were.
+        for field in dataclasses.fields(self):
+            if field.metadata.get("omit_if_default") and fields.get(field.name) == field.default:
+                del fields[field.name]
+        return {**head, **fields}
 
     @classmethod
     def read_options(cls, data: Mapping[str, Any]) -> Dict[str, Any]:

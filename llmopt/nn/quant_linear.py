@@ -116,7 +116,7 @@ class QuantLinear(CompressedLinear):
             "scale": torch.ones(out_features, g, dtype=self.scale_dtype, device=device),
         }
         if self.format.has_zero_point:
-            canonical["zero_point"] = torch.zeros(out_features, g, dtype=self.scale_dtype, device=device)
+            canonical["zero_point"] = torch.zeros(out_features, g, dtype=self.zero_point_dtype, device=device)
         if input_scale:
             self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
@@ -210,6 +210,11 @@ class QuantLinear(CompressedLinear):
         return self.kernel_spec.scale_dtype
 
     @property
+    def zero_point_dtype(self) -> torch.dtype:
+        """dtype of the stored zero points: ``scale_dtype``, or float32 for the "int"/"min" zero-point modes."""
+        return self.kernel_spec.zero_point_dtype
+
+    @property
     def act_bits(self) -> Optional[int]:
         """Bits activations are quantized to per token (W8A8: 8), or ``None``."""
         return self.kernel_spec.act_bits
@@ -261,9 +266,9 @@ class QuantLinear(CompressedLinear):
         if canonical["qdata"].dtype != torch.uint8:
             raise TypeError(f"qdata must be uint8, got {canonical['qdata'].dtype}")
         canonical = dict(canonical)
-        for name in ("scale", "zero_point"):
-            if name in canonical:
-                canonical[name] = canonical[name].to(self.scale_dtype)
+        canonical["scale"] = canonical["scale"].to(self.scale_dtype)
+        if "zero_point" in canonical:
+            canonical["zero_point"] = canonical["zero_point"].to(self.zero_point_dtype)
         requested = self.requested_kernel if kernel is None else kernel
         device = canonical["qdata"].device
         # Validate the kernel before touching any state, so a refused kernel leaves the layer intact.
@@ -284,11 +289,9 @@ class QuantLinear(CompressedLinear):
 
     def _stored_weight_bytes(self) -> int:
         # From shapes alone: converting a kernel layout back just to count bytes would be wasteful.
-        scale_bytes = torch.empty((), dtype=self.scale_dtype).element_size()
-        total = 0
-        for name, shape in self._expected_shapes().items():
-            total += shape[0] * shape[1] * (1 if name == "qdata" else scale_bytes)
-        return total
+        sizes = {"qdata": 1, "scale": torch.empty((), dtype=self.scale_dtype).element_size(),
+                 "zero_point": torch.empty((), dtype=self.zero_point_dtype).element_size()}
+        return sum(shape[0] * shape[1] * sizes[name] for name, shape in self._expected_shapes().items())
 
     def stored_bytes(self) -> int:
         """Bytes of the canonical stored form (codes, parameters, bias), as written by ``save``."""

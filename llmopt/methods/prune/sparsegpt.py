@@ -144,7 +144,8 @@ def sparsegpt_prune(
         gs = resolve_group_size(group_size, k)
         g_count = num_groups(k, gs)
         scale = torch.empty(n, g_count, 1, dtype=scale_dtype, device=device)
-        zero = torch.empty(n, g_count, 1, dtype=scale_dtype, device=device) if fmt.has_zero_point else None
+        zero = (torch.empty(n, g_count, 1, dtype=fmt.zero_point_dtype(scale_dtype), device=device)
+                if fmt.has_zero_point else None)
         # float32 copies of the stored (rounded) parameters of the group being swept, as [N, 1, 1]
         current: Dict[str, Optional[Tensor]] = {"scale": None, "zero": None}
         codes_t = torch.empty(k, n, dtype=torch.uint8, device=device)
@@ -177,10 +178,11 @@ def sparsegpt_prune(
         if (z is not None) != fmt.has_zero_point:
             raise ValueError(f"format {fmt!r}: choose_params returned zero_point={z is not None} but "
                              f"has_zero_point={fmt.has_zero_point}")
-        scale[:, g] = s.reshape(n, 1).to(scale_dtype)
+        s, z = fmt.finalize_params(s, z, scale_dtype)  # as stored
+        scale[:, g] = s.reshape(n, 1)
         current["scale"] = scale[:, g].to(torch.float32).view(n, 1, 1)
         if z is not None:
-            zero[:, g] = z.reshape(n, 1).to(scale_dtype)
+            zero[:, g] = z.reshape(n, 1)
             current["zero"] = zero[:, g].to(torch.float32).view(n, 1, 1)
 
     def process_block(block: ObsBlock):

@@ -104,7 +104,8 @@ def gptq_quantize(
     # Parameters as stored ([N, G, 1] in scale_dtype) and their float32 values laid out [G, N, 1, 1], so
     # the parameters of one group are a contiguous [N, 1, 1] "one group of one column" for the format.
     scale = torch.empty(n, g_count, 1, dtype=scale_dtype, device=device)
-    zero = torch.empty(n, g_count, 1, dtype=scale_dtype, device=device) if fmt.has_zero_point else None
+    zero = (torch.empty(n, g_count, 1, dtype=fmt.zero_point_dtype(scale_dtype), device=device)
+            if fmt.has_zero_point else None)
     scale32 = torch.empty(g_count, n, 1, 1, dtype=torch.float32, device=device)
     zero32 = torch.empty(g_count, n, 1, 1, dtype=torch.float32, device=device) if fmt.has_zero_point else None
 
@@ -115,10 +116,11 @@ def gptq_quantize(
         if (z is not None) != fmt.has_zero_point:
             raise ValueError(f"format {fmt!r}: choose_params returned zero_point={z is not None} but "
                              f"has_zero_point={fmt.has_zero_point}")
-        scale[:, first:last] = s.to(scale_dtype)
+        s, z = fmt.finalize_params(s, z, scale_dtype)  # as stored: the grid the error feedback sees
+        scale[:, first:last] = s
         scale32[first:last] = scale[:, first:last].to(torch.float32).transpose(0, 1).unsqueeze(-1)
         if z is not None:
-            zero[:, first:last] = z.to(scale_dtype)
+            zero[:, first:last] = z
             zero32[first:last] = zero[:, first:last].to(torch.float32).transpose(0, 1).unsqueeze(-1)
 
     if static:
