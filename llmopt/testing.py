@@ -169,14 +169,20 @@ def _check_format_on(fmt: WeightFormat, weight: Tensor, group_size: Optional[int
 
 # ------------------------------------------------------------------------------------------ kernels
 def format_variants(name: str) -> List[WeightFormat]:
-    """The registered format ``name``, plus its other ``symmetric`` setting when it has that option
-    (``int4`` -> asymmetric and symmetric int4): the variants a kernel contract is checked on."""
+    """The registered format ``name``, plus its other ``symmetric`` setting and its "int"/"min" zero-point
+    modes when it has those options (``int4`` -> asymmetric, symmetric, zero_point="int" and "min"):
+    the variants a kernel contract is checked on."""
     fmt = get_format(name)
     variants = [fmt]
     try:
         variants.append(get_format(name, symmetric=not getattr(fmt, "symmetric", False)))
     except ValueError:  # no symmetric option (codebook and float formats), or not for these bits
         pass
+    for mode in ("int", "min"):  # the affine formats' other zero-point modes (exact float32 zero points)
+        try:
+            variants.append(get_format(name, zero_point=mode))
+        except ValueError:
+            pass
     return variants
 
 

@@ -134,9 +134,6 @@ class Int4PackCPUKernel(Kernel):
             return f"out_features={spec.out_features} is not a multiple of 16"
         if spec.scale_dtype != torch.bfloat16:
             return f"needs bfloat16 scales (scale_dtype={spec.scale_dtype} would be rounded)"
-        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
-            # The "int"/"min" zero-point modes keep exact float32 zero points; this layout holds bf16.
-            return f"needs bfloat16 zero points (zero_point={spec.format.options().get('zero_point')!r} keeps float32)"
         if int4_kernel_group(spec.group_size) is None:
             return f"group_size={spec.group_size} is not a multiple of 32"
         return None
@@ -161,7 +158,12 @@ class Int4PackCPUKernel(Kernel):
         zero = canonical.get("zero_point")
         zero = torch.zeros_like(scale) if zero is None else zero.to(torch.bfloat16)
         scale_and_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)
-        return {"qdata": packed, "scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
+        runtime = {"qdata": packed, "scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
+        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
+            # "int"/"min" zero-point modes: the kernel computes with the bf16 rounding of the zero point
+            # (like its bf16 activations); the exact float32 values are kept for the stored form.
+            runtime["zero_point"] = canonical["zero_point"].to(spec.zero_point_dtype).contiguous()
+        return runtime
 
     def to_canonical(self, spec: KernelSpec, runtime: Tensors) -> Tensors:
         fmt = spec.format
@@ -173,7 +175,9 @@ class Int4PackCPUKernel(Kernel):
             "qdata": pack_codes(codes.to(torch.uint8), fmt.bits),
             "scale": sz[..., 0].to(spec.scale_dtype).contiguous(),
         }
-        if fmt.has_zero_point:
+        if "zero_point" in runtime:
+            out["zero_point"] = runtime["zero_point"].clone()
+        elif fmt.has_zero_point:
             out["zero_point"] = sz[..., 1].to(spec.scale_dtype).contiguous()
         return out
 
@@ -189,7 +193,11 @@ class Int4PackCPUKernel(Kernel):
         codes = unpack_int4_cpu(runtime["qdata"], n, k_pad)
         kernel_group = int4_kernel_group(spec.group_size)
         sz = runtime["scale_and_zero"].transpose(0, 1).to(torch.float32)  # [N, G', 2]
-        values = (codes.view(n, -1, kernel_group).to(torch.float32) - 8) * sz[..., :1] + sz[..., 1:]
+        zero = sz[..., 1:]
+        if "zero_point" in runtime:  # exact float32 zero points ("int"/"min" modes)
+            repeat = spec.group_size // kernel_group
+            zero = runtime["zero_point"].to(torch.float32).repeat_interleave(repeat, dim=1).unsqueeze(-1)
+        values = (codes.view(n, -1, kernel_group).to(torch.float32) - 8) * sz[..., :1] + zero
         return values.view(n, k_pad)[:, : spec.in_features].to(dtype)
 
     def forward(self, spec: KernelSpec, runtime: Tensors, x: Tensor, bias: Optional[Tensor]) -> Tensor:
