@@ -120,29 +120,36 @@ def _integer_zero_point(name: str, layer: QuantLinear, requantize: bool,
                         report: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
     """``(codes [N, K] uint8, signed integer zero point [N, G] int64)`` of an asymmetric layer.
 
-    Exact when ``-zero_point / scale`` is an integer in ``[-mid, mid - 1]`` for every group; otherwise
-    ExportError, or with ``requantize`` the zero point is rounded onto the integer grid and the codes
-    re-rounded against it (the added error goes into ``report``)."""
+    Accepted when ``-zero_point / scale`` is an integer ``zp`` in ``[-mid, mid - 1]`` for every group,
+    i.e. when llmopt's zero point is ``-zp * scale`` as stored in the zero point's dtype (exactly, or
+    rounded to that dtype when the product needs more mantissa bits than it has: the report's
+    ``zero_point_rounding`` gives the largest such difference, 0 when exact). Otherwise ExportError,
+    or with ``requantize`` the zero point is rounded onto the integer grid and the codes re-rounded
+    against it (the added error goes into the report's ``requantized``)."""
     mid = layer.format.mid
     state = layer.canonical_state()
     scale = state["scale"].to(torch.float64)
-    zero = state["zero_point"].to(torch.float64)
+    stored = state["zero_point"]
+    zero = stored.to(torch.float64)
     ratio = -zero / scale
     zp = ratio.round().clamp(-mid, mid - 1)
-    exact = (-zp * scale) == zero
+    exact_zero = -zp * scale
+    ok = exact_zero.to(stored.dtype).to(torch.float64) == zero
     codes = layer.codes()
-    if bool(exact.all()):
+    if bool(ok.all()):
+        gap = float((exact_zero - zero).abs().max())
+        report["zero_point_rounding"] = max(report.get("zero_point_rounding", 0.0), gap)
         return codes, zp.to(torch.int64)
-    bad = int((~exact).sum())
+    bad = int((~ok).sum())
     if not requantize:
         raise ExportError(
-            f"{name}: {bad} of {exact.numel()} zero points are not on the integer grid "
-            f"(-zero_point/scale = {float(ratio[~exact][0]):.6g}, ...); compressed-tensors stores an integer "
+            f"{name}: {bad} of {ok.numel()} zero points are not on the integer grid "
+            f"(-zero_point/scale = {float(ratio[~ok][0]):.6g}, ...); compressed-tensors stores an integer "
             "zero point. Quantize with an integer zero point, or pass requantize=True to round it "
             "(adds error, reported)")
     n, k = codes.shape
     g = layer.group_size
-    weight = layer.dequantize_weight(torch.float64) if layer.input_scale is None else None
+    weight = layer.dequantize_weight(torch.float64)
     scale_full = scale.repeat_interleave(g, dim=1)[:, :k]
     zp_full = zp.repeat_interleave(g, dim=1)[:, :k]
     q = (weight / scale_full + zp_full).round().clamp(-mid, mid - 1)
@@ -253,7 +260,8 @@ def export_compressed_tensors(
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     directory = os.fspath(directory)
-    report: Dict[str, Any] = {"directory": directory, "quantized": {}, "ignore": [], "requantized": []}
+    report: Dict[str, Any] = {"directory": directory, "quantized": {}, "ignore": [], "requantized": [],
+                              "zero_point_rounding": 0.0}
 
     quantized: Dict[str, QuantLinear] = {}
     schemes: Dict[Tuple[int, bool, Optional[int]], List[str]] = {}
@@ -408,14 +416,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def _zero_point_float(zp_signed: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
     """``(scale, zero_point)`` for llmopt from a signed integer zero point (``w = (q - zp) * s``):
     ``zero_point = -zp * s``, in the scale's dtype when that holds it exactly, else both in float32
-    (exact: a float16/bfloat16 scale times a <= 9-bit integer fits float32's 24-bit mantissa)."""
+    (exact for a float16/bfloat16 scale: its mantissa times a <= 9-bit integer fits float32's 24 bits;
+    a float32 scale's product is rounded to float32, the nearest llmopt can store)."""
     zero64 = -zp_signed.to(torch.float64) * scale.to(torch.float64)
     for dtype in (scale.dtype, torch.float32):
         zero = zero64.to(dtype)
         if torch.equal(zero.to(torch.float64), zero64) and torch.equal(scale.to(dtype).to(torch.float64),
                                                                          scale.to(torch.float64)):
             return scale.to(dtype), zero
-    raise LoadError("zero point times scale is not exactly representable in float32")
+    dtype = scale.dtype if scale.dtype in (torch.float32, torch.float64) else torch.float32
+    return scale.to(dtype), zero64.to(dtype)
 
 
 def _finish(model: nn.Module, tensors: Dict[str, Tensor], used: set, source: str, device: Union[str, torch.device],
