@@ -28,7 +28,6 @@ the ``compressed-tensors`` package (the ``export`` extra).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -147,7 +146,7 @@ def _integer_zero_point(name: str, layer: QuantLinear, requantize: bool,
             f"(-zero_point/scale = {float(ratio[~ok][0]):.6g}, ...); compressed-tensors stores an integer "
             "zero point. Quantize with an integer zero point, or pass requantize=True to round it "
             "(adds error, reported)")
-    n, k = codes.shape
+    k = codes.shape[1]
     g = layer.group_size
     weight = layer.dequantize_weight(torch.float64)
     scale_full = scale.repeat_interleave(g, dim=1)[:, :k]
@@ -441,7 +440,8 @@ def _finish(model: nn.Module, tensors: Dict[str, Tensor], used: set, source: str
                 continue
             t = tensors[key]
             if tuple(t.shape) != tuple(p.shape):
-                raise LoadError(f"{source}: {key} has shape {tuple(t.shape)}, the architecture expects {tuple(p.shape)}")
+                raise LoadError(f"{source}: {key} has shape {tuple(t.shape)}, the architecture expects "
+                                f"{tuple(p.shape)}")
             module._parameters[leaf] = nn.Parameter(t.to(p.dtype if p.dtype.is_floating_point else t.dtype),
                                                     requires_grad=p.requires_grad)
             used.add(key)

@@ -82,7 +82,7 @@ def symmetric_export(tmp_path_factory):
 def test_export_config_is_the_compressed_tensors_spec(symmetric_export):
     from compressed_tensors.quantization import QuantizationConfig
 
-    model, directory, report = symmetric_export
+    _, directory, report = symmetric_export
     with open(os.path.join(directory, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
     parsed = QuantizationConfig.model_validate(qc)
@@ -162,11 +162,14 @@ def test_bf16_model_bf16_scales_bit_identical(tmp_path):
     assert all(m.scale_dtype == torch.bfloat16 for m in _quant_layers(loaded).values())
 
 
-def _integer_zero_points_(model):
-    """Replace every asymmetric QuantLinear by one whose zero point lies on the integer grid."""
+def _integer_zero_points_(model, short_scales):
+    """Replace every asymmetric QuantLinear by one whose zero point lies on the integer grid. With
+    ``short_scales`` the (float32) scales are bfloat16 values, so ``-zp * scale`` is exact in float32."""
     for name, layer in list(_quant_layers(model).items()):
         state = layer.canonical_state()
         scale = state["scale"].float()
+        if short_scales:
+            scale = scale.to(torch.bfloat16).float()
         zp = (-state["zero_point"].double() / scale.double()).round().clamp(-layer.format.mid, layer.format.mid - 1)
         new = QuantLinear.from_codes(layer.codes(), scale, (-zp * scale.double()).float(), format=layer.format,
                                      group_size=layer.group_size, dtype=layer.weight_dtype)
@@ -174,12 +177,15 @@ def _integer_zero_points_(model):
         setattr(model.get_submodule(parent), leaf, new)
 
 
-def test_asymmetric_integer_zero_point_is_exact(tmp_path):
+@pytest.mark.parametrize("short_scales", [True, False])
+def test_asymmetric_integer_zero_point_is_exact(tmp_path, short_scales):
     model = _model()
     llmopt.compress_(model, llmopt.RTN("int4", 32, scale_dtype="float32"), exclude=["lm_head"])
-    _integer_zero_points_(model)
+    _integer_zero_points_(model, short_scales)
     report = export_compressed_tensors(model, tmp_path)
     assert report["requantized"] == [] and set(report["quantized"].values()) == {"int4 g32 asym"}
+    # llmopt's float32 zero point is -zp * scale exactly, or that product rounded to float32 (~1 ulp)
+    assert (report["zero_point_rounding"] == 0) if short_scales else (0 < report["zero_point_rounding"] < 1e-7)
     hf = _hf_load(tmp_path)
     for name, layer in _quant_layers(model).items():
         torch.testing.assert_close(hf.get_submodule(name).weight, layer.dequantize_weight(), rtol=1e-6, atol=1e-7)
@@ -290,7 +296,6 @@ def test_gptq_import_exact(tmp_path, bits, group, v2, sym):
             assert layer.scale_dtype == torch.float16
         else:  # zero_point = (mid - z) * scale held exactly: float32
             zp = layer.canonical_state()["zero_point"].double()
-            gs = layer.group_size
             assert torch.equal(zp, (layer.format.mid - zeros.double()) * scale.double())
         torch.testing.assert_close(layer.dequantize_weight(torch.float64), w, rtol=1e-7, atol=0)
     assert torch.isfinite(_logits(model)).all()
