@@ -159,6 +159,16 @@ def _integer_zero_point(name: str, layer: QuantLinear, requantize: bool,
     return (q + mid).to(torch.uint8), zp.to(torch.int64)
 
 
+def _file_scale(scale: Tensor, model_dtype: torch.dtype) -> Tensor:
+    """The scale as written: in the layer's float dtype when that holds every value exactly (the
+    compressed-tensors convention; its loader multiplies in the scale's dtype, so a bfloat16 scale on a
+    float32 model would round the products), else in llmopt's scale dtype unchanged."""
+    cast = scale.to(model_dtype)
+    if model_dtype.is_floating_point and torch.equal(cast.to(scale.dtype), scale) and bool(torch.isfinite(cast).all()):
+        return cast.contiguous()
+    return scale.contiguous()
+
+
 def _layer_tensors(name: str, layer: QuantLinear, requantize: bool, report: Dict[str, Any]) -> Dict[str, Tensor]:
     bits, symmetric, _ = _scheme_of(name, layer)
     state = layer.canonical_state()
@@ -168,7 +178,7 @@ def _layer_tensors(name: str, layer: QuantLinear, requantize: bool, report: Dict
         codes, zp = _integer_zero_point(name, layer, requantize, report)
     out = {
         f"{name}.weight_packed": _pack_rows(codes.cpu(), bits),
-        f"{name}.weight_scale": state["scale"].detach().cpu().contiguous(),
+        f"{name}.weight_scale": _file_scale(state["scale"].detach().cpu(), layer.weight_dtype),
         f"{name}.weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
     }
     if zp is not None:  # signed, stored offset by mid, packed along the output dim
@@ -238,7 +248,8 @@ def export_compressed_tensors(
 
     Every :class:`~llmopt.nn.QuantLinear` on an int2/int4/int8 grid (group or per-channel, symmetric
     or asymmetric) is written as ``weight_packed`` (int32, the codes, 32/bits per word),
-    ``weight_scale`` (llmopt's scale dtype, unchanged), ``weight_shape`` and, when asymmetric,
+    ``weight_scale`` (the same values, in the layer's float dtype when that holds them exactly, else in
+    llmopt's scale dtype), ``weight_shape`` and, when asymmetric,
     ``weight_zero_point`` (the signed integer zero point, packed along the output dim). Plain
     ``nn.Linear`` layers are written as float weights and listed in ``ignore``; every other
     tensor (embeddings, norms) as it is. One scheme gives one config group targeting ``"Linear"``;
