@@ -379,3 +379,24 @@ def test_bad_inputs(symmetric_export, tmp_path):
         {"metadata": {}, "weight_map": {"lm_head.weight": "link.safetensors"}}))
     with pytest.raises(LoadError, match="outside the directory"):
         load_compressed_tensors(work)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "hqq"])
+def test_integer_zero_point_mode_exports_exactly(tmp_path, method):
+    """``zero_point="int"`` (the quantizers' integer zero-point mode) makes asymmetric layers map onto
+    compressed-tensors without requantize: no zero-point rounding, weights bit-identical after
+    compressed-tensors/transformers decompress them, and import gives back the same codes."""
+    model = _model()
+    fields = dict(format="int4", group_size=32, scale_dtype="bfloat16", zero_point="int")
+    config = {"rtn": llmopt.RTN(**fields), "gptq": llmopt.GPTQ(**fields), "hqq": llmopt.HQQ(**fields)}[method]
+    calibration = [torch.randint(0, 512, (2, 16))] if config.needs_calibration else None
+    llmopt.compress_(model, config, calibration=calibration, exclude=["lm_head"])
+    report = export_compressed_tensors(model, tmp_path)
+    assert not report["requantized"]
+    assert report["zero_point_rounding"] == 0.0
+    hf = _hf_load(tmp_path)
+    for name, layer in _quant_layers(model).items():
+        assert torch.equal(hf.get_submodule(name).weight, layer.dequantize_weight()), name
+    loaded, _ = load_compressed_tensors(tmp_path)
+    for name, layer in _quant_layers(model).items():
+        assert torch.equal(loaded.get_submodule(name).codes(), layer.codes()), name

@@ -217,12 +217,11 @@ def hqq_quantize(
         parts.append(_optimize_rows(last, s32[:, -1], z32[:, -1], fmt, **opts).reshape(n, 1, 1))
         z32 = torch.cat(parts, dim=1)
 
-    zero_point = z32.to(scale_dtype)  # exact: every iterate was projected onto scale_dtype
-    if fmt.zero_point_dtype(scale_dtype) != scale_dtype:
-        # "int"/"min" zero-point modes: the optimised zero point, moved onto the mode's grid (its
-        # nearest integer zero point, or a minimum representable in scale_dtype) for storage.
-        scale, zero_point = fmt.finalize_params(s32, z32, scale_dtype)
-        s32 = scale.to(torch.float32)
+    # As stored: z32 in scale_dtype (exact, every iterate was projected onto it); in the "int"/"min"
+    # zero-point modes the optimised zero point moves onto the mode's grid (its nearest integer zero
+    # point, or a minimum representable in scale_dtype).
+    scale, zero_point = fmt.finalize_params(s32, z32, scale_dtype)
+    s32 = scale.to(torch.float32)
     codes = fmt.quantize(groups, s32, zero_point.to(torch.float32))
     codes = codes.reshape(n, -1)[:, :k].contiguous()
     return QuantizedWeight(
