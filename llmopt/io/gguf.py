@@ -123,9 +123,10 @@ class GGUFExportReport:
 
     @property
     def lossless(self) -> bool:
-        """Every quantized tensor written from llmopt's codes with exact parameters (nothing rounded)."""
-        return all(t.mode in ("exact", "float") and (t.mode == "exact" or t.max_abs_error == 0.0)
-                   for t in self.tensors)
+        """No quantized layer was rounded or re-quantized: each is written from llmopt's codes with exact
+        parameters (or, with ``fallback="f32"``, as its exact float32 weight). Float tensors written as
+        ``float_type`` f16/bf16 are a storage choice and do not count."""
+        return not self.requantized
 
     @property
     def requantized(self) -> List[GGUFTensorReport]:
