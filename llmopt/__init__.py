@@ -5,7 +5,7 @@ quantization (:class:`RTN`, :class:`HQQ`, :class:`GPTQ`, :class:`AWQ`, :class:`S
 :class:`QAT`), low rank (:class:`SVD`, :class:`QuantLowRank`, :class:`LoRA` adapters), pruning
 (:class:`Magnitude`, :class:`Wanda`, :class:`SparseGPT`, :class:`PruneChannels`, :class:`PruneHeads`),
 applied alone, in a list or in a :class:`Recipe`. Around it: :func:`save` / :func:`load`,
-:func:`save_pretrained` / :func:`load_pretrained`, :func:`export_compressed_tensors` /
+:func:`save_pretrained` / :func:`load_pretrained`, :func:`export_gguf` (llama.cpp), :func:`export_compressed_tensors` /
 :func:`load_quantized` (compressed-tensors and GPTQ checkpoints), :func:`memory_report`, :func:`allocate`, the LoRA
 verbs that are not compressions (:func:`merge_lora_`, :func:`unmerge_lora_`, :func:`save_adapters`,
 :func:`load_adapters`), the extension points (:class:`MethodConfig` / :func:`register_method`,
@@ -30,6 +30,7 @@ from .core.measure import memory_report  # noqa: E402
 from .core.scheme import WeightQuant  # noqa: E402
 from .io.adapters import load_adapters, save_adapters  # noqa: E402
 from .io.compressed_tensors import export_compressed_tensors, load_quantized  # noqa: E402
+from .io.gguf import export_gguf  # noqa: E402
 from .io.hf import load_pretrained, save_pretrained  # noqa: E402
 from .io.save import load, save  # noqa: E402
 from .kernels import list_kernels, register_kernel  # noqa: E402
@@ -61,7 +62,7 @@ from .pipeline.report import CompressionReport  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
-    "save_pretrained", "load_pretrained", "export_compressed_tensors", "load_quantized", "Recipe", "Stage",
+    "save_pretrained", "load_pretrained", "export_gguf", "export_compressed_tensors", "load_quantized", "Recipe", "Stage",
     "MethodConfig", "register_method", "list_methods",
     "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "SVD", "QuantLowRank", "LoRA",
     "Magnitude", "Wanda", "SparseGPT", "PruneChannels", "PruneHeads",
