@@ -5,6 +5,8 @@ memory and recipe, ``bench`` perplexity / decode speed / weight memory, and the 
 llmopt compress --model smollm2 --recipe recipe.yaml --calib calib.txt --out out/
 llmopt report out/ [--json]
 llmopt bench out/ --text eval.txt [--new-tokens 32] [--json]
+llmopt export out/ --to gguf --out model.gguf [--requantize]
+llmopt export out/ --to compressed-tensors --out ct/ [--requantize]
 llmopt demo
 ```
 
@@ -29,6 +31,8 @@ from .core.errors import CompressionError
 from .core.measure import memory_report
 from .demo import main as demo_main
 from .evaluate import decode_throughput, perplexity, weight_bytes
+from .io.compressed_tensors import export_compressed_tensors
+from .io.gguf import export_gguf
 from .io.hf import load_pretrained, save_pretrained
 from .io.save import MANIFEST_NAME, read_manifest
 from .models import load_causal_lm
@@ -278,10 +282,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- export
+EXPORT_TARGETS = ("gguf", "compressed-tensors")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a saved (or plain) model as GGUF (llama.cpp) or compressed-tensors (vLLM, transformers)."""
+    model, tokenizer, _manifest = _load_any(args.model)
+    if args.to == "gguf":
+        report = export_gguf(model, args.out, tokenizer=tokenizer, requantize=args.requantize,
+                             float_type=args.float_type)
+    else:
+        report = export_compressed_tensors(model, args.out, tokenizer=tokenizer, requantize=args.requantize)
+    if args.json:
+        _print_json(report.to_dict() if hasattr(report, "to_dict") else report)
+    else:
+        print(report)
+        print(f"wrote {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmopt", description="LLM compression: compress, report, bench.")
-    sub = parser.add_subparsers(dest="command", metavar="{compress,report,bench,demo}")
+    parser = argparse.ArgumentParser(prog="llmopt", description="LLM compression: compress, report, bench, export.")
+    sub = parser.add_subparsers(dest="command", metavar="{compress,report,bench,export,demo}")
 
     p = sub.add_parser("compress", help="apply a recipe to a model and save it",
                        description="Apply a recipe (YAML/JSON) to a causal LM, calibrating on a text file, "
@@ -314,6 +338,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="dtype for an uncompressed model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a model as GGUF (llama.cpp) or compressed-tensors (vLLM)",
+                       description="Export a directory written by `llmopt compress` (or any model `bench` takes) "
+                                   "to GGUF or compressed-tensors, from llmopt's own codes; a layer that does not "
+                                   "map exactly is refused unless --requantize.")
+    p.add_argument("model", help="a compressed directory, a local HF model directory, a .gguf file or 'smollm2'")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target format")
+    p.add_argument("--out", required=True, help="output file (gguf) or directory (compressed-tensors)")
+    p.add_argument("--requantize", action="store_true",
+                   help="re-quantize layers that do not map exactly (the added error is reported)")
+    p.add_argument("--float-type", default="f16", choices=("f16", "bf16", "f32"),
+                   help="GGUF type of the tensors that stay float (default f16; norms are always f32)")
+    p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="a 10-second demo on a toy model", add_help=False)
     p.set_defaults(func=None)

@@ -211,3 +211,39 @@ def test_calibration_batches_cover_the_text():
     assert batches[0][0, 0] == 0 and batches[-1][0, -1] == 99
     assert [b.shape for b in calibration_batches(ids[:10], 3, 30)] == [(1, 10)] * 3  # short text: shorter windows
     assert len(calibration_batches(ids, 1, 30)) == 1
+
+
+def _saved_tiny(directory, **rtn):
+    model = speed_model("tiny", seed=0)
+    llmopt.compress_(model, llmopt.RTN("int4", 32, **rtn), exclude=["lm_head"])
+    llmopt.save_pretrained(model, directory)
+    return model
+
+
+def test_export_gguf_and_compressed_tensors(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    model = _saved_tiny(tmp_path / "sym", symmetric=True, scale_dtype="float16")
+    assert main(["export", str(tmp_path / "sym"), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_0"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "sym"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert report["ignore"] == ["lm_head"] and not report["requantized"]
+    loaded, _ = llmopt.load_quantized(tmp_path / "ct")
+    layer = model.model.layers[0].mlp.down_proj
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.codes(), layer.codes())
+
+
+def test_export_that_cannot_map_is_one_line_exit_2(tmp_path, capsys):
+    _saved_tiny(tmp_path / "asym")  # float zero points: neither Q4_1 (bf16 min) nor compressed-tensors maps them
+    for target, out in (("gguf", "a.gguf"), ("compressed-tensors", "ct")):
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "asym"), "--to", target, "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("llmopt export: error:") and "requantize" in err[0], err
+        assert not (tmp_path / out).exists()
+    assert main(["export", str(tmp_path / "asym"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                 "--requantize"]) == 0

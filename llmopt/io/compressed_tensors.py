@@ -144,8 +144,8 @@ def _integer_zero_point(name: str, layer: QuantLinear, requantize: bool,
         raise ExportError(
             f"{name}: {bad} of {ok.numel()} zero points are not on the integer grid "
             f"(-zero_point/scale = {float(ratio[~ok][0]):.6g}, ...); compressed-tensors stores an integer "
-            "zero point. Quantize with an integer zero point, or pass requantize=True to round it "
-            "(adds error, reported)")
+            "zero point. Quantize with an integer zero point (zero_point='int' in RTN/GPTQ/AWQ/HQQ), or pass "
+            "requantize=True to round it (adds error, reported)")
     k = codes.shape[1]
     g = layer.group_size
     weight = layer.dequantize_weight(torch.float64)
