@@ -204,9 +204,10 @@ def _errors(reference: Tensor, written: np.ndarray) -> Tuple[float, float]:
     return float(diff.max()), float(diff.mean(dtype=torch.float64))
 
 
-def _blocks(values: Tensor, group_size: int) -> Tensor:
-    """Per-group ``[N, G]`` -> per-block ``[N, K/32]`` (each group split into 32-blocks)."""
-    return values.repeat_interleave(group_size // BLOCK, dim=1)
+def _blocks(values: Tensor, group_size: int, in_features: int) -> Tensor:
+    """Per-group ``[N, G]`` -> per-block ``[N, K/32]`` (each group split into 32-blocks; a last, narrower
+    group, when ``group_size`` does not divide ``K``, gives fewer blocks)."""
+    return values.repeat_interleave(group_size // BLOCK, dim=1)[:, :in_features // BLOCK]
 
 
 def _f16_bytes(values: Tensor) -> np.ndarray:
@@ -241,6 +242,7 @@ class _Options:
     float_type: str
     requantize: bool
     fallback: Optional[str]
+    quantize_float: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -308,6 +310,9 @@ class _Writer:
         elif isinstance(module, CompressedLinear):
             self._fallback(name, source, perm(module.dequantize_weight(torch.float32)),
                            f"{type(module).__name__} ({module.describe()}) has no GGUF type")
+        elif isinstance(module, nn.Linear) and self.options.quantize_float:
+            self.add_requantized(name, source, perm(module.weight.detach()), self.options.quantize_float,
+                                 "float layer quantized by gguf-py (quantize_float)")
         elif isinstance(module, nn.Linear):
             self.add_float(name, source, perm(module.weight.detach()), self.options.float_type)
         else:
@@ -354,8 +359,8 @@ class _Writer:
                     f"scale_dtype='float16' (llmopt.io.gguf.gguf_scheme('{kind}')), or pass requantize=True to round "
                     "the parameters to fp16 (codes kept; the added error is reported)")
             mode, note = "rounded", f"{what} rounded to fp16, codes kept"
-        d_blocks = _blocks(scale, layer.group_size)
-        m_blocks = _blocks(m, layer.group_size) if m is not None else None
+        d_blocks = _blocks(scale, layer.group_size, layer.in_features)
+        m_blocks = _blocks(m, layer.group_size, layer.in_features) if m is not None else None
         data = _quant_bytes(kind, codes, d_blocks, m_blocks)
         qt = self.qtype(kind)
         self.writer.add_tensor(name, data, raw_dtype=qt)
@@ -384,6 +389,8 @@ def _unmappable(layer: QuantLinear) -> Optional[str]:
         return f"int{fmt.bits} ({desc}) has no GGUF block type (Q4_0/Q4_1: 4 bits, Q8_0: 8 bits)"
     if layer.group_size % BLOCK:
         return f"group size {layer.group_size} ({desc}) is not a multiple of the GGUF block of {BLOCK}"
+    if layer.in_features % BLOCK:
+        return f"in_features {layer.in_features} ({desc}) is not a multiple of the GGUF block of {BLOCK}"
     if layer.input_scale is not None:
         return f"an input scale ({desc} +input-scale) multiplies each column, which GGUF blocks cannot hold"
     return None
@@ -501,6 +508,7 @@ def export_gguf(
     fallback: Optional[str] = None,
     tokenizer_pre: Optional[str] = None,
     name: Optional[str] = None,
+    quantize_float: Optional[str] = None,
 ) -> GGUFExportReport:
     """Write a Llama-family ``*ForCausalLM`` (float or quantized by llmopt) as a GGUF file llama.cpp runs.
 
@@ -519,6 +527,10 @@ def export_gguf(
             ``"f16"`` / ``"bf16"`` (the dequantized weight as float, allowed without ``requantize``).
         tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers.
         name: ``general.name`` (default: the config's ``_name_or_path`` if any).
+        quantize_float: quantize the float ``nn.Linear`` layers (projections, an untied float
+            ``lm_head``) with gguf-py to this type (``"q4_0"``, ``"q4_1"``, ``"q8_0"``), as llama.cpp's
+            own conversion would: the baseline llmopt's methods are compared with. Embeddings stay
+            ``float_type``. Their error is in the report (mode ``"requantized"``).
 
     Returns a :class:`GGUFExportReport`; raises :class:`GGUFExportError` naming the layer when a
     layer cannot be written as asked (nothing is written then).
@@ -534,6 +546,10 @@ def export_gguf(
                              f"got {fallback!r}")
         if fallback in GGUF_QUANT_TYPES and not requantize:
             raise ValueError(f"fallback={fallback!r} re-quantizes: pass requantize=True as well")
+    if quantize_float is not None:
+        quantize_float = quantize_float.lower()
+        if quantize_float not in GGUF_QUANT_TYPES:
+            raise ValueError(f"quantize_float must be one of {list(GGUF_QUANT_TYPES)} or None, got {quantize_float!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _ARCHITECTURES:
@@ -552,7 +568,7 @@ def export_gguf(
     report = GGUFExportReport(path=path, architecture=arch, file_type="")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        out = _Writer(gguf, writer, _Options(float_type, bool(requantize), fallback), report)
+        out = _Writer(gguf, writer, _Options(float_type, bool(requantize), fallback, quantize_float), report)
         with torch.no_grad():
             embed = base.embed_tokens
             out.add_float("token_embd.weight", "model.embed_tokens", embed.weight, float_type)

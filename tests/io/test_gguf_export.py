@@ -334,7 +334,7 @@ def test_block_layout_any_shape(tmp_path_factory, n, blocks, group_blocks, bits,
     from llmopt.io.gguf import _Options, _Writer, GGUFExportReport
 
     k = 32 * blocks
-    group = k if group_blocks == 0 or k % (32 * group_blocks) else 32 * group_blocks
+    group = k if group_blocks == 0 or 32 * group_blocks > k else 32 * group_blocks  # may leave a narrower last group
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=False)
     layer = QuantLinear.from_linear(lin, f"int{bits}", group, symmetric=True, scale_dtype=torch.float16)
@@ -370,3 +370,15 @@ def test_smollm2_q4_0(tmp_path):
     torch.testing.assert_close(logits(model, ids), logits(loaded, ids), atol=2e-4, rtol=1e-4)
     loaded_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="smol.gguf")
     assert loaded_tok("Hello world 2024!").input_ids == tok("Hello world 2024!").input_ids
+
+
+def test_quantize_float_is_gguf_py(tmp_path):
+    """quantize_float: the float projections quantized by gguf-py itself (the llama.cpp-convert baseline)."""
+    model = tiny_llama()
+    path = str(tmp_path / "m.gguf")
+    report = export_gguf(model, path, quantize_float="q4_0", float_type="f32")
+    assert report.types() == {"Q4_0": 15, "F32": 6} and report.requantized
+    _, tensors = read_tensors(path)
+    w = expected(model, 1, "k_proj").detach()
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    assert (tensors["blk.1.attn_k.weight"].data == ref).all()
