@@ -198,10 +198,11 @@ def _fp16_exact(x: Tensor) -> bool:
 
 
 def _errors(reference: Tensor, written: np.ndarray) -> Tuple[float, float]:
-    diff = (reference.to(torch.float32) - torch.from_numpy(np.ascontiguousarray(written, dtype=np.float32))).abs()
+    written_t = torch.from_numpy(np.asarray(written, dtype=np.float32)).reshape(reference.shape)
+    diff = torch.sub(written_t, reference.to(torch.float32)).abs_()  # a new tensor: never the data written
     if diff.numel() == 0:
         return 0.0, 0.0
-    return float(diff.max()), float(diff.mean(dtype=torch.float64))
+    return float(diff.max()), float(diff.mean())
 
 
 def _blocks(values: Tensor, group_size: int, in_features: int) -> Tensor:
@@ -458,8 +459,13 @@ def _add_tokenizer(writer, gguf, tokenizer, n_vocab: int, tokenizer_pre: Optiona
         tokenizer.save_pretrained(tmp)
         path = Path(tmp)
         vocab = None
+        detected_pre = None
         if (path / "tokenizer.json").is_file():
-            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+            spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+            model = spec.get("model") or {}
+            split = spec.get("pre_tokenizer") or {}
+            if split.get("type") == "ByteLevel" and split.get("use_regex", True):
+                detected_pre = "gpt-2"  # GPT-2's own split regex: llama.cpp's "gpt-2" is the same
             if model.get("type") == "BPE" and not model.get("byte_fallback", False):
                 vocab = gguf.vocab.BpeVocab(path)
             elif model.get("type") == "BPE":
@@ -482,10 +488,11 @@ def _add_tokenizer(writer, gguf, tokenizer, n_vocab: int, tokenizer_pre: Optiona
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
         if vocab.tokenizer_model == "gpt2":
-            writer.add_tokenizer_pre(tokenizer_pre or "default")
-            if tokenizer_pre is None:
-                report.notes.append("tokenizer.ggml.pre written as 'default' (llama.cpp's GPT-2 split); pass "
-                                    "tokenizer_pre= (e.g. 'smollm', 'llama-bpe', 'qwen2') to match the original")
+            writer.add_tokenizer_pre(tokenizer_pre or detected_pre or "default")
+            if tokenizer_pre is None and detected_pre is None:
+                report.notes.append("tokenizer.ggml.pre written as 'default' (the pre-tokenizer is not plain GPT-2 "
+                                    "byte-level); pass tokenizer_pre= (llama.cpp's name: 'llama-bpe', 'qwen2', "
+                                    "'smollm', ...) so llama.cpp splits text as the original does")
         elif tokenizer_pre:
             writer.add_tokenizer_pre(tokenizer_pre)
         writer.add_token_list(tokens)
@@ -525,7 +532,9 @@ def export_gguf(
         fallback: the type for layers with no exact GGUF type: ``"q4_0"``, ``"q4_1"``, ``"q8_0"``
             (re-quantization, needs ``requantize=True``; the default then is ``"q8_0"``), or ``"f32"`` /
             ``"f16"`` / ``"bf16"`` (the dequantized weight as float, allowed without ``requantize``).
-        tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers.
+        tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers; by
+            default ``"gpt-2"`` when the tokenizer splits with GPT-2's byte-level regex alone, else
+            ``"default"`` (with a note in the report).
         name: ``general.name`` (default: the config's ``_name_or_path`` if any).
         quantize_float: quantize the float ``nn.Linear`` layers (projections, an untied float
             ``lm_head``) with gguf-py to this type (``"q4_0"``, ``"q4_1"``, ``"q8_0"``), as llama.cpp's

@@ -288,7 +288,7 @@ def test_qwen2(tmp_path, tokenizer):
 def test_metadata_and_tokenizer_round_trip(tmp_path, tokenizer):
     model = quantize(tiny_llama(), **gguf_scheme("q4_0", 32).to_dict())
     path = str(tmp_path / "m.gguf")
-    report = export_gguf(model, path, tokenizer=tokenizer, tokenizer_pre="default", name="tiny")
+    report = export_gguf(model, path, tokenizer=tokenizer, name="tiny")
     assert report.tokenizer == "gpt2" and report.file_type == "q4_0"
     reader = gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.t")}
@@ -299,7 +299,7 @@ def test_metadata_and_tokenizer_round_trip(tmp_path, tokenizer):
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.rope.dimension_count"] == 32 and fields["llama.vocab_size"] == 384
     assert fields["llama.rope.freq_base"] == pytest.approx(model.config.rope_parameters["rope_theta"])
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "default"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"  # detected
     assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -382,3 +382,26 @@ def test_quantize_float_is_gguf_py(tmp_path):
     w = expected(model, 1, "k_proj").detach()
     ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
     assert (tensors["blk.1.attn_k.weight"].data == ref).all()
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+@pytest.mark.parametrize("kind", ["float", "q4_0", "q4_1"])
+def test_llama_cpp_runs_the_file(tmp_path, tokenizer, kind):
+    """llama.cpp itself (llama-cpp-python, when installed): same logits up to its activation quantization
+    (quantized dot products round activations to 8 bits: ~1e-2 on logits of ~1), same tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    model = tiny_llama()
+    if kind != "float":
+        quantize(model, **gguf_scheme(kind, 64).to_dict())
+    path = str(tmp_path / "m.gguf")
+    export_gguf(model, path, tokenizer=tokenizer, float_type="f32", requantize=True)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(IDS)
+    theirs = torch.from_numpy(np.asarray(llm.scores[:len(IDS)], dtype=np.float32))
+    ours = logits(model, IDS)
+    torch.testing.assert_close(theirs, ours, atol=1e-3 if kind == "float" else 3e-2, rtol=0)
+    for text in ["the quick brown fox, hello 12345!", "Hello World 2024... it's   fine\n\nyes?"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            tokenizer(text, add_special_tokens=False).input_ids
