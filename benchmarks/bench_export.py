@@ -140,15 +140,13 @@ def llama_cpp_measure(path: str, ids: torch.Tensor, window: int, decode_new: int
         scored += len(chunk) - 1
     out: Dict[str, Any] = {"ppl_llama_cpp": math.exp(nll / scored)}
     llm.reset()
-    prompt = tokens[:32]
-    llm.eval(prompt)
-    t0 = time.perf_counter()
-    generated = 0
-    for token in llm.generate(prompt, temp=0.0, reset=False):
-        generated += 1
-        if generated >= decode_new:
+    # Greedy decode; the clock starts at the first generated token (prefill excluded, as in llmopt.evaluate).
+    stamps = []
+    for _ in llm.generate(tokens[:32], temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) > decode_new:
             break
-    out["decode_tok_s_llama_cpp"] = generated / (time.perf_counter() - t0)
+    out["decode_tok_s_llama_cpp"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     del llm
     return out
 

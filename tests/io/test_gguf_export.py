@@ -405,3 +405,39 @@ def test_llama_cpp_runs_the_file(tmp_path, tokenizer, kind):
     for text in ["the quick brown fox, hello 12345!", "Hello World 2024... it's   fine\n\nyes?"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
             tokenizer(text, add_special_tokens=False).input_ids
+
+
+def byte_fallback_tokenizer():
+    """A Llama-2 / Mistral style byte-fallback BPE (tokenizer.ggml.model "llama"), trained in memory."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=340, special_tokens=special, show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world tokenizers"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_byte_fallback_tokenizer_round_trip(tmp_path):
+    tok = byte_fallback_tokenizer()
+    path = str(tmp_path / "m.gguf")
+    report = export_gguf(tiny_llama(), path, tokenizer=tok)
+    assert report.tokenizer == "llama" and not report.notes
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert len(reader.fields["tokenizer.ggml.scores"].contents()) == 384
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    texts = ["the quick brown fox", "hello world", "zebra \u00fc 42"]  # the last needs byte fallback
+    for text in texts:
+        assert loaded(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return
+    llm = Llama(model_path=path, vocab_only=True, verbose=False)
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False).input_ids
