@@ -535,14 +535,15 @@ def export_gguf(
         tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers; by
             default ``"gpt-2"`` when the tokenizer splits with GPT-2's byte-level regex alone, else
             ``"default"`` (with a note in the report).
-        name: ``general.name`` (default: the config's ``_name_or_path`` if any).
+        name: ``general.name`` (default: the last part of the config's ``_name_or_path``, if any).
         quantize_float: quantize the float ``nn.Linear`` layers (projections, an untied float
             ``lm_head``) with gguf-py to this type (``"q4_0"``, ``"q4_1"``, ``"q8_0"``), as llama.cpp's
             own conversion would: the baseline llmopt's methods are compared with. Embeddings stay
             ``float_type``. Their error is in the report (mode ``"requantized"``).
 
     Returns a :class:`GGUFExportReport`; raises :class:`GGUFExportError` naming the layer when a
-    layer cannot be written as asked (nothing is written then).
+    layer cannot be written as asked (nothing is written then). The converted tensors are held in
+    memory until the file is written (about the file's size on top of the model).
     """
     gguf = _gguf()
     float_type = float_type.lower()
@@ -611,7 +612,8 @@ def export_gguf(
         report.file_type = max(counts, key=counts.get) if counts else "f32"
         writer.add_file_type(_FILE_TYPES[report.file_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_name(name or getattr(config, "_name_or_path", "") or f"llmopt {model_type}")
+        source_name = os.path.basename(str(getattr(config, "_name_or_path", "") or "").rstrip("/\\"))
+        writer.add_name(name or source_name or f"llmopt {model_type}")  # never a local directory path
         _add_hparams(writer, gguf, config, arch, report)
         if tokenizer is not None:
             report.tokenizer = _add_tokenizer(writer, gguf, tokenizer, config.vocab_size, tokenizer_pre, report)
