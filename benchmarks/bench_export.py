@@ -11,13 +11,14 @@ and measured three ways:
 * **ppl llama.cpp** and **decode tok/s llama.cpp**: only if ``llama_cpp`` (llama-cpp-python) is
   importable: the same token windows evaluated by llama.cpp (``logits_all=True``), and greedy decode.
 
-Rows: RTN and GPTQ (and AWQ, HQQ unless ``--quick``) at int4 g32 fp16 scales -> Q4_0 (HQQ is
+Rows: RTN, GPTQ, AWQ and HQQ at int4 g32 fp16 scales -> Q4_0 (HQQ is
 asymmetric -> Q4_1 with its block minimum rounded to fp16); the float model quantized by gguf-py
 (``quantize_float="q4_0"``, what llama.cpp's converter would do); Q8_0 and Q4_1 RTN round trips; the
 F16 float file as reference. ``lm_head`` is tied to the embedding in SmolLM2 and stays float (F16).
 
-Usage: ``python benchmarks/bench_export.py [--quick] [--out DIR] [--rows rtn,gptq,...]``;
-results go to ``benchmarks/results/export.jsonl`` and ``export.md`` (also printed).
+Usage: ``python benchmarks/bench_export.py [--quick] [--calib-samples N] [--out DIR] [--rows rtn,gptq,...]
+[--results NAME]``; results go to ``benchmarks/results/<NAME>.jsonl`` and ``.md`` (also printed).
+Decode tokens/s are single runs: on a shared machine they measure the load as much as llama.cpp.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _method(config_fn: Callable[[], Any], calibration) -> Callable:
     return apply
 
 
-def build_rows(calibration, quick: bool) -> List[Row]:
+def build_rows(calibration) -> List[Row]:
     q40, q80, q41 = (gguf_scheme(k, 32).to_dict() for k in ("q4_0", "q8_0", "q4_1"))
     rows = [
         Row("float (F16 file)", "F16", None, {}),
@@ -81,14 +82,13 @@ def build_rows(calibration, quick: bool) -> List[Row]:
         Row("llmopt RTN int4 g32 asym fp16", "Q4_1", _method(lambda: llmopt.RTN(**q41), calibration),
             {"requantize": True}),
     ]
-    if not quick:
-        # AWQ leaves an input scale on layers whose producer cannot absorb it: those have no GGUF
-        # type and are re-quantized by gguf-py (counted in the row).
-        rows.append(Row("llmopt AWQ int4 g32 sym fp16", "Q4_0", _method(lambda: llmopt.AWQ(**q40), calibration),
-                        {"requantize": True, "fallback": "q4_0"}))
-        hqq = {k: v for k, v in q41.items() if k != "symmetric"}
-        rows.append(Row("llmopt HQQ int4 g32 fp16", "Q4_1", _method(lambda: llmopt.HQQ(**hqq), calibration),
-                        {"requantize": True}))
+    # AWQ leaves an input scale on layers whose producer cannot absorb it: those have no GGUF
+    # type and are re-quantized by gguf-py (counted in the row).
+    rows.append(Row("llmopt AWQ int4 g32 sym fp16", "Q4_0", _method(lambda: llmopt.AWQ(**q40), calibration),
+                    {"requantize": True, "fallback": "q4_0"}))
+    hqq = {k: v for k, v in q41.items() if k != "symmetric"}
+    rows.append(Row("llmopt HQQ int4 g32 fp16", "Q4_1", _method(lambda: llmopt.HQQ(**hqq), calibration),
+                    {"requantize": True}))
     return rows
 
 
@@ -216,24 +216,28 @@ def markdown(records: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tokens and calibration samples, fewer rows")
+    parser.add_argument("--quick", action="store_true", help="fewer evaluation tokens and calibration samples")
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (GPTQ/AWQ)")
+    parser.add_argument("--results", default="export", help="results name: benchmarks/results/<name>.jsonl/.md")
     parser.add_argument("--rows", default="", help="comma-separated substrings of row names to run (default all)")
     parser.add_argument("--out", default=None, help="directory for the .gguf files (default: a temporary one)")
     args = parser.parse_args(argv)
     cfg = settings(args.quick)
+    if args.calib_samples:
+        cfg["calib_samples"] = args.calib_samples
     base, tokenizer, info, calibration = load_smollm2_quality(cfg)
     float_ppl = evaluate.perplexity(base, cfg["eval_ids"], window=cfg["window"], progress=False)["ppl"]
     cpu = cpu_info()
-    header = {"cpu": f"{cpu.model} ({cpu.capability}, {os.cpu_count()} CPUs)",
+    header = {"cpu": f"{cpu.model} ({cpu.capability}, {os.cpu_count()} CPUs)", "calib_samples": cfg["calib_samples"],
               "torch": torch.__version__, "eval_tokens": int(cfg["eval_ids"].numel()), "window": cfg["window"],
               "ppl_float": float_ppl}
     print(json.dumps(header))
-    rows = build_rows(calibration, args.quick)
+    rows = build_rows(calibration)
     wanted = [w.strip().lower() for w in args.rows.split(",") if w.strip()]
     if wanted:
         rows = [r for r in rows if any(w in r.name.lower() for w in wanted)]
     os.makedirs(RESULTS, exist_ok=True)
-    jsonl = os.path.join(RESULTS, "export.jsonl")
+    jsonl = os.path.join(RESULTS, args.results + ".jsonl")
     records = []
     with tempfile.TemporaryDirectory(prefix="llmopt-bench-gguf-") as tmp:
         out_dir = args.out or tmp
@@ -251,6 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     record["ppl_llmopt"] = float_ppl
                 print(json.dumps(record), flush=True)
                 f.write(json.dumps(record) + "\n")
+                f.flush()
                 records.append(record)
     text = markdown(records, header)
     with open(os.path.splitext(jsonl)[0] + ".md", "w") as f:
