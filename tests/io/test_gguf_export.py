@@ -350,6 +350,7 @@ def test_block_layout_any_shape(tmp_path_factory, n, blocks, group_blocks, bits,
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
 def test_smollm2_q4_0(tmp_path):
     try:
         from llmopt.models import load_causal_lm, smollm2_gguf_path
