@@ -198,15 +198,17 @@ def _fp16_exact(x: Tensor) -> bool:
 
 
 def _errors(reference: Tensor, written: np.ndarray) -> Tuple[float, float]:
-    diff = (reference.to(torch.float32) - torch.from_numpy(np.ascontiguousarray(written, dtype=np.float32))).abs()
+    written_t = torch.from_numpy(np.asarray(written, dtype=np.float32)).reshape(reference.shape)
+    diff = torch.sub(written_t, reference.to(torch.float32)).abs_()  # a new tensor: never the data written
     if diff.numel() == 0:
         return 0.0, 0.0
-    return float(diff.max()), float(diff.mean(dtype=torch.float64))
+    return float(diff.max()), float(diff.mean())
 
 
-def _blocks(values: Tensor, group_size: int) -> Tensor:
-    """Per-group ``[N, G]`` -> per-block ``[N, K/32]`` (each group split into 32-blocks)."""
-    return values.repeat_interleave(group_size // BLOCK, dim=1)
+def _blocks(values: Tensor, group_size: int, in_features: int) -> Tensor:
+    """Per-group ``[N, G]`` -> per-block ``[N, K/32]`` (each group split into 32-blocks; a last, narrower
+    group, when ``group_size`` does not divide ``K``, gives fewer blocks)."""
+    return values.repeat_interleave(group_size // BLOCK, dim=1)[:, :in_features // BLOCK]
 
 
 def _f16_bytes(values: Tensor) -> np.ndarray:
@@ -241,6 +243,7 @@ class _Options:
     float_type: str
     requantize: bool
     fallback: Optional[str]
+    quantize_float: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -308,6 +311,9 @@ class _Writer:
         elif isinstance(module, CompressedLinear):
             self._fallback(name, source, perm(module.dequantize_weight(torch.float32)),
                            f"{type(module).__name__} ({module.describe()}) has no GGUF type")
+        elif isinstance(module, nn.Linear) and self.options.quantize_float:
+            self.add_requantized(name, source, perm(module.weight.detach()), self.options.quantize_float,
+                                 "float layer quantized by gguf-py (quantize_float)")
         elif isinstance(module, nn.Linear):
             self.add_float(name, source, perm(module.weight.detach()), self.options.float_type)
         else:
@@ -354,8 +360,8 @@ class _Writer:
                     f"scale_dtype='float16' (llmopt.io.gguf.gguf_scheme('{kind}')), or pass requantize=True to round "
                     "the parameters to fp16 (codes kept; the added error is reported)")
             mode, note = "rounded", f"{what} rounded to fp16, codes kept"
-        d_blocks = _blocks(scale, layer.group_size)
-        m_blocks = _blocks(m, layer.group_size) if m is not None else None
+        d_blocks = _blocks(scale, layer.group_size, layer.in_features)
+        m_blocks = _blocks(m, layer.group_size, layer.in_features) if m is not None else None
         data = _quant_bytes(kind, codes, d_blocks, m_blocks)
         qt = self.qtype(kind)
         self.writer.add_tensor(name, data, raw_dtype=qt)
@@ -384,6 +390,8 @@ def _unmappable(layer: QuantLinear) -> Optional[str]:
         return f"int{fmt.bits} ({desc}) has no GGUF block type (Q4_0/Q4_1: 4 bits, Q8_0: 8 bits)"
     if layer.group_size % BLOCK:
         return f"group size {layer.group_size} ({desc}) is not a multiple of the GGUF block of {BLOCK}"
+    if layer.in_features % BLOCK:
+        return f"in_features {layer.in_features} ({desc}) is not a multiple of the GGUF block of {BLOCK}"
     if layer.input_scale is not None:
         return f"an input scale ({desc} +input-scale) multiplies each column, which GGUF blocks cannot hold"
     return None
@@ -451,8 +459,13 @@ def _add_tokenizer(writer, gguf, tokenizer, n_vocab: int, tokenizer_pre: Optiona
         tokenizer.save_pretrained(tmp)
         path = Path(tmp)
         vocab = None
+        detected_pre = None
         if (path / "tokenizer.json").is_file():
-            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+            spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+            model = spec.get("model") or {}
+            split = spec.get("pre_tokenizer") or {}
+            if split.get("type") == "ByteLevel" and split.get("use_regex", True):
+                detected_pre = "gpt-2"  # GPT-2's own split regex: llama.cpp's "gpt-2" is the same
             if model.get("type") == "BPE" and not model.get("byte_fallback", False):
                 vocab = gguf.vocab.BpeVocab(path)
             elif model.get("type") == "BPE":
@@ -475,10 +488,11 @@ def _add_tokenizer(writer, gguf, tokenizer, n_vocab: int, tokenizer_pre: Optiona
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
         if vocab.tokenizer_model == "gpt2":
-            writer.add_tokenizer_pre(tokenizer_pre or "default")
-            if tokenizer_pre is None:
-                report.notes.append("tokenizer.ggml.pre written as 'default' (llama.cpp's GPT-2 split); pass "
-                                    "tokenizer_pre= (e.g. 'smollm', 'llama-bpe', 'qwen2') to match the original")
+            writer.add_tokenizer_pre(tokenizer_pre or detected_pre or "default")
+            if tokenizer_pre is None and detected_pre is None:
+                report.notes.append("tokenizer.ggml.pre written as 'default' (the pre-tokenizer is not plain GPT-2 "
+                                    "byte-level); pass tokenizer_pre= (llama.cpp's name: 'llama-bpe', 'qwen2', "
+                                    "'smollm', ...) so llama.cpp splits text as the original does")
         elif tokenizer_pre:
             writer.add_tokenizer_pre(tokenizer_pre)
         writer.add_token_list(tokens)
@@ -501,6 +515,7 @@ def export_gguf(
     fallback: Optional[str] = None,
     tokenizer_pre: Optional[str] = None,
     name: Optional[str] = None,
+    quantize_float: Optional[str] = None,
 ) -> GGUFExportReport:
     """Write a Llama-family ``*ForCausalLM`` (float or quantized by llmopt) as a GGUF file llama.cpp runs.
 
@@ -517,11 +532,18 @@ def export_gguf(
         fallback: the type for layers with no exact GGUF type: ``"q4_0"``, ``"q4_1"``, ``"q8_0"``
             (re-quantization, needs ``requantize=True``; the default then is ``"q8_0"``), or ``"f32"`` /
             ``"f16"`` / ``"bf16"`` (the dequantized weight as float, allowed without ``requantize``).
-        tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers.
-        name: ``general.name`` (default: the config's ``_name_or_path`` if any).
+        tokenizer_pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) for BPE tokenizers; by
+            default ``"gpt-2"`` when the tokenizer splits with GPT-2's byte-level regex alone, else
+            ``"default"`` (with a note in the report).
+        name: ``general.name`` (default: the last part of the config's ``_name_or_path``, if any).
+        quantize_float: quantize the float ``nn.Linear`` layers (projections, an untied float
+            ``lm_head``) with gguf-py to this type (``"q4_0"``, ``"q4_1"``, ``"q8_0"``), as llama.cpp's
+            own conversion would: the baseline llmopt's methods are compared with. Embeddings stay
+            ``float_type``. Their error is in the report (mode ``"requantized"``).
 
     Returns a :class:`GGUFExportReport`; raises :class:`GGUFExportError` naming the layer when a
-    layer cannot be written as asked (nothing is written then).
+    layer cannot be written as asked (nothing is written then). The converted tensors are held in
+    memory until the file is written (about the file's size on top of the model).
     """
     gguf = _gguf()
     float_type = float_type.lower()
@@ -534,6 +556,10 @@ def export_gguf(
                              f"got {fallback!r}")
         if fallback in GGUF_QUANT_TYPES and not requantize:
             raise ValueError(f"fallback={fallback!r} re-quantizes: pass requantize=True as well")
+    if quantize_float is not None:
+        quantize_float = quantize_float.lower()
+        if quantize_float not in GGUF_QUANT_TYPES:
+            raise ValueError(f"quantize_float must be one of {list(GGUF_QUANT_TYPES)} or None, got {quantize_float!r}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _ARCHITECTURES:
@@ -552,7 +578,7 @@ def export_gguf(
     report = GGUFExportReport(path=path, architecture=arch, file_type="")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        out = _Writer(gguf, writer, _Options(float_type, bool(requantize), fallback), report)
+        out = _Writer(gguf, writer, _Options(float_type, bool(requantize), fallback, quantize_float), report)
         with torch.no_grad():
             embed = base.embed_tokens
             out.add_float("token_embd.weight", "model.embed_tokens", embed.weight, float_type)
@@ -586,7 +612,8 @@ def export_gguf(
         report.file_type = max(counts, key=counts.get) if counts else "f32"
         writer.add_file_type(_FILE_TYPES[report.file_type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_name(name or getattr(config, "_name_or_path", "") or f"llmopt {model_type}")
+        source_name = os.path.basename(str(getattr(config, "_name_or_path", "") or "").rstrip("/\\"))
+        writer.add_name(name or source_name or f"llmopt {model_type}")  # never a local directory path
         _add_hparams(writer, gguf, config, arch, report)
         if tokenizer is not None:
             report.tokenizer = _add_tokenizer(writer, gguf, tokenizer, config.vocab_size, tokenizer_pre, report)
