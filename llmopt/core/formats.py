@@ -115,9 +115,14 @@ class AffineFormat(WeightFormat):
 
     ``zero_point`` (asymmetric only) is how the offset is stored: ``"float"`` (default), ``"int"`` or
     ``"min"``; see :data:`ZERO_POINT_MODES`.
+
+    ``full_range`` (symmetric only): use all ``2**bits`` codes, as llama.cpp's Q4_0 does. The weight of
+    largest magnitude in a group lands on the lowest code, ``-2**(bits-1)``, so the scale is
+    ``-w_extreme / 2**(bits-1)`` (negative when that weight is positive) and the step is
+    ``absmax / 2**(bits-1)`` instead of ``absmax / (2**(bits-1) - 1)``: 12.5% finer at 4 bits.
     """
 
-    def __init__(self, bits: int, symmetric: bool = False, zero_point: str = "float"):
+    def __init__(self, bits: int, symmetric: bool = False, zero_point: str = "float", full_range: bool = False):
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise ValueError(f"affine format: bits must be an integer in 1..8, got {bits!r}")
         if symmetric and bits < 2:
@@ -127,6 +132,10 @@ class AffineFormat(WeightFormat):
         if symmetric and zero_point != "float":
             raise ValueError(f"affine format: zero_point={zero_point!r} needs an asymmetric format "
                              "(a symmetric grid has no zero point)")
+        if full_range and not symmetric:
+            raise ValueError("affine format: full_range=True needs symmetric=True (an asymmetric grid "
+                             "already uses every code)")
+        self.full_range = bool(full_range)
         self.bits = bits
         self.symmetric = bool(symmetric)
         self.has_zero_point = not self.symmetric
@@ -159,11 +168,18 @@ class AffineFormat(WeightFormat):
 
     def options(self) -> Dict[str, Any]:
         options: Dict[str, Any] = {"symmetric": True} if self.symmetric else {}
+        if self.full_range:
+            options["full_range"] = True
         if self.zero_point_mode != "float":
             options["zero_point"] = self.zero_point_mode
         return options
 
     def choose_params(self, groups: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.symmetric and self.full_range:
+            extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))
+            scale = -extreme / self.mid
+            # A group of zeros keeps a tiny positive scale, so the grid stays well defined.
+            return torch.where(scale.abs() >= _MIN_SCALE, scale, torch.full_like(scale, _MIN_SCALE)), None
         if self.symmetric:
             absmax = groups.abs().amax(dim=-1, keepdim=True)
             scale = (absmax / (self.mid - 1)).clamp_min(_MIN_SCALE)

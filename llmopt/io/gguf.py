@@ -158,21 +158,24 @@ class GGUFExportReport:
 def gguf_scheme(gguf_type: str, group_size: int = 32) -> WeightQuant:
     """The :class:`~llmopt.WeightQuant` whose layers :func:`export_gguf` writes exactly as ``gguf_type``.
 
-    ``"q4_0"``: int4 symmetric, fp16 scales; ``"q8_0"``: int8 symmetric, fp16 scales; ``"q4_1"``:
-    int4 asymmetric, fp16 scales (the block minimum is then exact only where it happens to be an fp16
-    value; the exporter checks, and refuses or rounds). ``group_size`` must be a multiple of 32 (or
-    ``None`` for per-channel, with ``in_features`` a multiple of 32). Pass it as a method's ``scheme``
-    (``llmopt.RTN(scheme=gguf_scheme("q4_0"))``) or spread its fields as keyword arguments.
+    ``"q4_0"``: int4 symmetric on llama.cpp's full 16-level grid (``full_range=True``: the group's
+    largest-magnitude weight on code -8, as llama.cpp's own Q4_0 quantizer does); ``"q8_0"``: int8
+    symmetric; ``"q4_1"``: int4 asymmetric with the block minimum stored exactly (``zero_point="min"``).
+    Scales are bfloat16: every bf16 value in fp16's normal range is an fp16 value, so they export
+    exactly (the exporter checks each one), and ``int4pack_cpu`` runs them in llmopt. ``group_size``
+    must be a multiple of 32 (or ``None`` for per-channel, with ``in_features`` a multiple of 32). Pass
+    it as a method's fields: ``llmopt.GPTQ(**gguf_scheme("q4_0").to_dict())``.
     """
     kind = gguf_type.lower()
     if group_size is not None and (group_size <= 0 or group_size % BLOCK):
         raise ValueError(f"gguf_scheme: group_size must be a multiple of {BLOCK}, got {group_size}")
     if kind == "q4_0":
-        return WeightQuant(format="int4", group_size=group_size, symmetric=True, scale_dtype="float16")
+        return WeightQuant(format="int4", group_size=group_size, symmetric=True, full_range=True,
+                           scale_dtype="bfloat16")
     if kind == "q8_0":
-        return WeightQuant(format="int8", group_size=group_size, symmetric=True, scale_dtype="float16")
+        return WeightQuant(format="int8", group_size=group_size, symmetric=True, scale_dtype="bfloat16")
     if kind == "q4_1":
-        return WeightQuant(format="int4", group_size=group_size, symmetric=False, scale_dtype="float16")
+        return WeightQuant(format="int4", group_size=group_size, zero_point="min", scale_dtype="bfloat16")
     raise ValueError(f"gguf_scheme: unknown GGUF type {gguf_type!r}; choose from {list(GGUF_QUANT_TYPES)}")
 
 

@@ -6,7 +6,7 @@ A config keeps the scheme's options as its own flat fields (``RTN("int4", 64, sy
 
 Two ways to carry the fields:
 
-* :class:`WeightQuantFields` declares all six (``format, group_size, symmetric, scale_dtype, kernel, zero_point``,
+* :class:`WeightQuantFields` declares all seven (``format, group_size, symmetric, scale_dtype, kernel, zero_point, full_range``,
   RTN's defaults, in that order, first): RTN, GPTQ, AWQ, HQQ, QuantLowRank and QAT. A config adopts the
   scheme in one line, ``class QAT(WeightQuantFields, MethodConfig)``, and redeclares only a default it
   wants different (``group_size: Optional[int] = 64``; a redeclared field keeps its place).
@@ -114,7 +114,7 @@ class QuantizesWeights:
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantFields(QuantizesWeights):
-    """:class:`QuantizesWeights` with the six scheme fields declared, first and in the scheme's order.
+    """:class:`QuantizesWeights` with the seven scheme fields declared, first and in the scheme's order.
 
     The defaults are :class:`WeightQuant`'s (``tests/core/test_scheme.py`` checks they stay equal).
     """
@@ -126,3 +126,4 @@ class WeightQuantFields(QuantizesWeights):
     kernel: str = "auto"
     # Added after the first five: omitted from to_dict() when None, so earlier dicts stay pinned.
     zero_point: Optional[str] = dataclasses.field(default=None, metadata={"omit_if_default": True})
+    full_range: Optional[bool] = dataclasses.field(default=None, metadata={"omit_if_default": True})

@@ -116,7 +116,8 @@ def test_defaults_positional_order_and_immutability():
     assert scheme.to_dict() == {"format": "int4", "group_size": 128, "symmetric": None,
                                 "scale_dtype": "bfloat16", "kernel": "auto"}
     assert WeightQuant("nf4", 64) == WeightQuant(format="nf4", group_size=64)
-    assert WeightQuant.field_names() == ("format", "group_size", "symmetric", "scale_dtype", "kernel", "zero_point")
+    assert WeightQuant.field_names() == ("format", "group_size", "symmetric", "scale_dtype", "kernel", "zero_point",
+                                        "full_range")
     with pytest.raises(dataclasses.FrozenInstanceError):
         scheme.group_size = 32
     assert WeightQuant("int4", 64, True).label() == "int4 sym g64"
@@ -170,11 +171,11 @@ def test_from_format_refuses_options_a_scheme_cannot_carry():
 
 # ------------------------------------------------------------------------------ the configs carry it
 CONFIG_DEFAULTS = {  # the scheme fields each config declares, and their defaults
-    RTN: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None),
-    GPTQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None),
-    AWQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None),
-    HQQ: dict(format="int4", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None),
-    QuantLowRank: dict(format="int3", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None),
+    RTN: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None, full_range=None),
+    GPTQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None, full_range=None),
+    AWQ: dict(format="int4", group_size=128, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None, full_range=None),
+    HQQ: dict(format="int4", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None, full_range=None),
+    QuantLowRank: dict(format="int3", group_size=64, symmetric=None, scale_dtype="bfloat16", kernel="auto", zero_point=None, full_range=None),
     SparseGPT: dict(format=None, group_size=None, symmetric=None, scale_dtype="bfloat16"),
     SmoothQuant: dict(scale_dtype="float32", kernel="auto"),
 }
@@ -385,8 +386,8 @@ def test_positional_arguments():
     def params(cls):
         return list(inspect.signature(cls).parameters)
 
-    assert params(RTN) == ["format", "group_size", "symmetric", "scale_dtype", "kernel", "zero_point"]
+    assert params(RTN) == ["format", "group_size", "symmetric", "scale_dtype", "kernel", "zero_point", "full_range"]
     for cls in (GPTQ, AWQ, HQQ, QuantLowRank):
-        assert params(cls)[:6] == params(RTN), cls.__name__
+        assert params(cls)[:7] == params(RTN), cls.__name__
     assert params(SparseGPT)[0] == "sparsity" and params(SmoothQuant)[0] == "alpha"
     assert isinstance(llmopt.RTN("int4", 64), RTN)

@@ -128,9 +128,10 @@ def test_symmetric_types_bit_exact(tmp_path, kind, group):
 
 
 def test_q4_1_within_float_rounding(tmp_path):
-    model = quantize(tiny_llama(), **gguf_scheme("q4_1", 32).to_dict())
+    # The default float zero point with fp16 scales: m = zero_point - 8 * scale is usually not an fp16
+    # value (gguf_scheme("q4_1") stores m exactly instead: zero_point="min").
+    model = quantize(tiny_llama(), format="int4", group_size=32, scale_dtype="float16")
     path = str(tmp_path / "m.gguf")
-    # fp16 scale/zero point: m = zero_point - 8 * scale is usually not an fp16 value.
     with pytest.raises(GGUFExportError, match=r"model\.layers\.0\.self_attn\.q_proj.*min"):
         export_gguf(model, path)
     assert not os.path.exists(path)
@@ -238,7 +239,10 @@ def test_transformers_loader_logits(tmp_path, tokenizer, kind, tie):
     """The loader un-permutes Q/K and dequantizes: same logits as llmopt's model (float32 weights)."""
     model = tiny_llama(tie=tie)
     if kind != "float":
-        quantize(model, exclude=["lm_head"] if tie else None, **gguf_scheme(kind, 64).to_dict())
+        # The reference kernel computes in float32 like the loader's dequantized model (int4pack_cpu,
+        # which bf16 scales select, computes in bf16: ~3e-3 apart).
+        quantize(model, exclude=["lm_head"] if tie else None,
+                 **gguf_scheme(kind, 64).replace(kernel="reference").to_dict())
     path = str(tmp_path / "m.gguf")
     report = export_gguf(model, path, tokenizer=tokenizer, float_type="f32")
     assert ("output.weight" in {t.name for t in report.tensors}) is not tie
@@ -442,3 +446,28 @@ def test_byte_fallback_tokenizer_round_trip(tmp_path):
     llm = Llama(model_path=path, vocab_only=True, verbose=False)
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
+def test_gguf_schemes_export_lossless_from_every_method(tmp_path, kind):
+    """gguf_scheme gives quantizers GGUF-exact parameters (Q4_0: full 16-level grid, negative scales
+    allowed; Q4_1: the minimum stored exactly): RTN, GPTQ and HQQ (Q4_1) export with no rounding, and
+    gguf-py's own dequantization equals llmopt's weights."""
+    methods = [llmopt.RTN, llmopt.GPTQ] + ([llmopt.HQQ] if kind == "q4_1" else [])
+    for method in methods:
+        model = tiny_llama()
+        config = method(**gguf_scheme(kind, 32).to_dict())
+        calibration = [torch.randint(0, 64, (2, 16))] if config.needs_calibration else None
+        llmopt.compress_(model, config, calibration=calibration)
+        path = str(tmp_path / f"{method.__name__}.gguf")
+        report = export_gguf(model, path, float_type="f32")
+        assert report.lossless and report.types()[kind.upper()] == 15, (method.__name__, report.types())  # + lm_head
+        _, tensors = read_tensors(path)
+        for i in range(2):
+            for proj, short in GGUF_NAMES.items():
+                theirs = gguf_weight(tensors[f"blk.{i}.{short}.weight"])
+                ours = expected(model, i, proj)
+                if kind == "q4_0":
+                    assert torch.equal(ours, theirs), (method.__name__, proj)
+                else:  # d*q + m vs (q-8)*d + (m + 8d): the same exact value unless float32 rounds it
+                    torch.testing.assert_close(ours, theirs, rtol=2 ** -22, atol=0)
