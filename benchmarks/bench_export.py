@@ -77,7 +77,7 @@ def build_rows(calibration) -> List[Row]:
     rows = [
         Row("float (F16 file)", "F16", None, {}),
         Row("gguf-py Q4_0 (float model)", "Q4_0", None, {"quantize_float": "q4_0"}),
-        Row("llmopt RTN int4 g32 sym absmax/7", "Q4_0", _method(lambda: llmopt.RTN(**absmax7), calibration), {}),
+        Row("llmopt RTN int4 g32 sym absmax7", "Q4_0", _method(lambda: llmopt.RTN(**absmax7), calibration), {}),
         Row("llmopt RTN int4 g32 sym full", "Q4_0", _method(lambda: llmopt.RTN(**q40), calibration), {}),
         Row("llmopt GPTQ int4 g32 sym full", "Q4_0", _method(lambda: llmopt.GPTQ(**q40), calibration), {}),
         Row("llmopt RTN int8 g32 sym", "Q8_0", _method(lambda: llmopt.RTN(**q80), calibration), {}),
