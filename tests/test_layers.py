@@ -77,6 +77,11 @@ def internal_imports(path: pathlib.Path, module: str, modules: Set[str]) -> List
             for alias in node.names:
                 candidate = f"{target}.{alias.name}"
                 names.append(candidate if candidate in modules else target)
+            if node.level and not node.module:
+                # `from . import sub` imports the package first (its __init__ runs): an edge to the
+                # package too, so a submodule doing it inside a package whose __init__ imports that
+                # submodule is a cycle.
+                names.append(target)
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         for name in names:
@@ -187,3 +192,14 @@ def test_a_planted_cycle_is_found(tmp_path):
     (package / "nn" / "a.py").write_text("from .b import x\n")
     (package / "nn" / "b.py").write_text("from .a import y\n")
     assert cycles(import_graph(package)) == [["llmopt.nn.a", "llmopt.nn.b"]]
+
+
+def test_from_dot_import_counts_as_importing_the_package(tmp_path):
+    """``from . import b`` in a submodule imports the package, whose __init__ imports the submodule."""
+    package = tmp_path / "llmopt"
+    (package / "kernels").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "kernels" / "__init__.py").write_text("from . import a\n")
+    (package / "kernels" / "a.py").write_text("from . import b\n")
+    (package / "kernels" / "b.py").write_text("")
+    assert cycles(import_graph(package)) == [["llmopt.kernels", "llmopt.kernels.a"]]

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Type, TypeVar, Union, overloa
 
 import torch
 
-from . import speed
+from .speed import KernelDecision, cached_decision, decide
 from .base import Kernel, KernelSpec, is_cpu, log_once
 
 __all__ = ["register_kernel", "unregister_kernel", "get_kernel", "list_kernels", "auto_order",
@@ -120,8 +120,8 @@ def _fast_enough(kernel: Kernel, spec: KernelSpec, device: torch.device) -> bool
     return _speed_decision(kernel, spec, device).fast
 
 
-def _speed_decision(kernel: Kernel, spec: KernelSpec, device: torch.device) -> speed.KernelDecision:
-    return speed.decide(kernel, spec, device, _KERNELS[REFERENCE])
+def _speed_decision(kernel: Kernel, spec: KernelSpec, device: torch.device) -> KernelDecision:
+    return decide(kernel, spec, device, _KERNELS[REFERENCE])
 
 
 def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.device]) -> Kernel:
@@ -143,7 +143,7 @@ def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.dev
         kernel = _KERNELS[name]
         reason = kernel.unsupported_reason(spec, device)
         if reason is None and not _fast_enough(kernel, spec, device):
-            known = speed.cached_decision(kernel, spec, device)
+            known = cached_decision(kernel, spec, device)
             reason = known.reason if known is not None and not known.fast else "slower than a dense matmul here"
         if reason is None:
             return kernel
