@@ -46,22 +46,23 @@ def _check_group_size(value: Any) -> Any:
     return value
 
 
-def _check_symmetric(value: Any) -> Any:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"symmetric must be True, False or None (the format's default), got {value!r}")
-    return value
+def _optional_bool(name: str) -> Callable[[Any], Any]:
+    """The check of a format flag that is True, False or None (the format's default)."""
+    def check(value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None (the format's default), got {value!r}")
+        return value
+    return check
+
+
+_check_symmetric = _optional_bool("symmetric")
+_check_full_range = _optional_bool("full_range")
 
 
 def _check_zero_point(value: Any) -> Any:
     if value is not None and value not in ZERO_POINT_MODES:
         raise ValueError(f"zero_point must be None (the format's default, 'float') or one of {ZERO_POINT_MODES}, "
                          f"got {value!r}")
-    return value
-
-
-def _check_full_range(value: Any) -> Any:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"full_range must be True, False or None (the format's default), got {value!r}")
     return value
 
 
@@ -75,10 +76,14 @@ def _check_kernel(value: Any) -> Any:
     return value
 
 
-def _option(default: Any, check: Callable[[Any], Any], *, format_option: bool = False) -> Any:
-    """A :class:`WeightQuant` field: its default, the function that checks (and normalises) a value, and
-    whether it is a constructor option of the format (passed to ``get_format`` unless ``None``)."""
-    return dataclasses.field(default=default, metadata={"check": check, "format_option": format_option})
+def _option(default: Any, check: Callable[[Any], Any], *, format_option: bool = False,
+            omit_if_default: bool = False) -> Any:
+    """A :class:`WeightQuant` field: its default, the function that checks (and normalises) a value,
+    whether it is a constructor option of the format (passed to ``get_format`` unless ``None``), and
+    whether ``to_dict`` leaves it out at its default (a field added later, so earlier dicts keep their
+    bytes; method configs read the same ``omit_if_default`` metadata)."""
+    return dataclasses.field(default=default, metadata={"check": check, "format_option": format_option,
+                                                        "omit_if_default": omit_if_default})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +124,8 @@ class WeightQuant:
     symmetric: Optional[bool] = _option(None, _check_symmetric, format_option=True)
     scale_dtype: str = _option("bfloat16", _check_scale_dtype)
     kernel: str = _option("auto", _check_kernel)
-    zero_point: Optional[str] = _option(None, _check_zero_point, format_option=True)
-    full_range: Optional[bool] = _option(None, _check_full_range, format_option=True)
+    zero_point: Optional[str] = _option(None, _check_zero_point, format_option=True, omit_if_default=True)
+    full_range: Optional[bool] = _option(None, _check_full_range, format_option=True, omit_if_default=True)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -182,12 +187,10 @@ class WeightQuant:
 
     def to_dict(self) -> Dict[str, Any]:
         """``{"format": ..., "group_size": ..., ...}``, every field in order; JSON-serialisable.
-        ``zero_point`` (added later) is written only when set, so earlier dicts stay as they were."""
-        data = {name: getattr(self, name) for name in self.field_names()}
-        for later in ("zero_point", "full_range"):
-            if data[later] is None:
-                del data[later]
-        return data
+        Fields added later (``zero_point``, ``full_range``) are written only when set, so earlier dicts
+        stay as they were."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.metadata["omit_if_default"] and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "WeightQuant":

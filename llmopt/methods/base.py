@@ -141,9 +141,9 @@ class MethodConfig:
         fields = dataclasses.asdict(self)
         # A field added later whose default means "as before" (metadata omit_if_default) is written
         # only when set, so the dicts of configs that do not use it stay exactly as they were.
-        for field in dataclasses.fields(self):
-            if field.metadata.get("omit_if_default") and fields.get(field.name) == field.default:
-                del fields[field.name]
+        for declared in dataclasses.fields(self):
+            if declared.metadata.get("omit_if_default") and fields.get(declared.name) == declared.default:
+                del fields[declared.name]
         return {**head, **fields}
 
     @classmethod

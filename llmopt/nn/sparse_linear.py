@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..core.checks import check_linear_input, check_linear_weight, dtype_name, parse_dtype
 from ..core.formats import WeightFormat, get_format
-from ..core.primitives import quantize_weight, resolve_group_size
+from ..core.primitives import check_quantized, quantize_weight, resolve_group_size
 from ..core.scheme import WeightQuant
 from .sparse.layouts import bool_mask, make_layout, nm_index_bits
 from .sparse.runtimes import RUNTIMES, RuntimeSwitch
@@ -41,7 +41,6 @@ from .sparse.values import (
     FloatValues,
     KeptValues,
     QuantizedValues,
-    check_quantized_inputs,
     stored_spec,
     validate_stored,
 )
@@ -153,7 +152,7 @@ class SparseLinear(RuntimeSwitch, StoredTensorsLinear):
         ``dequantize(codes) * mask``: pruned weights are exactly 0. ``dtype`` is the compute dtype."""
         fmt = get_format(format)
         where = f"SparseLinear.from_quantized [{tuple(codes.shape)}]"
-        group_size = check_quantized_inputs(codes, scale, zero_point, fmt, group_size, where)
+        group_size = check_quantized(codes, scale, zero_point, fmt, group_size, where)
         n_out, k = codes.shape
         mask = bool_mask(mask, (n_out, k), where).to(codes.device)
         layer = cls(k, n_out, bias=bias is not None, nm=nm, format=fmt, group_size=group_size,

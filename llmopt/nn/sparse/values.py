@@ -20,10 +20,10 @@ from torch import Tensor
 from ...core.checks import dtype_name
 from ...core.formats import WeightFormat
 from ...core.packing import pack_codes, unpack_codes
-from ...core.primitives import check_quantized, dequantize_weight, num_groups
+from ...core.primitives import dequantize_weight, num_groups
 from .layouts import SparseLayout, TensorSpec
 
-__all__ = ["KeptValues", "FloatValues", "QuantizedValues", "check_quantized_inputs", "stored_spec",
+__all__ = ["KeptValues", "FloatValues", "QuantizedValues", "stored_spec",
            "validate_stored"]
 
 
@@ -156,10 +156,6 @@ class QuantizedValues(KeptValues):
 
     def repr_fields(self) -> str:
         return f"format={self.format.name}, group_size={self.group_size}"
-
-
-# Kept under its old name: the check moved to core (QuantLinear.from_codes uses it too).
-check_quantized_inputs = check_quantized
 
 
 def stored_spec(layout: SparseLayout, values: KeptValues, nnz: int) -> TensorSpec:
