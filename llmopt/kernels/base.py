@@ -139,6 +139,14 @@ class Kernel:
             codes, canonical["scale"], canonical.get("zero_point"), spec.format, spec.group_size, dtype
         )
 
+    def dequantize_rows(self, spec: KernelSpec, runtime: Tensors, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        """Rows ``rows`` (int64, 1-D) of the float weight, ``[len(rows), in_features]`` in ``dtype``.
+
+        What a quantized embedding looks up (and a tied ``lm_head`` shares). The default dequantizes
+        the whole weight; kernels whose runtime layout keeps rows apart override it with a gather.
+        """
+        return self.dequantize(spec, runtime, dtype).index_select(0, rows)
+
     def forward(self, spec: KernelSpec, runtime: Tensors, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         """``x [..., in_features] @ W.T + bias`` in ``x``'s dtype. ``runtime`` may hold extra entries."""
         raise NotImplementedError

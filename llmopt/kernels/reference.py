@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.packing import unpack_codes
+from ..core.primitives import dequantize_weight
 from .base import Kernel, KernelSpec, Tensors
 from .registry import register_kernel
 
@@ -25,6 +27,14 @@ class ReferenceKernel(Kernel):
 
     def unsupported_reason(self, spec: KernelSpec, device: torch.device) -> Optional[str]:
         return None
+
+    def dequantize_rows(self, spec: KernelSpec, runtime: Tensors, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        # The canonical layout is row-major: gather the rows, then dequantize only those.
+        zero = runtime.get("zero_point")
+        codes = unpack_codes(runtime["qdata"].index_select(0, rows), spec.format.bits, spec.in_features)
+        return dequantize_weight(codes, runtime["scale"].index_select(0, rows),
+                                 zero.index_select(0, rows) if zero is not None else None,
+                                 spec.format, spec.group_size, dtype)
 
     def forward(self, spec: KernelSpec, runtime: Tensors, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         weight = self.dequantize(spec, runtime, x.dtype)
