@@ -1,0 +1,523 @@
+// llmopt lowbit_cpu: fused low-bit matmul for CPUs, y = x @ W.T (+ bias), W never materialised.
+//
+// Weights stay at their real width in memory (2, 3, 4 or 8 bits per code) and are decoded in
+// registers, 32 codes at a time (one "chunk"). Two arithmetic paths:
+//
+// * integer formats (int2/int3/int4/int8 affine, 4-bit codebooks such as NF4 and FP4): the
+//   activations are quantized per token to int8 in blocks of 32 (one float scale per block, like
+//   llama.cpp's Q8_0), and each chunk is one AVX-512 VNNI dot product (vpdpbusd: unsigned weight
+//   bytes x signed activation bytes, exact in int32). A codebook's levels become bytes through a
+//   16-entry table (vpshufb); levels that are not integers on any scale <= 127 (NF4) use two
+//   tables, the second holding the rounding residual, so the kernel's weight equals the stored one
+//   to ~3e-5 of the group's absmax.
+// * fp8 (e4m3): activations stay float32; codes become fp16 bit patterns (a shift) and are widened
+//   by vcvtph2ps, then multiplied in float32.
+//
+// The Python side (llmopt/kernels/lowbit_cpu.py) owns the layouts; this file only reads them:
+//   int4 / 4-bit codebooks: canonical nibble packing (byte j = code 2j | code 2j+1 << 4), 16 bytes
+//     per chunk; the chunk's even codes fill byte lanes 0-15, odd codes lanes 16-31.
+//   int2: canonical packing (byte j = codes 4j..4j+3, 2 bits each), 8 bytes per chunk; lane 8q+j
+//     holds code 4j+q.
+//   int3: two bit planes per chunk: the low 2 bits as int2 (8 bytes), then a 32-bit word whose bit l
+//     is the high bit of the code in lane l (4 bytes): 12 bytes per chunk, 3 bits per weight.
+//   int8 / fp8: one byte per code, in order.
+// The activations are quantized into the same lane order, so no weight is ever shuffled at run time.
+//
+// A portable scalar path computes the same function on CPUs without AVX-512 VNNI (slow: the Python
+// side only lets kernel="auto" choose this kernel on CPUs with avx512_vnni).
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Kind : int64_t { K_INT2 = 0, K_INT3 = 1, K_INT4 = 2, K_INT8 = 3, K_LUT4 = 4, K_LUT4X2 = 5, K_FP8 = 6 };
+constexpr int CHUNK = 32;
+
+inline int chunk_bytes(int64_t kind) {
+  switch (kind) {
+    case K_INT2: return 8;
+    case K_INT3: return 12;
+    case K_INT4: case K_LUT4: case K_LUT4X2: return 16;
+    default: return 32;
+  }
+}
+
+// Lane p of a chunk holds the code (and activation) of column chunk_col(kind, p).
+inline int chunk_col(int64_t kind, int p) {
+  switch (kind) {
+    case K_INT4: case K_LUT4: case K_LUT4X2: return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+    case K_INT2: case K_INT3: return 4 * (p & 7) + (p >> 3);
+    default: return p;
+  }
+}
+
+// Scalar code of lane p in a chunk (the scalar path and tests' mental model).
+inline int chunk_code(int64_t kind, const uint8_t* c, int p) {
+  switch (kind) {
+    case K_INT4: case K_LUT4: case K_LUT4X2: return p < 16 ? (c[p] & 0xF) : (c[p - 16] >> 4);
+    case K_INT2: return (c[p & 7] >> (2 * (p >> 3))) & 3;
+    case K_INT3: {
+      uint32_t hi;
+      std::memcpy(&hi, c + 8, 4);
+      return ((c[p & 7] >> (2 * (p >> 3))) & 3) | (((hi >> p) & 1) << 2);
+    }
+    default: return c[p];
+  }
+}
+
+enum ParamType : int { P_F32 = 0, P_BF16 = 1, P_F16 = 2 };
+
+inline int param_type(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return P_F32;
+  if (t.scalar_type() == at::kBFloat16) return P_BF16;
+  if (t.scalar_type() == at::kHalf) return P_F16;
+  TORCH_CHECK(false, "lowbit_cpu: scale/zero_point must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return P_F32;
+}
+
+inline float load_param(const void* base, int type, int64_t i) {
+  if (type == P_BF16) {
+    uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  if (type == P_F16) return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+inline float fp8_e4m3_value(uint8_t b) {
+  int e = (b >> 3) & 0xF, m = b & 7;
+  float mag = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
+  return (b & 0x80) ? -mag : mag;
+}
+
+struct Problem {
+  int64_t kind, M, N, K, Kp, G, gs, cpg, C, row_bytes;
+  const uint8_t* qdata;
+  const void* scale;
+  const void* zero;
+  int scale_type, zero_type;
+  const uint8_t* lut;  // 32 bytes: table 1, table 2 (K_LUT4X2)
+  float unit, offset;
+  // Prepared activations.
+  const int8_t* xq;     // [M, Kp], lane order per chunk (integer path)
+  const float* xs;      // [M, C] block scales (integer path)
+  const float* xhat;    // [M, G] sum of dequantized activations per group (integer path)
+  const float* xsum;    // [M, G] exact sum of activations per group (zero points)
+  const float* xcorr;   // [M, G] -unit * offset * xhat (integer path)
+  const float* xf;      // [M, Kp] float32 activations (fp8 path)
+  float* y;             // [M, N] float32
+};
+
+// Activations of token m: int8 codes per 32-block in the format's lane order, block scales, and the
+// per-group sums the zero point and the code offset need. Columns past K are zero.
+template <typename T>
+void prepare_tokens(const T* x, int64_t ldx, Problem& p, std::vector<int8_t>& xq, std::vector<float>& xs,
+                    std::vector<float>& xhat, std::vector<float>& xsum, std::vector<float>& xf) {
+  const bool integer = p.kind != K_FP8;
+  at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(CHUNK);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * ldx;
+      for (int64_t g = 0; g < p.G; ++g) {
+        float group_sum = 0.f, group_hat = 0.f;
+        for (int64_t cc = 0; cc < p.cpg; ++cc) {
+          const int64_t c = g * p.cpg + cc, col0 = c * CHUNK;
+          float amax = 0.f;
+          for (int i = 0; i < CHUNK; ++i) {
+            const int64_t col = col0 + i;
+            const float v = col < p.K ? static_cast<float>(row[col]) : 0.f;
+            buf[i] = v;
+            group_sum += v;
+            amax = std::fmax(amax, std::fabs(v));
+          }
+          if (!integer) {
+            std::memcpy(xf.data() + m * p.Kp + col0, buf.data(), CHUNK * sizeof(float));
+            continue;
+          }
+          const float s = amax / 127.f;
+          const float inv = amax > 0.f ? 127.f / amax : 0.f;
+          int8_t* dst = xq.data() + m * p.Kp + col0;
+          int total = 0;
+          for (int lane = 0; lane < CHUNK; ++lane) {
+            const int q = static_cast<int>(std::nearbyint(buf[chunk_col(p.kind, lane)] * inv));
+            const int clamped = q > 127 ? 127 : (q < -127 ? -127 : q);
+            dst[lane] = static_cast<int8_t>(clamped);
+            total += clamped;
+          }
+          xs[m * p.C + c] = s;
+          group_hat += s * static_cast<float>(total);
+        }
+        xsum[m * p.G + g] = group_sum;
+        if (integer) xhat[m * p.G + g] = group_hat;
+      }
+    }
+  });
+}
+
+// Zero-point and offset terms of y[m, n]: sum_g zero[n,g] * xsum[m,g] - unit * offset * scale[n,g] * xhat[m,g].
+inline float correction(const Problem& p, int64_t m, int64_t n) {
+  float acc = 0.f;
+  const float k = p.unit * p.offset;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t i = n * p.G + g;
+    if (p.kind != K_FP8 && k != 0.f) acc -= k * load_param(p.scale, p.scale_type, i) * p.xhat[m * p.G + g];
+    if (p.zero) acc += load_param(p.zero, p.zero_type, i) * p.xsum[m * p.G + g];
+  }
+  return acc;
+}
+
+// ------------------------------------------------------------------------------ scalar path
+void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
+  const float inv127 = 1.f / 127.f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    for (int64_t m = 0; m < p.M; ++m) {
+      double acc = 0.0;
+      for (int64_t g = 0; g < p.G; ++g) {
+        float gacc = 0.f;
+        for (int64_t cc = 0; cc < p.cpg; ++cc) {
+          const int64_t c = g * p.cpg + cc;
+          const uint8_t* chunk = row + c * chunk_bytes(p.kind);
+          if (p.kind == K_FP8) {
+            const float* xf = p.xf + m * p.Kp + c * CHUNK;
+            for (int lane = 0; lane < CHUNK; ++lane) gacc += fp8_e4m3_value(chunk[lane]) * xf[lane];
+            continue;
+          }
+          const int8_t* xq = p.xq + m * p.Kp + c * CHUNK;
+          int32_t dot = 0, dot2 = 0;
+          for (int lane = 0; lane < CHUNK; ++lane) {
+            int code = chunk_code(p.kind, chunk, lane);
+            if (p.kind == K_LUT4 || p.kind == K_LUT4X2) {
+              if (p.kind == K_LUT4X2) dot2 += static_cast<int32_t>(p.lut[16 + code]) * xq[lane];
+              code = p.lut[code];
+            }
+            dot += code * static_cast<int32_t>(xq[lane]);
+          }
+          float d = static_cast<float>(dot) + static_cast<float>(dot2) * inv127;
+          gacc += d * p.xs[m * p.C + c];
+        }
+        acc += static_cast<double>(gacc) * load_param(p.scale, p.scale_type, n * p.G + g);
+      }
+      p.y[m * p.N + n] = p.unit * static_cast<float>(acc) + correction(p, m, n);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ AVX-512 path
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 weight bytes of one chunk, in lane order (see the layout notes at the top).
+template <int64_t KIND>
+inline __m256i chunk_bytes_avx(const uint8_t* c, __m256i table) {
+  if constexpr (KIND == K_INT8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  } else if constexpr (KIND == K_INT2 || KIND == K_INT3) {
+    int64_t word;
+    std::memcpy(&word, c, 8);
+    __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(word), _mm256_setr_epi64x(0, 2, 4, 6));
+    v = _mm256_and_si256(v, _mm256_set1_epi8(3));
+    if constexpr (KIND == K_INT3) {
+      uint32_t hi;
+      std::memcpy(&hi, c + 8, 4);
+      v = _mm256_mask_add_epi8(v, static_cast<__mmask32>(hi), v, _mm256_set1_epi8(4));
+    }
+    return v;
+  } else {
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    v = _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    if constexpr (KIND == K_LUT4 || KIND == K_LUT4X2) v = _mm256_shuffle_epi8(table, v);
+    return v;
+  }
+}
+
+// Per-row parameters as float32: scale[R][G] and zero[R][G] of rows n0 .. n0+R-1.
+inline void load_row_params(const Problem& p, int64_t n0, int R, float* sc, float* zc) {
+  for (int r = 0; r < R; ++r) {
+    for (int64_t g = 0; g < p.G; ++g) sc[r * p.G + g] = load_param(p.scale, p.scale_type, (n0 + r) * p.G + g);
+    if (p.zero) {
+      for (int64_t g = 0; g < p.G; ++g) zc[r * p.G + g] = load_param(p.zero, p.zero_type, (n0 + r) * p.G + g);
+    }
+  }
+}
+
+// sum_g a[g] * b[g] (vectorised by the compiler).
+inline float dot_g(const float* a, const float* b, int64_t G) {
+  float acc = 0.f;
+  for (int64_t g = 0; g < G; ++g) acc += a[g] * b[g];
+  return acc;
+}
+
+// Zero-point and code-offset terms of y[m, n] for row r of the tile (see prepare: xcorr holds
+// -unit * offset * xhat).
+inline float tile_correction(const Problem& p, const float* sc, const float* zc, int r, int64_t m) {
+  float acc = dot_g(sc + r * p.G, p.xcorr + m * p.G, p.G);
+  if (p.zero) acc += dot_g(zc + r * p.G, p.xsum + m * p.G, p.G);
+  return acc;
+}
+
+// One tile: rows n0 .. n0+R-1 x tokens m0 .. m0+T-1, integer path. Each decoded chunk serves T tokens,
+// each activation chunk R rows; R*T independent accumulators keep the FMA pipes busy.
+template <int64_t KIND, int R, int T>
+void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
+  const int cb = chunk_bytes(KIND);
+  const __m256i table1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut)));
+  const __m256i table2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut + 16)));
+  const __m256 inv127 = _mm256_set1_ps(1.f / 127.f);
+  const __m256i zero = _mm256_setzero_si256();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.qdata + (n0 + r) * p.row_bytes;
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m256 gacc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) gacc[r][t] = _mm256_setzero_ps();
+    for (int64_t cc = 0; cc < p.cpg; ++cc) {
+      const int64_t c = g * p.cpg + cc;
+      __m256i w[R], w2[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* chunk = rows[r] + c * cb;
+        w[r] = chunk_bytes_avx<KIND>(chunk, table1);
+        if constexpr (KIND == K_LUT4X2) {
+          __m256i codes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
+          codes = _mm256_and_si256(_mm256_blend_epi32(codes, _mm256_srli_epi16(codes, 4), 0xF0),
+                                   _mm256_set1_epi8(0x0F));
+          w2[r] = _mm256_shuffle_epi8(table2, codes);
+        } else {
+          w2[r] = zero;
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const int64_t m = m0 + t;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + m * p.Kp + c * CHUNK));
+        const __m256 sx = _mm256_set1_ps(p.xs[m * p.C + c]);
+        for (int r = 0; r < R; ++r) {
+          __m256 d = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w[r], xv));
+          if constexpr (KIND == K_LUT4X2) {
+            d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w2[r], xv)), inv127, d);
+          }
+          gacc[r][t] = _mm256_fmadd_ps(d, sx, gacc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sc[r * p.G + g]);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(gacc[r][t], s, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const int64_t m = m0 + t;
+      p.y[m * p.N + n0 + r] = p.unit * hsum256(acc[r][t]) + tile_correction(p, sc, zc, r, m);
+    }
+}
+
+// fp8 e4m3 codes -> float32, 16 at a time: the e4m3 bits moved into an fp16 bit pattern whose value
+// is the e4m3 value * 2^-8 (exponent bias 15 instead of 7; subnormals map to fp16 subnormals, which
+// vcvtph2ps widens exactly). The 2^8 is folded into the group scale.
+inline __m512 fp8x16(const uint8_t* c) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(w, 8), _mm256_set1_epi16(static_cast<short>(0x8000)));
+  return _mm512_cvtph_ps(_mm256_or_si256(mag, sign));
+}
+
+template <int R, int T>
+void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.qdata + (n0 + r) * p.row_bytes;
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 gacc[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) gacc[r][t] = _mm512_setzero_ps();
+    for (int64_t cc = 0; cc < p.cpg; ++cc) {
+      const int64_t c = g * p.cpg + cc;
+      __m512 w0[R], w1[R];
+      for (int r = 0; r < R; ++r) {
+        w0[r] = fp8x16(rows[r] + c * CHUNK);
+        w1[r] = fp8x16(rows[r] + c * CHUNK + 16);
+      }
+      for (int t = 0; t < T; ++t) {
+        const float* xf = p.xf + (m0 + t) * p.Kp + c * CHUNK;
+        const __m512 x0 = _mm512_loadu_ps(xf), x1 = _mm512_loadu_ps(xf + 16);
+        for (int r = 0; r < R; ++r) {
+          gacc[r][t] = _mm512_fmadd_ps(w0[r], x0, gacc[r][t]);
+          gacc[r][t] = _mm512_fmadd_ps(w1[r], x1, gacc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(256.f * sc[r * p.G + g]);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(gacc[r][t], s, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      const int64_t m = m0 + t;
+      float corr = p.zero ? dot_g(zc + r * p.G, p.xsum + m * p.G, p.G) : 0.f;
+      p.y[m * p.N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]) + corr;
+    }
+}
+
+template <int R, int T>
+void dispatch_tile(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
+  switch (p.kind) {
+    case K_INT2: tile_int_avx512<K_INT2, R, T>(p, n0, m0, sc, zc); break;
+    case K_INT3: tile_int_avx512<K_INT3, R, T>(p, n0, m0, sc, zc); break;
+    case K_INT4: tile_int_avx512<K_INT4, R, T>(p, n0, m0, sc, zc); break;
+    case K_INT8: tile_int_avx512<K_INT8, R, T>(p, n0, m0, sc, zc); break;
+    case K_LUT4: tile_int_avx512<K_LUT4, R, T>(p, n0, m0, sc, zc); break;
+    case K_LUT4X2: tile_int_avx512<K_LUT4X2, R, T>(p, n0, m0, sc, zc); break;
+    default: tile_fp8_avx512<R, T>(p, n0, m0, sc, zc); break;
+  }
+}
+
+// All tokens of rows n0 .. n0+R-1: tiles of 4 tokens (then 2, then 1).
+template <int R, int TMAX>
+void row_tile(const Problem& p, int64_t n0, const float* sc, const float* zc) {
+  int64_t m = 0;
+  for (; m + TMAX <= p.M; m += TMAX) dispatch_tile<R, TMAX>(p, n0, m, sc, zc);
+  for (; m + 2 <= p.M; m += 2) dispatch_tile<R, 2>(p, n0, m, sc, zc);
+  for (; m < p.M; ++m) dispatch_tile<R, 1>(p, n0, m, sc, zc);
+}
+
+// Rows [n0, n1) for every token. Decode (M < 4): 4 rows per tile share each activation chunk;
+// prefill: 2 rows x 4 tokens per tile share decoded chunks and activation chunks alike.
+void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
+  std::vector<float> sc(4 * p.G), zc(p.zero ? 4 * p.G : 0);
+  const int R = p.M < 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    load_row_params(p, n, R, sc.data(), zc.data());
+    if (R == 4) row_tile<4, 1>(p, n, sc.data(), zc.data());
+    else row_tile<2, 4>(p, n, sc.data(), zc.data());
+  }
+  for (; n < n1; ++n) {
+    load_row_params(p, n, 1, sc.data(), zc.data());
+    row_tile<1, 4>(p, n, sc.data(), zc.data());
+  }
+}
+
+#pragma GCC pop_options
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+// isa: 0 = best available, 1 = force the scalar path (tests), 2 = require AVX-512 VNNI.
+at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& zero_point, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& lut, int64_t kind, int64_t group_size, int64_t out_features,
+                     double unit, double offset, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu(), "lowbit_cpu: CPU tensors only");
+  TORCH_CHECK(kind >= K_INT2 && kind <= K_FP8, "lowbit_cpu: unknown kind ", kind);
+  TORCH_CHECK(x.dim() == 2, "lowbit_cpu: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "lowbit_cpu: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 2 && qdata.is_contiguous(),
+              "lowbit_cpu: qdata must be contiguous uint8 [N, bytes]");
+  TORCH_CHECK(group_size > 0 && group_size % CHUNK == 0, "lowbit_cpu: group_size must be a multiple of 32");
+  Problem p{};
+  p.kind = kind;
+  p.M = x.size(0);
+  p.K = x.size(1);
+  p.N = out_features;
+  p.gs = group_size;
+  p.G = (p.K + group_size - 1) / group_size;
+  p.Kp = p.G * group_size;
+  p.cpg = group_size / CHUNK;
+  p.C = p.Kp / CHUNK;
+  p.row_bytes = p.C * chunk_bytes(kind);
+  TORCH_CHECK(qdata.size(0) == p.N && qdata.size(1) == p.row_bytes, "lowbit_cpu: qdata has shape ",
+              qdata.sizes(), ", expected [", p.N, ", ", p.row_bytes, "]");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == p.N && scale.size(1) == p.G && scale.is_contiguous(),
+              "lowbit_cpu: scale must be contiguous [N, G]");
+  TORCH_CHECK(lut.scalar_type() == at::kByte && lut.numel() == 32 && lut.is_contiguous(),
+              "lowbit_cpu: lut must be 32 contiguous bytes");
+  p.qdata = qdata.data_ptr<uint8_t>();
+  p.scale = scale.data_ptr();
+  p.scale_type = param_type(scale);
+  at::Tensor zero;
+  if (zero_point.has_value() && zero_point->defined()) {
+    zero = *zero_point;
+    TORCH_CHECK(zero.dim() == 2 && zero.size(0) == p.N && zero.size(1) == p.G && zero.is_contiguous(),
+                "lowbit_cpu: zero_point must be contiguous [N, G]");
+    p.zero = zero.data_ptr();
+    p.zero_type = param_type(zero);
+  }
+  p.lut = lut.data_ptr<uint8_t>();
+  p.unit = static_cast<float>(unit);
+  p.offset = static_cast<float>(offset);
+
+  const at::Tensor xc = x.contiguous();
+  const bool integer = kind != K_FP8;
+  std::vector<int8_t> xq(integer ? p.M * p.Kp : 0);
+  std::vector<float> xs(integer ? p.M * p.C : 0), xhat(integer ? p.M * p.G : 0), xsum(p.M * p.G);
+  std::vector<float> xf(integer ? 0 : p.M * p.Kp);
+  if (x.scalar_type() == at::kFloat) {
+    prepare_tokens(xc.data_ptr<float>(), p.K, p, xq, xs, xhat, xsum, xf);
+  } else {
+    prepare_tokens(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), p.K, p, xq, xs, xhat, xsum, xf);
+  }
+  p.xq = xq.data();
+  p.xs = xs.data();
+  p.xhat = xhat.data();
+  std::vector<float> xcorr(xhat.size());
+  for (size_t i = 0; i < xhat.size(); ++i) xcorr[i] = -p.unit * p.offset * xhat[i];
+  p.xcorr = xcorr.data();
+  p.xsum = xsum.data();
+  p.xf = xf.data();
+
+  at::Tensor y = at::empty({p.M, p.N}, x.options().dtype(at::kFloat));
+  p.y = y.data_ptr<float>();
+  static const bool has_avx512 = cpu_has_avx512_vnni();
+  TORCH_CHECK(isa != 2 || has_avx512, "lowbit_cpu: this CPU has no AVX-512 VNNI");
+  const bool fast = has_avx512 && isa != 1;
+  // Grain: at least 16 rows per task so tiny layers do not pay for waking every thread.
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    if (fast) rows_avx512(p, n0, n1);
+    else rows_scalar(p, n0, n1);
+  });
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+bool has_fast_path() { return cpu_has_avx512_vnni(); }
+
+}  // namespace
+
+TORCH_LIBRARY(llmopt_lowbit, m) {
+  m.def("mm(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, Tensor lut, int kind, "
+        "int group_size, int out_features, float unit, float offset, int isa) -> Tensor");
+  m.def("has_fast_path() -> bool", &has_fast_path);
+}
+
+TORCH_LIBRARY_IMPL(llmopt_lowbit, CPU, m) { m.impl("mm", &lowbit_mm); }
