@@ -47,10 +47,12 @@ _EXT = "llmopt_lowbit_cpu"
 _SOURCE = "lowbit_cpu.cpp"
 CHUNK = 32
 # Kinds, as the C++ file numbers them.
-INT2, INT3, INT4, INT8, LUT4, LUT4X2, FP8 = range(7)
+INT2, INT3, INT4, INT8, LUT4, FP8 = range(6)
 _AFFINE_KINDS = {2: INT2, 3: INT3, 4: INT4, 8: INT8}
 # Bytes of one 32-code chunk in the runtime layout.
-_CHUNK_BYTES = {INT2: 8, INT3: 12, INT4: 16, INT8: 32, LUT4: 16, LUT4X2: 16, FP8: 32}
+_CHUNK_BYTES = {INT2: 8, INT3: 12, INT4: 16, INT8: 32, LUT4: 16, FP8: 32}
+# Largest |level * L| of a codebook's int16 table: the C++ overflow bound (see csrc/lowbit_cpu.cpp).
+_LUT_MAX = 4095
 # ISA request for the C++ op: 0 = fastest available, 1 = force the scalar path.
 _ISA_ENV = "LLMOPT_LOWBIT_ISA"
 
@@ -61,36 +63,30 @@ def _isa() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _FormatPlan:
-    """How the C++ kernel reads one format: its kind, byte tables, and the unit/offset of its codes."""
+    """How the C++ kernel reads one format: its kind, level table, and the unit/offset of its codes."""
 
     kind: int
-    lut: Tensor  # uint8 [32]: table 1, table 2
+    lut: Tensor  # int16 [16]: the codebook's levels * L (zeros for other formats)
     unit: float  # value of one code step (codebooks: 1/L)
-    offset: float  # code value that stands for 0 (affine: mid; codebooks: 128, or 128*128/127 with 2 tables)
+    offset: float  # code value that stands for 0 (affine: mid; others: 0)
 
 
 _PLANS: Dict[object, Optional[_FormatPlan]] = {}
 
 
 def _codebook_plan(fmt: CodebookFormat) -> Optional[_FormatPlan]:
-    """Levels as bytes: ``level = (t1 + t2/127) / L`` with ``t1``, ``t2`` signed bytes (t2 = 0 when the
-    levels are integers on some scale L <= 127, as FP4's are with L = 12)."""
+    """Levels as int16: ``level ~ t / L``, exact when the levels are integers on a scale L <= 127 (FP4:
+    L = 12), else L = 4095 / max|level| (NF4: within 1.2e-4 of the group's absmax)."""
     levels = torch.tensor(fmt.levels, dtype=torch.float64)
     top = float(levels.abs().max())
     if levels.numel() != 16 or top == 0:
         return None
     for scale in range(1, 128):
         scaled = levels * scale
-        if float(scaled.abs().max()) <= 127 and float((scaled - scaled.round()).abs().max()) < 1e-6:
-            t1 = scaled.round().to(torch.int64) + 128
-            lut = torch.cat([t1, torch.full((16,), 128, dtype=torch.int64)]).to(torch.uint8)
-            return _FormatPlan(LUT4, lut, 1.0 / scale, 128.0)
-    scale = 127.0 / top
-    scaled = levels * scale
-    t1 = scaled.round()
-    t2 = ((scaled - t1) * 127).round()
-    lut = torch.cat([t1 + 128, t2 + 128]).to(torch.int64).to(torch.uint8)
-    return _FormatPlan(LUT4X2, lut, 1.0 / scale, 128.0 * 128.0 / 127.0)
+        if float(scaled.abs().max()) <= _LUT_MAX and float((scaled - scaled.round()).abs().max()) < 1e-6:
+            return _FormatPlan(LUT4, scaled.round().to(torch.int16), 1.0 / scale, 0.0)
+    scale = _LUT_MAX / top
+    return _FormatPlan(LUT4, (levels * scale).round().to(torch.int16), 1.0 / scale, 0.0)
 
 
 def format_kind(fmt) -> Optional[_FormatPlan]:
@@ -98,7 +94,7 @@ def format_kind(fmt) -> Optional[_FormatPlan]:
     if fmt in _PLANS:
         return _PLANS[fmt]
     plan = None
-    zeros = torch.zeros(32, dtype=torch.uint8)
+    zeros = torch.zeros(16, dtype=torch.int16)
     if isinstance(fmt, AffineFormat) and fmt.bits in _AFFINE_KINDS:
         plan = _FormatPlan(_AFFINE_KINDS[fmt.bits], zeros, 1.0, float(fmt.mid))
     elif isinstance(fmt, CodebookFormat) and fmt.bits == 4:
@@ -121,7 +117,7 @@ _INT2_COLUMN_LANE = torch.argsort(_INT2_LANE_COLUMN)
 def _pack_runtime(kind: int, codes: Tensor) -> Tensor:
     """Codes ``[N, Kp]`` (uint8) -> runtime bytes ``[N, Kp/32 * chunk bytes]``."""
     n, kp = codes.shape
-    if kind in (INT4, LUT4, LUT4X2):
+    if kind in (INT4, LUT4):
         return pack_codes(codes, 4)
     if kind == INT2:
         return pack_codes(codes, 2)
@@ -138,7 +134,7 @@ def _pack_runtime(kind: int, codes: Tensor) -> Tensor:
 def _unpack_runtime(kind: int, data: Tensor, kp: int) -> Tensor:
     """Exact inverse of :func:`_pack_runtime`: codes ``[N, Kp]``."""
     n = data.shape[0]
-    if kind in (INT4, LUT4, LUT4X2):
+    if kind in (INT4, LUT4):
         return unpack_codes(data, 4, kp)
     if kind == INT2:
         return unpack_codes(data, 2, kp)

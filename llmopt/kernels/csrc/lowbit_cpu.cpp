@@ -4,18 +4,20 @@
 // registers, 32 codes at a time (one "chunk"). Two arithmetic paths:
 //
 // * integer formats (int2/int3/int4/int8 affine, 4-bit codebooks such as NF4 and FP4): the
-//   activations are quantized per token to int8 in blocks of 32 (one float scale per block, like
-//   llama.cpp's Q8_0), and each chunk is one AVX-512 VNNI dot product (vpdpbusd: unsigned weight
-//   bytes x signed activation bytes, exact in int32). A codebook's levels become bytes through a
-//   16-entry table (vpshufb); levels that are not integers on any scale <= 127 (NF4) use two
-//   tables, the second holding the rounding residual, so the kernel's weight equals the stored one
-//   to ~3e-5 of the group's absmax.
+//   activations are quantized per token to int16 in blocks of XB columns (XB = the largest of 256,
+//   128, 64, 32 that divides the group size; one float scale per block, range +-16383), and each
+//   chunk is two AVX-512 VNNI word dot products (vpdpwssd, exact in int32) accumulated over the
+//   block; one float multiply per block and one per group. With 14-bit activations the kernel
+//   matches a float32 product to ~1e-4 (int8 activations, llama.cpp's Q8 way, measured ~5e-3).
+//   A codebook's levels become int16 through a 16-entry table (vpermw), scaled by L so that
+//   |level * L| <= 4095 (exact for FP4 with L = 12; NF4 within 1.2e-4 of the group's absmax).
+//   Overflow bound: XB/8 products per int32 lane of at most 4095 * 16383: < 2^31 for XB <= 256.
 // * fp8 (e4m3): activations stay float32; codes become fp16 bit patterns (a shift) and are widened
 //   by vcvtph2ps, then multiplied in float32.
 //
 // The Python side (llmopt/kernels/lowbit_cpu.py) owns the layouts; this file only reads them:
 //   int4 / 4-bit codebooks: canonical nibble packing (byte j = code 2j | code 2j+1 << 4), 16 bytes
-//     per chunk; the chunk's even codes fill byte lanes 0-15, odd codes lanes 16-31.
+//     per chunk; the chunk's even codes fill lanes 0-15, odd codes lanes 16-31.
 //   int2: canonical packing (byte j = codes 4j..4j+3, 2 bits each), 8 bytes per chunk; lane 8q+j
 //     holds code 4j+q.
 //   int3: two bit planes per chunk: the low 2 bits as int2 (8 bytes), then a 32-bit word whose bit l
@@ -40,31 +42,32 @@
 
 namespace {
 
-enum Kind : int64_t { K_INT2 = 0, K_INT3 = 1, K_INT4 = 2, K_INT8 = 3, K_LUT4 = 4, K_LUT4X2 = 5, K_FP8 = 6 };
+enum Kind : int64_t { K_INT2 = 0, K_INT3 = 1, K_INT4 = 2, K_INT8 = 3, K_LUT4 = 4, K_FP8 = 5 };
 constexpr int CHUNK = 32;
+constexpr float XQ_MAX = 16383.f;  // activation code range: 15 bits (see the overflow bound above)
 
 inline int chunk_bytes(int64_t kind) {
   switch (kind) {
     case K_INT2: return 8;
     case K_INT3: return 12;
-    case K_INT4: case K_LUT4: case K_LUT4X2: return 16;
+    case K_INT4: case K_LUT4: return 16;
     default: return 32;
   }
 }
 
-// Lane p of a chunk holds the code (and activation) of column chunk_col(kind, p).
+// Lane p of a chunk holds the code (and activation) of column chunk_col(kind, p) of the chunk.
 inline int chunk_col(int64_t kind, int p) {
   switch (kind) {
-    case K_INT4: case K_LUT4: case K_LUT4X2: return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+    case K_INT4: case K_LUT4: return p < 16 ? 2 * p : 2 * (p - 16) + 1;
     case K_INT2: case K_INT3: return 4 * (p & 7) + (p >> 3);
     default: return p;
   }
 }
 
-// Scalar code of lane p in a chunk (the scalar path and tests' mental model).
+// Code of lane p in a chunk (the scalar path).
 inline int chunk_code(int64_t kind, const uint8_t* c, int p) {
   switch (kind) {
-    case K_INT4: case K_LUT4: case K_LUT4X2: return p < 16 ? (c[p] & 0xF) : (c[p - 16] >> 4);
+    case K_INT4: case K_LUT4: return p < 16 ? (c[p] & 0xF) : (c[p - 16] >> 4);
     case K_INT2: return (c[p & 7] >> (2 * (p >> 3))) & 3;
     case K_INT3: {
       uint32_t hi;
@@ -103,39 +106,41 @@ inline float fp8_e4m3_value(uint8_t b) {
 }
 
 struct Problem {
-  int64_t kind, M, N, K, Kp, G, gs, cpg, C, row_bytes;
+  int64_t kind, M, N, K, Kp, G, gs, C, row_bytes;
+  int64_t xb, B, bpg, cpb;  // activation block: columns, count, blocks per group, chunks per block
   const uint8_t* qdata;
   const void* scale;
   const void* zero;
   int scale_type, zero_type;
-  const uint8_t* lut;  // 32 bytes: table 1, table 2 (K_LUT4X2)
-  float unit, offset;
+  const int16_t* lut;  // 16 int16 levels (K_LUT4)
+  float unit;          // value of one code step (codebooks: 1/L)
+  float offset;        // code that stands for 0 (affine: mid; codebooks: 0)
   // Prepared activations.
-  const int8_t* xq;     // [M, Kp], lane order per chunk (integer path)
-  const float* xs;      // [M, C] block scales (integer path)
-  const float* xhat;    // [M, G] sum of dequantized activations per group (integer path)
-  const float* xsum;    // [M, G] exact sum of activations per group (zero points)
-  const float* xcorr;   // [M, G] -unit * offset * xhat (integer path)
-  const float* xf;      // [M, Kp] float32 activations (fp8 path)
-  float* y;             // [M, N] float32
+  const int16_t* xq;  // [M, Kp] in lane order per chunk (integer path)
+  const float* xs;    // [M, B] block scales (integer path)
+  const float* xcorr; // [M, G] -unit * offset * (sum of dequantized activations of the group)
+  const float* xsum;  // [M, G] exact sum of the activations of each group (zero points)
+  const float* xf;    // [M, Kp] float32 activations (fp8 path)
+  float* y;           // [M, N] float32
 };
 
-// Activations of token m: int8 codes per 32-block in the format's lane order, block scales, and the
-// per-group sums the zero point and the code offset need. Columns past K are zero.
+// Activations of every token: int16 codes per block in the chunks' lane order, block scales, and the
+// per-group sums that the zero point and the code offset need. Columns past K are zero.
 template <typename T>
-void prepare_tokens(const T* x, int64_t ldx, Problem& p, std::vector<int8_t>& xq, std::vector<float>& xs,
-                    std::vector<float>& xhat, std::vector<float>& xsum, std::vector<float>& xf) {
+void prepare_tokens(const T* x, Problem& p, std::vector<int16_t>& xq, std::vector<float>& xs,
+                    std::vector<float>& xcorr, std::vector<float>& xsum, std::vector<float>& xf) {
   const bool integer = p.kind != K_FP8;
   at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<float> buf(CHUNK);
+    std::vector<float> buf(p.xb);
     for (int64_t m = m0; m < m1; ++m) {
-      const T* row = x + m * ldx;
+      const T* row = x + m * p.K;
       for (int64_t g = 0; g < p.G; ++g) {
-        float group_sum = 0.f, group_hat = 0.f;
-        for (int64_t cc = 0; cc < p.cpg; ++cc) {
-          const int64_t c = g * p.cpg + cc, col0 = c * CHUNK;
+        float group_sum = 0.f;
+        double group_hat = 0.0;
+        for (int64_t bb = 0; bb < p.bpg; ++bb) {
+          const int64_t b = g * p.bpg + bb, col0 = b * p.xb;
           float amax = 0.f;
-          for (int i = 0; i < CHUNK; ++i) {
+          for (int64_t i = 0; i < p.xb; ++i) {
             const int64_t col = col0 + i;
             const float v = col < p.K ? static_cast<float>(row[col]) : 0.f;
             buf[i] = v;
@@ -143,74 +148,88 @@ void prepare_tokens(const T* x, int64_t ldx, Problem& p, std::vector<int8_t>& xq
             amax = std::fmax(amax, std::fabs(v));
           }
           if (!integer) {
-            std::memcpy(xf.data() + m * p.Kp + col0, buf.data(), CHUNK * sizeof(float));
+            std::memcpy(xf.data() + m * p.Kp + col0, buf.data(), p.xb * sizeof(float));
             continue;
           }
-          const float s = amax / 127.f;
-          const float inv = amax > 0.f ? 127.f / amax : 0.f;
-          int8_t* dst = xq.data() + m * p.Kp + col0;
-          int total = 0;
-          for (int lane = 0; lane < CHUNK; ++lane) {
-            const int q = static_cast<int>(std::nearbyint(buf[chunk_col(p.kind, lane)] * inv));
-            const int clamped = q > 127 ? 127 : (q < -127 ? -127 : q);
-            dst[lane] = static_cast<int8_t>(clamped);
-            total += clamped;
+          const float s = amax / XQ_MAX;
+          const float inv = amax > 0.f ? XQ_MAX / amax : 0.f;
+          int64_t total = 0;
+          for (int64_t c0 = 0; c0 < p.xb; c0 += CHUNK) {
+            int16_t* dst = xq.data() + m * p.Kp + col0 + c0;
+            for (int lane = 0; lane < CHUNK; ++lane) {
+              float q = std::nearbyint(buf[c0 + chunk_col(p.kind, lane)] * inv);
+              q = q > XQ_MAX ? XQ_MAX : (q < -XQ_MAX ? -XQ_MAX : q);
+              dst[lane] = static_cast<int16_t>(q);
+              total += static_cast<int64_t>(q);
+            }
           }
-          xs[m * p.C + c] = s;
-          group_hat += s * static_cast<float>(total);
+          xs[m * p.B + b] = s;
+          group_hat += static_cast<double>(s) * static_cast<double>(total);
         }
         xsum[m * p.G + g] = group_sum;
-        if (integer) xhat[m * p.G + g] = group_hat;
+        if (integer) xcorr[m * p.G + g] = static_cast<float>(-p.unit * p.offset * group_hat);
       }
     }
   });
 }
 
-// Zero-point and offset terms of y[m, n]: sum_g zero[n,g] * xsum[m,g] - unit * offset * scale[n,g] * xhat[m,g].
-inline float correction(const Problem& p, int64_t m, int64_t n) {
+// sum_g a[g] * b[g] (vectorised by the compiler).
+inline float dot_g(const float* a, const float* b, int64_t G) {
   float acc = 0.f;
-  const float k = p.unit * p.offset;
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t i = n * p.G + g;
-    if (p.kind != K_FP8 && k != 0.f) acc -= k * load_param(p.scale, p.scale_type, i) * p.xhat[m * p.G + g];
-    if (p.zero) acc += load_param(p.zero, p.zero_type, i) * p.xsum[m * p.G + g];
+  for (int64_t g = 0; g < G; ++g) acc += a[g] * b[g];
+  return acc;
+}
+
+// Per-row parameters as float32: scale[R][G] and zero[R][G] of rows n0 .. n0+R-1.
+inline void load_row_params(const Problem& p, int64_t n0, int R, float* sc, float* zc) {
+  for (int r = 0; r < R; ++r) {
+    for (int64_t g = 0; g < p.G; ++g) sc[r * p.G + g] = load_param(p.scale, p.scale_type, (n0 + r) * p.G + g);
+    if (p.zero) {
+      for (int64_t g = 0; g < p.G; ++g) zc[r * p.G + g] = load_param(p.zero, p.zero_type, (n0 + r) * p.G + g);
+    }
   }
+}
+
+// Zero-point and code-offset terms of y[m, n] for row r of a tile.
+inline float tile_correction(const Problem& p, const float* sc, const float* zc, int r, int64_t m) {
+  float acc = p.kind == K_FP8 ? 0.f : dot_g(sc + r * p.G, p.xcorr + m * p.G, p.G);
+  if (p.zero) acc += dot_g(zc + r * p.G, p.xsum + m * p.G, p.G);
   return acc;
 }
 
 // ------------------------------------------------------------------------------ scalar path
 void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
-  const float inv127 = 1.f / 127.f;
+  std::vector<float> sc(p.G), zc(p.zero ? p.G : 0);
+  const int cb = chunk_bytes(p.kind);
   for (int64_t n = n0; n < n1; ++n) {
+    load_row_params(p, n, 1, sc.data(), zc.data());
     const uint8_t* row = p.qdata + n * p.row_bytes;
     for (int64_t m = 0; m < p.M; ++m) {
-      double acc = 0.0;
+      float acc = 0.f;
       for (int64_t g = 0; g < p.G; ++g) {
         float gacc = 0.f;
-        for (int64_t cc = 0; cc < p.cpg; ++cc) {
-          const int64_t c = g * p.cpg + cc;
-          const uint8_t* chunk = row + c * chunk_bytes(p.kind);
-          if (p.kind == K_FP8) {
-            const float* xf = p.xf + m * p.Kp + c * CHUNK;
-            for (int lane = 0; lane < CHUNK; ++lane) gacc += fp8_e4m3_value(chunk[lane]) * xf[lane];
-            continue;
-          }
-          const int8_t* xq = p.xq + m * p.Kp + c * CHUNK;
-          int32_t dot = 0, dot2 = 0;
-          for (int lane = 0; lane < CHUNK; ++lane) {
-            int code = chunk_code(p.kind, chunk, lane);
-            if (p.kind == K_LUT4 || p.kind == K_LUT4X2) {
-              if (p.kind == K_LUT4X2) dot2 += static_cast<int32_t>(p.lut[16 + code]) * xq[lane];
-              code = p.lut[code];
+        for (int64_t bb = 0; bb < p.bpg; ++bb) {
+          const int64_t b = g * p.bpg + bb;
+          int64_t iacc = 0;
+          float facc = 0.f;
+          for (int64_t cc = 0; cc < p.cpb; ++cc) {
+            const int64_t c = b * p.cpb + cc;
+            const uint8_t* chunk = row + c * cb;
+            for (int lane = 0; lane < CHUNK; ++lane) {
+              if (p.kind == K_FP8) {
+                facc += fp8_e4m3_value(chunk[lane]) * p.xf[m * p.Kp + c * CHUNK + lane];
+                continue;
+              }
+              int code = chunk_code(p.kind, chunk, lane);
+              if (p.kind == K_LUT4) code = p.lut[code];
+              iacc += static_cast<int64_t>(code) * p.xq[m * p.Kp + c * CHUNK + lane];
             }
-            dot += code * static_cast<int32_t>(xq[lane]);
           }
-          float d = static_cast<float>(dot) + static_cast<float>(dot2) * inv127;
-          gacc += d * p.xs[m * p.C + c];
+          gacc += p.kind == K_FP8 ? facc : static_cast<float>(iacc) * p.xs[m * p.B + b];
         }
-        acc += static_cast<double>(gacc) * load_param(p.scale, p.scale_type, n * p.G + g);
+        acc += gacc * sc[g];
       }
-      p.y[m * p.N + n] = p.unit * static_cast<float>(acc) + correction(p, m, n);
+      p.y[m * p.N + n] = p.unit * acc + tile_correction(p, sc.data(), zc.data(), 0, m);
     }
   }
 }
@@ -226,65 +245,43 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 32 weight bytes of one chunk, in lane order (see the layout notes at the top).
+// The 32 codes of one chunk as two vectors of 16 int16 (lanes 0-15, 16-31; see the layout notes).
 template <int64_t KIND>
-inline __m256i chunk_bytes_avx(const uint8_t* c, __m256i table) {
+inline void chunk_words(const uint8_t* c, __m256i table, __m256i& lo, __m256i& hi) {
   if constexpr (KIND == K_INT8) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+    lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)));
   } else if constexpr (KIND == K_INT2 || KIND == K_INT3) {
     int64_t word;
     std::memcpy(&word, c, 8);
-    __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(word), _mm256_setr_epi64x(0, 2, 4, 6));
-    v = _mm256_and_si256(v, _mm256_set1_epi8(3));
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_set1_epi64x(word));
+    const __m256i three = _mm256_set1_epi16(3);
+    lo = _mm256_and_si256(_mm256_srlv_epi16(v, _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)), three);
+    hi = _mm256_and_si256(_mm256_srlv_epi16(v, _mm256_setr_epi16(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6)), three);
     if constexpr (KIND == K_INT3) {
-      uint32_t hi;
-      std::memcpy(&hi, c + 8, 4);
-      v = _mm256_mask_add_epi8(v, static_cast<__mmask32>(hi), v, _mm256_set1_epi8(4));
+      uint32_t bits;
+      std::memcpy(&bits, c + 8, 4);
+      const __m256i four = _mm256_set1_epi16(4);
+      lo = _mm256_mask_add_epi16(lo, static_cast<__mmask16>(bits), lo, four);
+      hi = _mm256_mask_add_epi16(hi, static_cast<__mmask16>(bits >> 16), hi, four);
     }
-    return v;
   } else {
-    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-    v = _mm256_blend_epi32(v, _mm256_srli_epi16(v, 4), 0xF0);
-    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    if constexpr (KIND == K_LUT4 || KIND == K_LUT4X2) v = _mm256_shuffle_epi8(table, v);
-    return v;
-  }
-}
-
-// Per-row parameters as float32: scale[R][G] and zero[R][G] of rows n0 .. n0+R-1.
-inline void load_row_params(const Problem& p, int64_t n0, int R, float* sc, float* zc) {
-  for (int r = 0; r < R; ++r) {
-    for (int64_t g = 0; g < p.G; ++g) sc[r * p.G + g] = load_param(p.scale, p.scale_type, (n0 + r) * p.G + g);
-    if (p.zero) {
-      for (int64_t g = 0; g < p.G; ++g) zc[r * p.G + g] = load_param(p.zero, p.zero_type, (n0 + r) * p.G + g);
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    hi = _mm256_srli_epi16(v, 4);
+    if constexpr (KIND == K_LUT4) {
+      lo = _mm256_permutexvar_epi16(lo, table);
+      hi = _mm256_permutexvar_epi16(hi, table);
     }
   }
-}
-
-// sum_g a[g] * b[g] (vectorised by the compiler).
-inline float dot_g(const float* a, const float* b, int64_t G) {
-  float acc = 0.f;
-  for (int64_t g = 0; g < G; ++g) acc += a[g] * b[g];
-  return acc;
-}
-
-// Zero-point and code-offset terms of y[m, n] for row r of the tile (see prepare: xcorr holds
-// -unit * offset * xhat).
-inline float tile_correction(const Problem& p, const float* sc, const float* zc, int r, int64_t m) {
-  float acc = dot_g(sc + r * p.G, p.xcorr + m * p.G, p.G);
-  if (p.zero) acc += dot_g(zc + r * p.G, p.xsum + m * p.G, p.G);
-  return acc;
 }
 
 // One tile: rows n0 .. n0+R-1 x tokens m0 .. m0+T-1, integer path. Each decoded chunk serves T tokens,
-// each activation chunk R rows; R*T independent accumulators keep the FMA pipes busy.
+// each activation chunk R rows; R*T independent accumulators keep the pipes busy.
 template <int64_t KIND, int R, int T>
 void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
   const int cb = chunk_bytes(KIND);
-  const __m256i table1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut)));
-  const __m256i table2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut + 16)));
-  const __m256 inv127 = _mm256_set1_ps(1.f / 127.f);
-  const __m256i zero = _mm256_setzero_si256();
+  const __m256i table = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.lut));
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p.qdata + (n0 + r) * p.row_bytes;
   __m256 acc[R][T];
@@ -294,32 +291,28 @@ void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
     __m256 gacc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) gacc[r][t] = _mm256_setzero_ps();
-    for (int64_t cc = 0; cc < p.cpg; ++cc) {
-      const int64_t c = g * p.cpg + cc;
-      __m256i w[R], w2[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* chunk = rows[r] + c * cb;
-        w[r] = chunk_bytes_avx<KIND>(chunk, table1);
-        if constexpr (KIND == K_LUT4X2) {
-          __m256i codes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
-          codes = _mm256_and_si256(_mm256_blend_epi32(codes, _mm256_srli_epi16(codes, 4), 0xF0),
-                                   _mm256_set1_epi8(0x0F));
-          w2[r] = _mm256_shuffle_epi8(table2, codes);
-        } else {
-          w2[r] = zero;
+    for (int64_t bb = 0; bb < p.bpg; ++bb) {
+      const int64_t b = g * p.bpg + bb;
+      __m256i iacc[R][T];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) iacc[r][t] = _mm256_setzero_si256();
+      for (int64_t cc = 0; cc < p.cpb; ++cc) {
+        const int64_t c = b * p.cpb + cc;
+        __m256i lo[R], hi[R];
+        for (int r = 0; r < R; ++r) chunk_words<KIND>(rows[r] + c * cb, table, lo[r], hi[r]);
+        for (int t = 0; t < T; ++t) {
+          const int16_t* xq = p.xq + (m0 + t) * p.Kp + c * CHUNK;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+          for (int r = 0; r < R; ++r) {
+            iacc[r][t] = _mm256_dpwssd_epi32(iacc[r][t], lo[r], x0);
+            iacc[r][t] = _mm256_dpwssd_epi32(iacc[r][t], hi[r], x1);
+          }
         }
       }
       for (int t = 0; t < T; ++t) {
-        const int64_t m = m0 + t;
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + m * p.Kp + c * CHUNK));
-        const __m256 sx = _mm256_set1_ps(p.xs[m * p.C + c]);
-        for (int r = 0; r < R; ++r) {
-          __m256 d = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w[r], xv));
-          if constexpr (KIND == K_LUT4X2) {
-            d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, w2[r], xv)), inv127, d);
-          }
-          gacc[r][t] = _mm256_fmadd_ps(d, sx, gacc[r][t]);
-        }
+        const __m256 sx = _mm256_set1_ps(p.xs[(m0 + t) * p.B + b]);
+        for (int r = 0; r < R; ++r) gacc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][t]), sx, gacc[r][t]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -348,6 +341,7 @@ template <int R, int T>
 void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p.qdata + (n0 + r) * p.row_bytes;
+  const int64_t cpg = p.gs / CHUNK;
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -355,8 +349,8 @@ void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
     __m512 gacc[R][T];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) gacc[r][t] = _mm512_setzero_ps();
-    for (int64_t cc = 0; cc < p.cpg; ++cc) {
-      const int64_t c = g * p.cpg + cc;
+    for (int64_t cc = 0; cc < cpg; ++cc) {
+      const int64_t c = g * cpg + cc;
       __m512 w0[R], w1[R];
       for (int r = 0; r < R; ++r) {
         w0[r] = fp8x16(rows[r] + c * CHUNK);
@@ -379,8 +373,7 @@ void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       const int64_t m = m0 + t;
-      float corr = p.zero ? dot_g(zc + r * p.G, p.xsum + m * p.G, p.G) : 0.f;
-      p.y[m * p.N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]) + corr;
+      p.y[m * p.N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]) + tile_correction(p, sc, zc, r, m);
     }
 }
 
@@ -392,17 +385,18 @@ void dispatch_tile(const Problem& p, int64_t n0, int64_t m0, const float* sc, co
     case K_INT4: tile_int_avx512<K_INT4, R, T>(p, n0, m0, sc, zc); break;
     case K_INT8: tile_int_avx512<K_INT8, R, T>(p, n0, m0, sc, zc); break;
     case K_LUT4: tile_int_avx512<K_LUT4, R, T>(p, n0, m0, sc, zc); break;
-    case K_LUT4X2: tile_int_avx512<K_LUT4X2, R, T>(p, n0, m0, sc, zc); break;
     default: tile_fp8_avx512<R, T>(p, n0, m0, sc, zc); break;
   }
 }
 
-// All tokens of rows n0 .. n0+R-1: tiles of 4 tokens (then 2, then 1).
+// All tokens of rows n0 .. n0+R-1: tiles of TMAX tokens, then 2, then 1.
 template <int R, int TMAX>
 void row_tile(const Problem& p, int64_t n0, const float* sc, const float* zc) {
   int64_t m = 0;
   for (; m + TMAX <= p.M; m += TMAX) dispatch_tile<R, TMAX>(p, n0, m, sc, zc);
-  for (; m + 2 <= p.M; m += 2) dispatch_tile<R, 2>(p, n0, m, sc, zc);
+  if constexpr (TMAX > 2) {
+    for (; m + 2 <= p.M; m += 2) dispatch_tile<R, 2>(p, n0, m, sc, zc);
+  }
   for (; m < p.M; ++m) dispatch_tile<R, 1>(p, n0, m, sc, zc);
 }
 
@@ -410,11 +404,12 @@ void row_tile(const Problem& p, int64_t n0, const float* sc, const float* zc) {
 // prefill: 2 rows x 4 tokens per tile share decoded chunks and activation chunks alike.
 void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
   std::vector<float> sc(4 * p.G), zc(p.zero ? 4 * p.G : 0);
-  const int R = p.M < 4 ? 4 : 2;
+  const bool decode = p.M < 4;
+  const int R = decode ? 4 : 2;
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     load_row_params(p, n, R, sc.data(), zc.data());
-    if (R == 4) row_tile<4, 1>(p, n, sc.data(), zc.data());
+    if (decode) row_tile<4, 1>(p, n, sc.data(), zc.data());
     else row_tile<2, 4>(p, n, sc.data(), zc.data());
   }
   for (; n < n1; ++n) {
@@ -430,6 +425,13 @@ bool cpu_has_avx512_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+int64_t activation_block(int64_t group_size) {
+  for (int64_t xb : {256, 128, 64, 32}) {
+    if (group_size % xb == 0) return xb;
+  }
+  return CHUNK;
 }
 
 // isa: 0 = best available, 1 = force the scalar path (tests), 2 = require AVX-512 VNNI.
@@ -453,15 +455,18 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Ten
   p.gs = group_size;
   p.G = (p.K + group_size - 1) / group_size;
   p.Kp = p.G * group_size;
-  p.cpg = group_size / CHUNK;
   p.C = p.Kp / CHUNK;
+  p.xb = activation_block(group_size);
+  p.B = p.Kp / p.xb;
+  p.bpg = group_size / p.xb;
+  p.cpb = p.xb / CHUNK;
   p.row_bytes = p.C * chunk_bytes(kind);
   TORCH_CHECK(qdata.size(0) == p.N && qdata.size(1) == p.row_bytes, "lowbit_cpu: qdata has shape ",
               qdata.sizes(), ", expected [", p.N, ", ", p.row_bytes, "]");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == p.N && scale.size(1) == p.G && scale.is_contiguous(),
               "lowbit_cpu: scale must be contiguous [N, G]");
-  TORCH_CHECK(lut.scalar_type() == at::kByte && lut.numel() == 32 && lut.is_contiguous(),
-              "lowbit_cpu: lut must be 32 contiguous bytes");
+  TORCH_CHECK(lut.scalar_type() == at::kShort && lut.numel() == 16 && lut.is_contiguous(),
+              "lowbit_cpu: lut must be 16 contiguous int16");
   p.qdata = qdata.data_ptr<uint8_t>();
   p.scale = scale.data_ptr();
   p.scale_type = param_type(scale);
@@ -473,25 +478,22 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Ten
     p.zero = zero.data_ptr();
     p.zero_type = param_type(zero);
   }
-  p.lut = lut.data_ptr<uint8_t>();
+  p.lut = lut.data_ptr<int16_t>();
   p.unit = static_cast<float>(unit);
   p.offset = static_cast<float>(offset);
 
   const at::Tensor xc = x.contiguous();
   const bool integer = kind != K_FP8;
-  std::vector<int8_t> xq(integer ? p.M * p.Kp : 0);
-  std::vector<float> xs(integer ? p.M * p.C : 0), xhat(integer ? p.M * p.G : 0), xsum(p.M * p.G);
+  std::vector<int16_t> xq(integer ? p.M * p.Kp : 0);
+  std::vector<float> xs(integer ? p.M * p.B : 0), xcorr(integer ? p.M * p.G : 0), xsum(p.M * p.G);
   std::vector<float> xf(integer ? 0 : p.M * p.Kp);
   if (x.scalar_type() == at::kFloat) {
-    prepare_tokens(xc.data_ptr<float>(), p.K, p, xq, xs, xhat, xsum, xf);
+    prepare_tokens(xc.data_ptr<float>(), p, xq, xs, xcorr, xsum, xf);
   } else {
-    prepare_tokens(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), p.K, p, xq, xs, xhat, xsum, xf);
+    prepare_tokens(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), p, xq, xs, xcorr, xsum, xf);
   }
   p.xq = xq.data();
   p.xs = xs.data();
-  p.xhat = xhat.data();
-  std::vector<float> xcorr(xhat.size());
-  for (size_t i = 0; i < xhat.size(); ++i) xcorr[i] = -p.unit * p.offset * xhat[i];
   p.xcorr = xcorr.data();
   p.xsum = xsum.data();
   p.xf = xf.data();
