@@ -293,9 +293,10 @@ void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
       for (int t = 0; t < T; ++t) gacc[r][t] = _mm256_setzero_ps();
     for (int64_t bb = 0; bb < p.bpg; ++bb) {
       const int64_t b = g * p.bpg + bb;
-      __m256i iacc[R][T];
+      // Two integer accumulators per (row, token): halves the dependency chain of vpdpwssd.
+      __m256i iacc[R][T], iacc2[R][T];
       for (int r = 0; r < R; ++r)
-        for (int t = 0; t < T; ++t) iacc[r][t] = _mm256_setzero_si256();
+        for (int t = 0; t < T; ++t) iacc[r][t] = iacc2[r][t] = _mm256_setzero_si256();
       for (int64_t cc = 0; cc < p.cpb; ++cc) {
         const int64_t c = b * p.cpb + cc;
         __m256i lo[R], hi[R];
@@ -306,13 +307,16 @@ void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
           for (int r = 0; r < R; ++r) {
             iacc[r][t] = _mm256_dpwssd_epi32(iacc[r][t], lo[r], x0);
-            iacc[r][t] = _mm256_dpwssd_epi32(iacc[r][t], hi[r], x1);
+            iacc2[r][t] = _mm256_dpwssd_epi32(iacc2[r][t], hi[r], x1);
           }
         }
       }
       for (int t = 0; t < T; ++t) {
         const __m256 sx = _mm256_set1_ps(p.xs[(m0 + t) * p.B + b]);
-        for (int r = 0; r < R; ++r) gacc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][t]), sx, gacc[r][t]);
+        for (int r = 0; r < R; ++r) {
+          const __m256i sum = _mm256_add_epi32(iacc[r][t], iacc2[r][t]);
+          gacc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sx, gacc[r][t]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -325,6 +329,94 @@ void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
       const int64_t m = m0 + t;
       p.y[m * p.N + n0 + r] = p.unit * hsum256(acc[r][t]) + tile_correction(p, sc, zc, r, m);
     }
+}
+
+// Lane sums of 8 int32 vectors: out[j] = sum of the lanes of v[j].
+inline __m256i reduce8_epi32(const __m256i* v) {
+  const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Decode tile (one token, R rows) for groups of at most 256 columns (one activation block per group).
+// The per-group float work is what limits small groups, so it is done 8 groups at a time: the 8
+// integer group dots of a row are reduced to one vector and scaled by 8 (weight scale x activation
+// scale) products at once, instead of a convert and two FMAs per group.
+template <int64_t KIND, int R, int CPG>
+void tile_decode_avx512(const Problem& p, int64_t n0, int64_t m, const float* sc, const float* zc) {
+  constexpr int cb = KIND == K_INT2 ? 8 : (KIND == K_INT3 ? 12 : (KIND == K_INT8 ? 32 : 16));
+  const __m256i table = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.lut));
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p.qdata + (n0 + r) * p.row_bytes;
+  const int16_t* xrow = p.xq + m * p.Kp;
+  const float* xs = p.xs + m * p.B;
+  __m256 acc[R];
+  float rest[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    rest[r] = 0.f;
+  }
+  int64_t g = 0;
+  for (; g + 8 <= p.G; g += 8) {
+    __m256i iacc[R][8];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) iacc[r][j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+#pragma GCC unroll 8
+      for (int cc = 0; cc < CPG; ++cc) {
+        const int64_t c = (g + j) * CPG + cc;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
+          iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], lo, x0);
+          iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], hi, x1);
+        }
+      }
+    }
+    const __m256 sx = _mm256_loadu_ps(xs + g);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 coef = _mm256_mul_ps(_mm256_loadu_ps(sc + r * p.G + g), sx);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8_epi32(iacc[r])), coef, acc[r]);
+    }
+  }
+  for (; g < p.G; ++g) {
+    __m256i iacc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) iacc[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int cc = 0; cc < CPG; ++cc) {
+      const int64_t c = g * CPG + cc;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        __m256i lo, hi;
+        chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
+        iacc[r] = _mm256_dpwssd_epi32(iacc[r], lo, x0);
+        iacc[r] = _mm256_dpwssd_epi32(iacc[r], hi, x1);
+      }
+    }
+    for (int r = 0; r < R; ++r) rest[r] += static_cast<float>(hsum_epi32(iacc[r])) * sc[r * p.G + g] * xs[g];
+  }
+  for (int r = 0; r < R; ++r) {
+    p.y[m * p.N + n0 + r] = p.unit * (hsum256(acc[r]) + rest[r]) + tile_correction(p, sc, zc, r, m);
+  }
 }
 
 // fp8 e4m3 codes -> float32, 16 at a time: the e4m3 bits moved into an fp16 bit pattern whose value
@@ -377,6 +469,31 @@ void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
     }
 }
 
+template <int64_t KIND, int R>
+void decode_cpg(const Problem& p, int64_t n0, int64_t m, const float* sc, const float* zc) {
+  switch (p.cpb) {
+    case 1: tile_decode_avx512<KIND, R, 1>(p, n0, m, sc, zc); break;
+    case 2: tile_decode_avx512<KIND, R, 2>(p, n0, m, sc, zc); break;
+    case 4: tile_decode_avx512<KIND, R, 4>(p, n0, m, sc, zc); break;
+    default: tile_decode_avx512<KIND, R, 8>(p, n0, m, sc, zc); break;
+  }
+}
+
+// Decode tiles of 2 rows (16 integer accumulators stay in registers).
+inline bool decode_batched(const Problem& p) {
+  return p.kind != K_FP8 && p.bpg == 1 && (p.cpb == 1 || p.cpb == 2 || p.cpb == 4 || p.cpb == 8);
+}
+
+void dispatch_decode(const Problem& p, int64_t n0, int64_t m, const float* sc, const float* zc) {
+  switch (p.kind) {
+    case K_INT2: decode_cpg<K_INT2, 2>(p, n0, m, sc, zc); break;
+    case K_INT3: decode_cpg<K_INT3, 2>(p, n0, m, sc, zc); break;
+    case K_INT4: decode_cpg<K_INT4, 2>(p, n0, m, sc, zc); break;
+    case K_INT8: decode_cpg<K_INT8, 2>(p, n0, m, sc, zc); break;
+    default: decode_cpg<K_LUT4, 2>(p, n0, m, sc, zc); break;
+  }
+}
+
 template <int R, int T>
 void dispatch_tile(const Problem& p, int64_t n0, int64_t m0, const float* sc, const float* zc) {
   switch (p.kind) {
@@ -400,13 +517,19 @@ void row_tile(const Problem& p, int64_t n0, const float* sc, const float* zc) {
   for (; m < p.M; ++m) dispatch_tile<R, 1>(p, n0, m, sc, zc);
 }
 
-// Rows [n0, n1) for every token. Decode (M < 4): 4 rows per tile share each activation chunk;
-// prefill: 2 rows x 4 tokens per tile share decoded chunks and activation chunks alike.
+// Rows [n0, n1) for every token, 2 rows per tile. Decode (M < 4): one token at a time; prefill:
+// 4 tokens per tile share each decoded chunk.
 void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
   std::vector<float> sc(4 * p.G), zc(p.zero ? 4 * p.G : 0);
   const bool decode = p.M < 4;
-  const int R = decode ? 4 : 2;
   int64_t n = n0;
+  if (decode && decode_batched(p)) {
+    for (; n + 2 <= n1; n += 2) {
+      load_row_params(p, n, 2, sc.data(), zc.data());
+      for (int64_t m = 0; m < p.M; ++m) dispatch_decode(p, n, m, sc.data(), zc.data());
+    }
+  }
+  const int R = decode ? 4 : 2;
   for (; n + R <= n1; n += R) {
     load_row_params(p, n, R, sc.data(), zc.data());
     if (decode) row_tile<4, 1>(p, n, sc.data(), zc.data());
