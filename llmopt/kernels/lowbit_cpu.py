@@ -41,7 +41,7 @@ from .base import Kernel, KernelSpec, Tensors, is_cpu
 from .cpp_ext import extension_error, load_extension
 from .registry import register_kernel
 
-__all__ = ["LowBitCPUKernel", "lowbit_available", "format_kind", "CHUNK"]
+__all__ = ["LowBitCPUKernel", "lowbit_available", "format_kind", "set_isa", "CHUNK"]
 
 _EXT = "llmopt_lowbit_cpu"
 _SOURCE = "lowbit_cpu.cpp"
@@ -57,8 +57,23 @@ _LUT_MAX = 4095
 _ISA_ENV = "LLMOPT_LOWBIT_ISA"
 
 
-def _isa() -> int:
+def _isa_from_env() -> int:
     return 1 if os.environ.get(_ISA_ENV, "").strip().lower() == "scalar" else 0
+
+
+# Read once (an environment lookup per call costs as much as a small layer's matmul); tests switch
+# paths with set_isa().
+_ISA = [_isa_from_env()]
+
+
+def set_isa(name: str) -> str:
+    """Choose the C++ path: ``"auto"`` (AVX-512 VNNI when the CPU has it) or ``"scalar"`` (portable
+    loops; for tests). Returns the previous choice."""
+    if name not in ("auto", "scalar"):
+        raise ValueError(f"set_isa: expected 'auto' or 'scalar', got {name!r}")
+    previous = "scalar" if _ISA[0] == 1 else "auto"
+    _ISA[0] = 1 if name == "scalar" else 0
+    return previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +106,22 @@ def _codebook_plan(fmt: CodebookFormat) -> Optional[_FormatPlan]:
 
 def format_kind(fmt) -> Optional[_FormatPlan]:
     """The C++ kernel's plan for a weight format, or ``None`` if it cannot serve it."""
+    # Cached on the format object first: hashing a format builds its dict, too slow for every call.
+    cached = fmt.__dict__.get("_lowbit_plan", _MISSING)
+    if cached is not _MISSING:
+        return cached
+    plan = _plan_for(fmt)
+    try:
+        fmt.__dict__["_lowbit_plan"] = plan
+    except (AttributeError, TypeError):  # a format without a __dict__: use the hashed cache
+        pass
+    return plan
+
+
+_MISSING = object()
+
+
+def _plan_for(fmt) -> Optional[_FormatPlan]:
     if fmt in _PLANS:
         return _PLANS[fmt]
     plan = None
@@ -147,7 +178,7 @@ def _unpack_runtime(kind: int, data: Tensor, kp: int) -> Tensor:
     return (low | (high << 2)).reshape(n, kp)
 
 
-@register_kernel(priority=15)
+@register_kernel(priority=25)
 class LowBitCPUKernel(Kernel):
     """llmopt's C++ kernel: int2/3/4/8, 4-bit codebooks and fp8 decoded in registers (see module doc)."""
 
@@ -227,7 +258,7 @@ class LowBitCPUKernel(Kernel):
             x2 = x2.to(torch.float32)
         y = torch.ops.llmopt_lowbit.mm(
             x2, runtime["qdata"], runtime["scale"], runtime.get("zero_point"), bias, plan.lut, plan.kind,
-            spec.group_size, spec.out_features, plan.unit, plan.offset, _isa())
+            spec.group_size, spec.out_features, plan.unit, plan.offset, _ISA[0])
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*lead, spec.out_features)

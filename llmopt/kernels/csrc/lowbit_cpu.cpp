@@ -121,8 +121,17 @@ struct Problem {
   const float* xcorr; // [M, G] -unit * offset * (sum of dequantized activations of the group)
   const float* xsum;  // [M, G] exact sum of the activations of each group (zero points)
   const float* xf;    // [M, Kp] float32 activations (fp8 path)
-  float* y;           // [M, N] float32
+  float* y;           // [M, N] float32 output, or nullptr when the output is bfloat16
+  c10::BFloat16* y16; // [M, N] bfloat16 output (bfloat16 activations)
+  const float* bias;  // [N] float32 or nullptr
 };
+
+// y[m, n] = value + bias[n], in the output's dtype.
+inline void store_out(const Problem& p, int64_t m, int64_t n, float value) {
+  if (p.bias) value += p.bias[n];
+  if (p.y) p.y[m * p.N + n] = value;
+  else p.y16[m * p.N + n] = c10::BFloat16(value);
+}
 
 // Activations of every token: int16 codes per block in the chunks' lane order, block scales, and the
 // per-group sums that the zero point and the code offset need. Columns past K are zero.
@@ -229,7 +238,7 @@ void rows_scalar(const Problem& p, int64_t n0, int64_t n1) {
         }
         acc += gacc * sc[g];
       }
-      p.y[m * p.N + n] = p.unit * acc + tile_correction(p, sc.data(), zc.data(), 0, m);
+      store_out(p, m, n, p.unit * acc + tile_correction(p, sc.data(), zc.data(), 0, m));
     }
   }
 }
@@ -327,7 +336,7 @@ void tile_int_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       const int64_t m = m0 + t;
-      p.y[m * p.N + n0 + r] = p.unit * hsum256(acc[r][t]) + tile_correction(p, sc, zc, r, m);
+      store_out(p, m, n0 + r, p.unit * hsum256(acc[r][t]) + tile_correction(p, sc, zc, r, m));
     }
 }
 
@@ -415,7 +424,7 @@ void tile_decode_avx512(const Problem& p, int64_t n0, int64_t m, const float* sc
     for (int r = 0; r < R; ++r) rest[r] += static_cast<float>(hsum_epi32(iacc[r])) * sc[r * p.G + g] * xs[g];
   }
   for (int r = 0; r < R; ++r) {
-    p.y[m * p.N + n0 + r] = p.unit * (hsum256(acc[r]) + rest[r]) + tile_correction(p, sc, zc, r, m);
+    store_out(p, m, n0 + r, p.unit * (hsum256(acc[r]) + rest[r]) + tile_correction(p, sc, zc, r, m));
   }
 }
 
@@ -465,7 +474,7 @@ void tile_fp8_avx512(const Problem& p, int64_t n0, int64_t m0, const float* sc, 
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       const int64_t m = m0 + t;
-      p.y[m * p.N + n0 + r] = _mm512_reduce_add_ps(acc[r][t]) + tile_correction(p, sc, zc, r, m);
+      store_out(p, m, n0 + r, _mm512_reduce_add_ps(acc[r][t]) + tile_correction(p, sc, zc, r, m));
     }
 }
 
@@ -541,6 +550,52 @@ void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Activations of token m (already float32, Kp columns, zero-padded) for the integer path, vectorised:
+// block absmax, then per chunk a lane permutation (vpermt2ps), a scale, a round to nearest even and a
+// saturating pack to int16. Same results as the scalar loop in prepare_tokens.
+void prepare_row_avx512(const float* buf, const Problem& p, int64_t m, int16_t* xq, float* xs, float* xcorr,
+                        float* xsum) {
+  alignas(64) int32_t lo_idx[16], hi_idx[16];
+  for (int lane = 0; lane < 16; ++lane) {
+    lo_idx[lane] = chunk_col(p.kind, lane);
+    hi_idx[lane] = chunk_col(p.kind, lane + 16);
+  }
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 group_sum = _mm512_setzero_ps();
+    double group_hat = 0.0;
+    for (int64_t bb = 0; bb < p.bpg; ++bb) {
+      const int64_t b = g * p.bpg + bb, col0 = b * p.xb;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < p.xb; i += 16) {
+        const __m512 v = _mm512_loadu_ps(buf + col0 + i);
+        amax = _mm512_max_ps(amax, _mm512_and_ps(v, sign_mask));
+        group_sum = _mm512_add_ps(group_sum, v);
+      }
+      const float top = _mm512_reduce_max_ps(amax);
+      const float s = top / XQ_MAX;
+      const __m512 inv = _mm512_set1_ps(top > 0.f ? XQ_MAX / top : 0.f);
+      __m512 qsum = _mm512_setzero_ps();
+      for (int64_t c0 = 0; c0 < p.xb; c0 += CHUNK) {
+        const __m512 a = _mm512_loadu_ps(buf + col0 + c0), bvec = _mm512_loadu_ps(buf + col0 + c0 + 16);
+        const __m512 qlo = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_permutex2var_ps(a, ilo, bvec), inv),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 qhi = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_permutex2var_ps(a, ihi, bvec), inv),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        qsum = _mm512_add_ps(qsum, _mm512_add_ps(qlo, qhi));
+        int16_t* dst = xq + m * p.Kp + col0 + c0;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qlo)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qhi)));
+      }
+      xs[m * p.B + b] = s;
+      group_hat += static_cast<double>(s) * static_cast<double>(_mm512_reduce_add_ps(qsum));
+    }
+    xsum[m * p.G + g] = _mm512_reduce_add_ps(group_sum);
+    xcorr[m * p.G + g] = static_cast<float>(-p.unit * p.offset * group_hat);
+  }
+}
+
 #pragma GCC pop_options
 
 bool cpu_has_avx512_vnni() {
@@ -607,10 +662,33 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Ten
 
   const at::Tensor xc = x.contiguous();
   const bool integer = kind != K_FP8;
-  std::vector<int16_t> xq(integer ? p.M * p.Kp : 0);
-  std::vector<float> xs(integer ? p.M * p.B : 0), xcorr(integer ? p.M * p.G : 0), xsum(p.M * p.G);
-  std::vector<float> xf(integer ? 0 : p.M * p.Kp);
-  if (x.scalar_type() == at::kFloat) {
+  static const bool has_avx512 = cpu_has_avx512_vnni();
+  TORCH_CHECK(isa != 2 || has_avx512, "lowbit_cpu: this CPU has no AVX-512 VNNI");
+  const bool fast = has_avx512 && isa != 1;
+  // Per-thread scratch, reused across calls (no allocation in the steady state).
+  thread_local std::vector<int16_t> xq;
+  thread_local std::vector<float> xs, xcorr, xsum, xf;
+  xq.resize(integer ? p.M * p.Kp : 0);
+  xs.resize(integer ? p.M * p.B : 0);
+  xcorr.resize(integer ? p.M * p.G : 0);
+  xsum.resize(p.M * p.G);
+  xf.resize(integer ? 0 : p.M * p.Kp);
+  if (fast && integer) {
+    const bool is_f32 = x.scalar_type() == at::kFloat;
+    const float* xf32 = is_f32 ? xc.data_ptr<float>() : nullptr;
+    const c10::BFloat16* xb16 = is_f32 ? nullptr : reinterpret_cast<const c10::BFloat16*>(xc.data_ptr());
+    // Raw pointers: inside the lambda, a worker thread would see its own (empty) thread_local vectors.
+    int16_t* xq_ptr = xq.data();
+    float *xs_ptr = xs.data(), *xcorr_ptr = xcorr.data(), *xsum_ptr = xsum.data();
+    at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<float> buf(p.Kp, 0.f);
+      for (int64_t m = m0; m < m1; ++m) {
+        if (is_f32) std::memcpy(buf.data(), xf32 + m * p.K, p.K * sizeof(float));
+        else for (int64_t k = 0; k < p.K; ++k) buf[k] = static_cast<float>(xb16[m * p.K + k]);
+        prepare_row_avx512(buf.data(), p, m, xq_ptr, xs_ptr, xcorr_ptr, xsum_ptr);
+      }
+    });
+  } else if (x.scalar_type() == at::kFloat) {
     prepare_tokens(xc.data_ptr<float>(), p, xq, xs, xcorr, xsum, xf);
   } else {
     prepare_tokens(reinterpret_cast<const c10::BFloat16*>(xc.data_ptr()), p, xq, xs, xcorr, xsum, xf);
@@ -621,18 +699,21 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Ten
   p.xsum = xsum.data();
   p.xf = xf.data();
 
-  at::Tensor y = at::empty({p.M, p.N}, x.options().dtype(at::kFloat));
-  p.y = y.data_ptr<float>();
-  static const bool has_avx512 = cpu_has_avx512_vnni();
-  TORCH_CHECK(isa != 2 || has_avx512, "lowbit_cpu: this CPU has no AVX-512 VNNI");
-  const bool fast = has_avx512 && isa != 1;
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == p.N, "lowbit_cpu: bias has ", bias->numel(), " elements, expected ", p.N);
+    bias_f = bias->to(at::kFloat).contiguous();
+    p.bias = bias_f.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({p.M, p.N}, x.options());
+  if (x.scalar_type() == at::kFloat) p.y = y.data_ptr<float>();
+  else p.y16 = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
   // Grain: at least 16 rows per task so tiny layers do not pay for waking every thread.
   at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
     if (fast) rows_avx512(p, n0, n1);
     else rows_scalar(p, n0, n1);
   });
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y;
 }
 
 bool has_fast_path() { return cpu_has_avx512_vnni(); }
