@@ -48,7 +48,7 @@ def _compiler_missing() -> Optional[str]:
     from torch.utils.cpp_extension import is_ninja_available
 
     if not is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
+        return "ninja is not installed (pip install ninja), needed to build the C++ kernels"
     return None
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +86,6 @@ class _FormatPlan:
     offset: float  # code value that stands for 0 (affine: mid; others: 0)
 
 
-_PLANS: Dict[object, Optional[_FormatPlan]] = {}
-
-
 def _codebook_plan(fmt: CodebookFormat) -> Optional[_FormatPlan]:
     """Levels as int16: ``level ~ t / L``, exact when the levels are integers on a scale L <= 127 (FP4:
     L = 12), else L = 4095 / max|level| (NF4: within 1.2e-4 of the group's absmax)."""
@@ -106,24 +103,11 @@ def _codebook_plan(fmt: CodebookFormat) -> Optional[_FormatPlan]:
 
 def format_kind(fmt) -> Optional[_FormatPlan]:
     """The C++ kernel's plan for a weight format, or ``None`` if it cannot serve it."""
-    # Cached on the format object first: hashing a format builds its dict, too slow for every call.
-    cached = fmt.__dict__.get("_lowbit_plan", _MISSING)
+    # Cached on the format object: hashing a format builds its dict (too slow for every call), and
+    # format equality goes by name, which unnamed formats (AffineFormat(3) built directly) share.
+    cached = getattr(fmt, "_lowbit_plan", _MISSING)
     if cached is not _MISSING:
         return cached
-    plan = _plan_for(fmt)
-    try:
-        fmt.__dict__["_lowbit_plan"] = plan
-    except (AttributeError, TypeError):  # a format without a __dict__: use the hashed cache
-        pass
-    return plan
-
-
-_MISSING = object()
-
-
-def _plan_for(fmt) -> Optional[_FormatPlan]:
-    if fmt in _PLANS:
-        return _PLANS[fmt]
     plan = None
     zeros = torch.zeros(16, dtype=torch.int16)
     if isinstance(fmt, AffineFormat) and fmt.bits in _AFFINE_KINDS:
@@ -132,8 +116,14 @@ def _plan_for(fmt) -> Optional[_FormatPlan]:
         plan = _codebook_plan(fmt)
     elif isinstance(fmt, Float8E4M3Format):
         plan = _FormatPlan(FP8, zeros, 1.0, 0.0)
-    _PLANS[fmt] = plan
+    try:
+        fmt._lowbit_plan = plan
+    except AttributeError:  # a format class with __slots__: recomputed each time
+        pass
     return plan
+
+
+_MISSING = object()
 
 
 def _padded_k(spec: KernelSpec) -> int:
