@@ -329,11 +329,14 @@ def export_compressed_tensors(
     for name, table in tables.items():
         if isinstance(table, QuantEmbedding):
             tensors[f"{name}.weight"] = table.dequantize_weight().detach().cpu().contiguous()
-        elif not tied:  # a head sharing an embedding's table in a model whose config does not tie them
+            report.setdefault("dequantized", []).append(name)
+            continue
+        ignore.append(name)  # a head on the embedding's table: a float Linear for the loader (re-tied if tied)
+        if not tied:  # a head sharing an embedding's table in a model whose config does not tie them
             tensors[f"{name}.weight"] = table.dequantize_weight().detach().cpu().contiguous()
             if table.bias is not None:
                 tensors[f"{name}.bias"] = table.bias.detach().cpu().contiguous().clone()
-        report.setdefault("dequantized", []).append(name)
+            report.setdefault("dequantized", []).append(name)
     seen: Dict[Tuple[int, int], str] = {}
     for key, t in model.state_dict().items():
         if any(key.startswith(q + ".") for q in list(quantized) + list(tables)):

@@ -601,10 +601,15 @@ def _quantize_embeddings(model: nn.Module, scheme: WeightQuant, exclude: Pattern
     excludes = _as_list(exclude)
     everything = list(model.named_modules(remove_duplicate=False))
     found: Dict[int, str] = {}
+    done_before = []
     for name, module in everything:
         if isinstance(module, nn.Embedding) and id(module) not in found and not _matches(name, excludes):
             found[id(module)] = name
-    if not found:
+        elif isinstance(module, QuantEmbedding) and not _matches(name, excludes):
+            done_before.append(name)
+    for name in done_before:
+        report.skipped[name] = "already compressed (QuantEmbedding)"
+    if not found and not done_before:
         raise ValueError("embeddings=... was given, but the model has no nn.Embedding"
                          + (f" outside exclude={exclude!r}" if excludes else ""))
     replacements: Dict[str, nn.Module] = {}

@@ -288,3 +288,12 @@ def test_copies_and_casts_keep_the_tie():
     assert model.model.embed_tokens(IDS).dtype == torch.bfloat16
     with torch.no_grad():
         assert model(IDS).logits.dtype == torch.bfloat16
+
+
+def test_quantizing_embeddings_twice_skips_them():
+    model = tiny_llama()
+    llmopt.compress_(model, llmopt.RTN("int4", 32), embeddings="int4")
+    table = model.model.embed_tokens.linear
+    again = llmopt.compress_(model, None, embeddings="int4")
+    assert again.replaced == {} and again.skipped == {"model.embed_tokens": "already compressed (QuantEmbedding)"}
+    assert model.lm_head is table is model.model.embed_tokens.linear
