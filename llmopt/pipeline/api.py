@@ -20,6 +20,7 @@ from ..calibration import StatsSpec, check_calibration_data, collect_stats, find
 from ..core.errors import CompressionError, SkipLayer
 from ..core.measure import memory_report, total_parameters, trainable_parameters
 from ..core.scheme import WeightQuant
+from ..kernels import list_kernels
 from ..core.targets import (
     RESIZED_ATTR,
     Patterns,
@@ -33,7 +34,6 @@ from ..core.targets import (
     select_linears,
 )
 from ..methods.base import MethodConfig, MethodEntry, ModelEdit, get_method
-from ..methods.quantized import check_kernel_name
 from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
 from .recipe import Recipe, Stage
@@ -246,8 +246,8 @@ def _as_embedding_scheme(embeddings: EmbeddingsLike, config: Any) -> Optional[We
         raise ValueError(f"embeddings={embeddings.label()!r} differs from the recipe's embeddings "
                          f"({from_recipe.label()!r}): give one")
     scheme = embeddings if embeddings is not None else from_recipe
-    if scheme is not None:
-        check_kernel_name(scheme.kernel)
+    if scheme is not None and scheme.kernel != "auto" and scheme.kernel not in list_kernels():
+        raise ValueError(f"embeddings: unknown kernel {scheme.kernel!r}; use 'auto' or one of {list_kernels()}")
     return scheme
 
 
