@@ -40,6 +40,7 @@ from ..core.files import (LoadError, fsync_directory, member_path, new_save_id, 
                           temp_path, write_bytes_atomic)
 from ..core.formats import AffineFormat
 from ..nn.base import CompressedLinear
+from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
 
 __all__ = ["export_compressed_tensors", "load_compressed_tensors", "load_gptq", "load_quantized",
@@ -195,6 +196,21 @@ def _weights_args(bits: int, symmetric: bool, group: Optional[int]) -> Dict[str,
             "observer_kwargs": {}}
 
 
+def _embedding_tables(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: module}`` of every :class:`QuantEmbedding`, and of every other name its ``QuantLinear`` table
+    is held under (a tied head), each once."""
+    found: Dict[str, nn.Module] = {}
+    linears = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantEmbedding) and not any(name.startswith(t + ".") for t in found):
+            found[name] = module
+            linears[id(module.linear)] = f"{name}.linear"
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in linears and name != linears[id(module)] and not any(name.startswith(t + ".") for t in found):
+            found[name] = module
+    return found
+
+
 def _write_safetensors(directory: str, tensors: Dict[str, Tensor], save_id: str,
                        max_shard_bytes: int) -> List[str]:
     """Write ``tensors`` as one file or shards + index (temp names, fsync, rename); returns the names."""
@@ -253,7 +269,11 @@ def export_compressed_tensors(
     ``weight_zero_point`` (the signed integer zero point, packed along the output dim). Plain
     ``nn.Linear`` layers are written as float weights and listed in ``ignore``; every other
     tensor (embeddings, norms) as it is. One scheme gives one config group targeting ``"Linear"``;
-    several give one group per scheme targeting its layers by exact-name regex.
+    several give one group per scheme targeting its layers by exact-name regex. A
+    :class:`~llmopt.nn.QuantEmbedding` is written as its dequantized table (``<name>.weight`` in the
+    embedding's dtype: compressed-tensors has no quantized embedding its loaders run); a head that is
+    its table (tied) is left to the loader to re-tie, or, in a model whose config does not tie them,
+    written as the same dequantized table.
 
     An asymmetric layer whose zero point is not on the integer grid (``-zero_point / scale`` not an
     integer) is refused naming the layer, unless ``requantize=True``: then its zero point is rounded
@@ -276,7 +296,10 @@ def export_compressed_tensors(
     quantized: Dict[str, QuantLinear] = {}
     schemes: Dict[Tuple[int, bool, Optional[int]], List[str]] = {}
     ignore: List[str] = []
+    tables = _embedding_tables(model)  # {name: QuantEmbedding or the QuantLinear table of one}
     for name, module in model.named_modules():
+        if any(name == t or name.startswith(t + ".") for t in tables):
+            continue
         if isinstance(module, QuantLinear):
             if any(name.startswith(q + ".") for q in quantized):
                 continue
@@ -303,9 +326,20 @@ def export_compressed_tensors(
     tensors: Dict[str, Tensor] = {}
     for name, layer in quantized.items():
         tensors.update(_layer_tensors(name, layer, requantize, report))
+    for name, table in tables.items():
+        if isinstance(table, QuantEmbedding):
+            tensors[f"{name}.weight"] = table.dequantize_weight().detach().cpu().contiguous()
+            report.setdefault("dequantized", []).append(name)
+            continue
+        ignore.append(name)  # a head on the embedding's table: a float Linear for the loader (re-tied if tied)
+        if not tied:  # a head sharing an embedding's table in a model whose config does not tie them
+            tensors[f"{name}.weight"] = table.dequantize_weight().detach().cpu().contiguous()
+            if table.bias is not None:
+                tensors[f"{name}.bias"] = table.bias.detach().cpu().contiguous().clone()
+            report.setdefault("dequantized", []).append(name)
     seen: Dict[Tuple[int, int], str] = {}
     for key, t in model.state_dict().items():
-        if any(key.startswith(q + ".") for q in quantized):
+        if any(key.startswith(q + ".") for q in list(quantized) + list(tables)):
             continue
         if t.device.type == "meta":
             raise ExportError(f"{key} is on the meta device (an offloaded or unloaded model): nothing to write")

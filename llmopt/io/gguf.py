@@ -36,6 +36,11 @@ Anything else has no exact GGUF type and is refused with an error naming the lay
 
 Every lossy step is in the report with the error it added.
 
+A :class:`~llmopt.nn.QuantEmbedding` (``compress_(..., embeddings=...)``) on a GGUF grid is written as
+``token_embd`` of that type from its codes, exactly as a projection; one on another grid (or with
+parameters that are not fp16 values, unless ``requantize=True``) as its dequantized table in
+``float_type``. A head that is the embedding's own table (tied) is not written again.
+
 Plain float weights (embeddings, unquantized linears, an untied ``lm_head``) are written as
 ``float_type`` (``"f16"`` by default, ``"bf16"`` or ``"f32"``); norms always as F32, as llama.cpp does.
 Q and K rows are permuted to llama.cpp's rotary layout (for quantized layers the rows of codes and
@@ -61,6 +66,7 @@ from ..core.files import fsync_directory, new_save_id, remove_quietly, temp_path
 from ..core.formats import AffineFormat
 from ..core.scheme import WeightQuant
 from ..nn.base import CompressedLinear
+from ..nn.quant_embedding import QuantEmbedding
 from ..nn.quant_linear import QuantLinear
 
 __all__ = ["export_gguf", "GGUFExportReport", "GGUFTensorReport", "GGUFExportError", "gguf_scheme",
@@ -325,6 +331,24 @@ class _Writer:
         if bias is not None:
             self.add_float(name.replace(".weight", ".bias"), source + ".bias", perm(bias.detach()), "f32")
 
+    def add_embedding(self, name: str, source: str, module: nn.Module) -> None:
+        """The token embedding: a ``QuantEmbedding`` from its codes when its grid is a GGUF type and its
+        parameters are fp16 values (or ``requantize`` allows rounding them), else its (dequantized) table
+        as ``float_type``. Lossless either way up to the float type; never re-quantized."""
+        if not isinstance(module, QuantEmbedding):
+            self.add_float(name, source, module.weight, self.options.float_type)
+            return
+        table = module.linear
+        why = _unmappable(table)
+        if why is None:
+            try:
+                self._add_quant(name, source, table, lambda t: t)
+                return
+            except GGUFExportError as exc:  # parameters not fp16 values and no requantize: write it as float
+                why = str(exc).split(". ")[0]
+        self.add_float(name, source, module.dequantize_weight(torch.float32), self.options.float_type,
+                       note=f"dequantized table: {why}")
+
     def _fallback(self, name: str, source: str, weight: Tensor, why: str) -> None:
         fallback = self.options.fallback
         if fallback in GGUF_FLOAT_TYPES:
@@ -584,7 +608,7 @@ def export_gguf(
         out = _Writer(gguf, writer, _Options(float_type, bool(requantize), fallback, quantize_float), report)
         with torch.no_grad():
             embed = base.embed_tokens
-            out.add_float("token_embd.weight", "model.embed_tokens", embed.weight, float_type)
+            out.add_embedding("token_embd.weight", "model.embed_tokens", embed)
             for i, layer in enumerate(base.layers):
                 p = f"model.layers.{i}"
                 attn, mlp = layer.self_attn, layer.mlp
@@ -602,7 +626,8 @@ def export_gguf(
                 out.add_linear(f"blk.{i}.ffn_down.weight", f"{p}.mlp.down_proj", mlp.down_proj, None)
             out.add_float("output_norm.weight", "model.norm", base.norm.weight, "f32")
             head = model.lm_head
-            tied = isinstance(head, nn.Linear) and type(head) is nn.Linear and head.weight is embed.weight
+            tied = ((isinstance(head, nn.Linear) and type(head) is nn.Linear and head.weight is embed.weight)
+                    or (isinstance(embed, QuantEmbedding) and head is embed.linear))
             if not tied:
                 out.add_linear("output.weight", "lm_head", head, None)
             else:

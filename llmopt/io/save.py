@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 
 from .._version import __version__
-from ..core.targets import RESIZED_ATTR, get_submodule, set_submodule
+from ..core.targets import RESIZED_ATTR, _matches, get_submodule, set_submodule
 from ..nn.base import _MODULE_TYPES
 from ..pipeline.recipe import RecipeError, check_versions
 from ..core.files import (
@@ -47,6 +47,22 @@ def _wrapped_modules(model: nn.Module) -> Dict[str, nn.Module]:
             and isinstance(m, _MODULE_TYPES[type(m).__name__])}
 
 
+def _shared_modules(model: nn.Module) -> Dict[str, str]:
+    """``{second name: first name}`` of compressed wrappers held under several names: a tied ``lm_head`` that
+    *is* the ``QuantLinear`` table of a ``QuantEmbedding``. Their tensors are written once (under the first
+    name) and ``load`` puts the one rebuilt module back under every name."""
+    first: Dict[int, str] = {}
+    shared: Dict[str, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or type(module).__name__ not in _MODULE_TYPES or any(name.startswith(a + ".") for a in shared):
+            continue
+        if id(module) in first:
+            shared[name] = first[id(module)]
+        else:
+            first[id(module)] = name
+    return shared
+
+
 def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -61,7 +77,10 @@ def _module_state_items(model: nn.Module) -> Iterator[List[Tuple[str, torch.Tens
     if any(m._state_dict_hooks or m._state_dict_pre_hooks for m in model.modules()):
         yield list(model.state_dict().items())
         return
+    shared = tuple(_shared_modules(model))
     for name, module in model.named_modules(remove_duplicate=False):
+        if shared and _matches(name, list(shared)):
+            continue  # a second name of a shared wrapper: its tensors were written under the first one
         local: Dict[str, torch.Tensor] = {}
         module._save_to_state_dict(local, name + "." if name else "", False)
         if local:
@@ -119,6 +138,9 @@ def save(
     resized = _resized_record(model)
     if resized:
         manifest["resized"] = resized
+    shared = _shared_modules(model)
+    if shared:  # only when there are: manifests of models without shared wrappers stay as they were
+        manifest["shared_modules"] = shared
     cast = _non_persistent_dtypes(model)
     if cast:
         manifest["non_persistent_dtypes"] = cast
@@ -336,12 +358,15 @@ def _manifest_problem(manifest: Any) -> Optional[str]:
             return f"'tensor_bytes' must give one size per tensor file, got {manifest['tensor_bytes']!r}"
     if not isinstance(manifest.get("save_id", ""), str):
         return f"'save_id' must be a string, got {manifest['save_id']!r}"
-    for key in ("aliases", "non_persistent_dtypes"):
+    for key in ("aliases", "non_persistent_dtypes", "shared_modules"):
         value = manifest.get(key, {})
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return f"'{key}' must map names to names, got {value!r}"
     if not isinstance(manifest.get("metadata", {}), dict):
         return f"'metadata' must be an object, got {type(manifest['metadata']).__name__}"
+    for alias, target in manifest.get("shared_modules", {}).items():
+        if target not in modules:
+            return f"shared module {alias!r} names {target!r}, which is not one of the saved modules"
     resized = manifest.get("resized") or {}
     if not isinstance(resized, dict) or not all(isinstance(resized.get(k, {}), dict)
                                                 for k in ("linears", "attributes", "config")):
@@ -521,6 +546,11 @@ def load(
     originals = {name: set_submodule(skeleton, name, module) for name, module in replacements.items()}
     old_values: list = []
     try:
+        # Shared wrappers (a tied head that is the embedding's table): one rebuilt module under every name.
+        for alias, target in manifest.get("shared_modules", {}).items():
+            shared_module = get_submodule(skeleton, target)
+            get_submodule(skeleton, alias)  # clear error if the skeleton lacks it
+            originals[alias] = set_submodule(skeleton, alias, shared_module)
         _apply_resized_values(skeleton, resized, old_values)
         _check_against_skeleton(skeleton, directory, headers, aliases, list(modules), strict)
         # One shard at a time: a module's tensors are always in one shard, so each wrapper sees all of

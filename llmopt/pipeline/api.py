@@ -19,6 +19,8 @@ import torch.nn as nn
 from ..calibration import StatsSpec, check_calibration_data, collect_stats, find_blocks, run_blocks, spec_for_dtype
 from ..core.errors import CompressionError, SkipLayer
 from ..core.measure import memory_report, total_parameters, trainable_parameters
+from ..core.scheme import WeightQuant
+from ..kernels import list_kernels
 from ..core.targets import (
     RESIZED_ATTR,
     Patterns,
@@ -32,6 +34,8 @@ from ..core.targets import (
     select_linears,
 )
 from ..methods.base import MethodConfig, MethodEntry, ModelEdit, get_method
+from ..nn.quant_embedding import QuantEmbedding
+from ..nn.quant_linear import QuantLinear
 from .recipe import Recipe, Stage
 from .report import CompressionReport, tied_weight_notes
 
@@ -197,10 +201,13 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
 ConfigLike = Union[MethodConfig, Stage]
 
 
-def _as_stages(config: Any) -> List[Stage]:
-    """Normalise ``compress_``'s ``config`` argument to a validated list of stages."""
+def _as_stages(config: Any, allow_empty: bool = False) -> List[Stage]:
+    """Normalise ``compress_``'s ``config`` argument to a validated list of stages (``allow_empty``: ``None``
+    or ``[]`` give no stages, for a call that only quantizes embeddings)."""
     if isinstance(config, Recipe):
         return list(config.stages)
+    if allow_empty and (config is None or (isinstance(config, (list, tuple)) and not config)):
+        return []
     if isinstance(config, (MethodConfig, Stage)):
         items = [config]
     elif isinstance(config, (list, tuple)):
@@ -222,6 +229,28 @@ def _as_stages(config: Any) -> List[Stage]:
     return stages
 
 
+EmbeddingsLike = Union[WeightQuant, str, Dict[str, Any], None]
+
+
+def _as_embedding_scheme(embeddings: EmbeddingsLike, config: Any) -> Optional[WeightQuant]:
+    """``compress_``'s ``embeddings`` argument (or the recipe's) as a checked :class:`WeightQuant`, or None."""
+    from_recipe = config.embeddings if isinstance(config, Recipe) else None
+    if isinstance(embeddings, str):
+        embeddings = WeightQuant(embeddings)
+    elif isinstance(embeddings, dict):
+        embeddings = WeightQuant.from_dict(embeddings)
+    elif embeddings is not None and not isinstance(embeddings, WeightQuant):
+        raise TypeError(f"embeddings must be a WeightQuant (e.g. llmopt.WeightQuant('int4', 64)), a format name, "
+                        f"a dict or None, got {embeddings!r}")
+    if embeddings is not None and from_recipe is not None and embeddings != from_recipe:
+        raise ValueError(f"embeddings={embeddings.label()!r} differs from the recipe's embeddings "
+                         f"({from_recipe.label()!r}): give one")
+    scheme = embeddings if embeddings is not None else from_recipe
+    if scheme is not None and scheme.kernel != "auto" and scheme.kernel not in list_kernels():
+        raise ValueError(f"embeddings: unknown kernel {scheme.kernel!r}; use 'auto' or one of {list_kernels()}")
+    return scheme
+
+
 def _merged_globs(stage: Stage, include: Patterns, exclude: Patterns
                   ) -> Tuple[Optional[List[str]], Optional[List[str]], List[str]]:
     """``(include, exclude, call_include)`` for a stage inside a ``compress_`` call: the stage's include
@@ -241,7 +270,15 @@ def _select_for_stage(model: nn.Module, stage: Stage, include: Patterns, exclude
     if stage.include and call_include:
         selected = {n: m for n, m in selected.items() if _matches(n, call_include)}
         skipped = {n: r for n, r in skipped.items() if _matches(n, call_include)}
+    tables = _embedding_tables(model)
+    if tables:
+        skipped = {n: r for n, r in skipped.items() if not _matches(n, tables)}
     return selected, skipped
+
+
+def _embedding_tables(model: nn.Module) -> List[str]:
+    """Names of the model's quantized embeddings: never a method's target, so not listed as skipped."""
+    return [name for name, module in model.named_modules() if isinstance(module, QuantEmbedding)]
 
 
 def _no_targets(stage: Stage, include: Patterns, exclude: Patterns) -> ValueError:
@@ -260,13 +297,18 @@ def _effective_stage(stage: Stage, include: Patterns, exclude: Patterns) -> Stag
     return Stage(stage.config, include=first_include, exclude=excludes, overrides=dict(stage.overrides))
 
 
-def _record_recipe(model: nn.Module, stages: List[Stage]) -> None:
+def _record_recipe(model: nn.Module, stages: List[Stage], embeddings: Optional[WeightQuant] = None) -> None:
     """Append the applied stages to ``model._llmopt_recipe`` (a recipe dict that savers can store;
-    overrides in their ordered list form, which survives key-sorting JSON writers)."""
+    overrides in their ordered list form, which survives key-sorting JSON writers), and the embedding
+    scheme when this call quantized embeddings."""
     previous = getattr(model, "_llmopt_recipe", None)
     recorded = list(previous.get("stages", [])) if isinstance(previous, dict) else []
     recorded.extend(stage.to_dict(ordered_overrides=True) for stage in stages)
-    model.__dict__["_llmopt_recipe"] = {"stages": recorded}
+    record: Dict[str, Any] = {"stages": recorded}
+    old_embeddings = previous.get("embeddings") if isinstance(previous, dict) else None
+    if embeddings is not None or old_embeddings is not None:
+        record["embeddings"] = embeddings.to_dict() if embeddings is not None else old_embeddings
+    model.__dict__["_llmopt_recipe"] = record
 
 
 def compress_(
@@ -278,6 +320,7 @@ def compress_(
     exclude: Patterns = None,
     calibration_dtype: Optional[torch.dtype] = None,
     calibration_device: Optional[Union[str, torch.device]] = None,
+    embeddings: EmbeddingsLike = None,
 ) -> CompressionReport:
     """Apply method configs to ``model`` in place; all or nothing.
 
@@ -305,11 +348,23 @@ def compress_(
     temporary copy of each block (much faster on CPUs with bf16; the model's weights are not cast).
     ``calibration_device`` (e.g. ``"cuda"``): move each block there for its turn and back afterwards,
     so a model larger than the device's memory can be calibrated on it.
+
+    ``embeddings`` (a :class:`~llmopt.WeightQuant`, a format name such as ``"int4"``, or its dict; or
+    a recipe's ``embeddings``): also quantize the model's ``nn.Embedding`` tables by round to nearest,
+    row by row, into :class:`~llmopt.nn.QuantEmbedding` s, *before* the first stage. ``None`` (the
+    default) leaves embeddings as they are. Every plain ``nn.Embedding`` not matched by ``exclude`` is
+    quantized (``include`` selects the stages' layers, not embeddings). A ``Linear`` whose weight is
+    the embedding's very tensor (a tied ``lm_head``) becomes the embedding's own ``QuantLinear``: one
+    packed table serves the lookup and the head's matmul, so the stages skip that head as already
+    compressed. An embedding is left alone, with the reason in ``report.skipped``, when its tensor is
+    shared with an excluded layer or a module that is not a Linear, or when it is an ``nn.Embedding``
+    subclass (its forward may do more than look rows up). ``config`` may then be ``None``.
     """
     if calibration_dtype is not None and not (isinstance(calibration_dtype, torch.dtype)
                                               and calibration_dtype.is_floating_point):
         raise ValueError(f"calibration_dtype must be a floating torch dtype or None, got {calibration_dtype!r}")
-    stages = _as_stages(config)
+    embedding_scheme = _as_embedding_scheme(embeddings, config)
+    stages = _as_stages(config, allow_empty=embedding_scheme is not None)
     for index, stage in enumerate(stages):
         for cfg in stage.configs():
             get_method(cfg)
@@ -330,6 +385,9 @@ def compress_(
     targeted: Set[str] = set()  # names of the modules the methods were asked to change
     flags = requires_grad_flags(model)  # an after_stage step may freeze them
     try:
+        if embedding_scheme is not None:
+            # First, so that a tied head becomes the embedding's table before any stage compresses it alone.
+            targeted.update(_quantize_embeddings(model, embedding_scheme, exclude, changes, report))
         for index, stage in enumerate(stages):
             if stage.config.SCOPE == "model":
                 done, details = _apply_model_stage(model, stage, index, include, exclude, calibration, changes,
@@ -347,9 +405,11 @@ def compress_(
         changes.undo()
         restore_requires_grad(flags)
         raise
-    _record_recipe(model, [_effective_stage(stage, include, exclude) for stage in stages])
+    _record_recipe(model, [_effective_stage(stage, include, exclude) for stage in stages], embedding_scheme)
     report.seconds = time.perf_counter() - start
     report.notes.extend(tied_weight_notes(model, changes.swapped))
+    before: List[nn.Module] = []
+    after: List[nn.Module] = []
     for name, original in changes.swapped.items():
         new = get_submodule(model, name)
         if name not in targeted:
@@ -358,8 +418,13 @@ def compress_(
         report.replaced[name] = repr(new)
         if any(name.startswith(outer + ".") for outer in changes.swapped):
             continue  # inside a layer replaced earlier in this call (SVD then RTN): counted with it
-        report.bytes_before += memory_report(original).stored_bytes
-        report.bytes_after += memory_report(new).stored_bytes
+        before.append(original)
+        after.append(new)
+    if before:
+        # Measured together, so a tensor shared by several of them (a tied embedding and head, before
+        # and after) is counted once.
+        report.bytes_before = memory_report(nn.ModuleList(before)).stored_bytes
+        report.bytes_after = memory_report(nn.ModuleList(after)).stored_bytes
     report.trainable_parameters = trainable_parameters(model)
     report.total_parameters = total_parameters(model)
     return report
@@ -525,3 +590,91 @@ def _record_resized(model: nn.Module, changes: _Changes, originals: Dict[str, nn
         record["attributes"].setdefault(module_name, {}).update(values)
     record["config"].update(config)
     changes.set_attr(model, RESIZED_ATTR, record)
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+def _quantize_embeddings(model: nn.Module, scheme: WeightQuant, exclude: Patterns, changes: _Changes,
+                         report: CompressionReport) -> Set[str]:
+    """Replace every plain ``nn.Embedding`` not excluded with a :class:`QuantEmbedding` of ``scheme``; a Linear
+    sharing its weight (a tied head) becomes the embedding's own table. Swaps go through ``changes``
+    (undone on failure). Returns the replaced names."""
+    excludes = _as_list(exclude)
+    everything = list(model.named_modules(remove_duplicate=False))
+    found: Dict[int, str] = {}
+    done_before = []
+    for name, module in everything:
+        if isinstance(module, nn.Embedding) and id(module) not in found and not _matches(name, excludes):
+            found[id(module)] = name
+        elif isinstance(module, QuantEmbedding) and not _matches(name, excludes):
+            done_before.append(name)
+    for name in done_before:
+        report.skipped[name] = "already compressed (QuantEmbedding)"
+    if not found and not done_before:
+        raise ValueError("embeddings=... was given, but the model has no nn.Embedding"
+                         + (f" outside exclude={exclude!r}" if excludes else ""))
+    replacements: Dict[str, nn.Module] = {}
+    for name in found.values():
+        embedding = get_submodule(model, name)
+        if type(embedding) is not nn.Embedding:
+            report.skipped[name] = (f"embeddings: {type(embedding).__name__} is an nn.Embedding subclass, whose forward "
+                                    "may do more than look rows up; left as it is")
+            continue
+        if embedding.max_norm is not None:
+            report.skipped[name] = "embeddings: max_norm renormalizes rows on lookup, which a quantized table cannot"
+            continue
+        weight = embedding.weight
+        heads, problem = [], None
+        for other_name, other in everything:
+            if other is embedding or not any(p is weight for p in other.parameters(recurse=False)):
+                continue
+            if not (isinstance(other, nn.Linear) and other.weight is weight):
+                problem = f"its weight is also used by {other_name} ({type(other).__name__}), which cannot share a table"
+            elif _matches(other_name, excludes):
+                problem = (f"its weight is tied to {other_name}, which is excluded; quantizing the embedding alone "
+                           f"would keep the float tensor for {other_name} next to the packed copy")
+            else:
+                heads.append(other_name)
+        if problem is not None:
+            report.skipped[name] = f"embeddings: {problem}"
+            continue
+        try:
+            if heads:
+                # The head's matmul picks its kernel (scheme.kernel, "auto" by default); the lookup gathers
+                # rows from that kernel's layout.
+                table = QuantLinear.from_linear(get_submodule(model, heads[0]), scheme)
+            else:
+                # Only looked up: the row-major canonical layout (reference kernel) gathers rows directly,
+                # unless a kernel is named.
+                kernel = "reference" if scheme.kernel == "auto" else scheme.kernel
+                shell = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
+                shell.weight = weight  # shares the tensor; from_linear only reads it
+                table = QuantLinear.from_linear(shell, scheme.replace(kernel=kernel))
+            new = QuantEmbedding.from_linear(table, padding_idx=embedding.padding_idx)
+        except Exception as exc:
+            raise CompressionError(f"embedding {name!r} (embeddings={scheme.label()}): {exc}") from exc
+        replacements[name] = new
+        for head in heads:
+            replacements[head] = table
+        shared = f", shared with {', '.join(heads)} (one packed table)" if heads else ""
+        report.notes.append(f"embeddings: {name} quantized {scheme.label()} [{table.kernel.name}]{shared}")
+        if not heads:
+            _note_broken_tie(model, embedding, name, report)
+    changes.replace(replacements)
+    return set(replacements)
+
+
+def _note_broken_tie(model: nn.Module, embedding: nn.Module, name: str, report: CompressionReport) -> None:
+    """A note when the config ties the head to this embedding but an earlier call compressed the head alone:
+    the two now hold separate packed copies."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        tied_input = model.get_input_embeddings() is embedding
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if tied_input and head is not None and is_compressed(head):
+        report.notes.append(f"embeddings: {name} is tied to the output head by the model's config, but the head was "
+                            "compressed on its own earlier, so the two keep separate copies; quantize embeddings in "
+                            "the same compress_ call as the head to share one table")

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import yaml
 
 from ..core.files import new_save_id, write_bytes_atomic
+from ..core.scheme import WeightQuant
 from ..core.targets import _matches
 from ..methods.base import VERSION_KEY, MethodConfig, get_method, list_methods
 
@@ -57,7 +58,7 @@ OverrideValue = Union[Dict[str, Any], MethodConfig, None]
 
 SKIP = "skip"  # how a skipping override is written in a dict / file (``None`` is accepted too)
 STAGE_KEYS = ("include", "exclude", "overrides")
-RECIPE_KEYS = ("stages",)
+RECIPE_KEYS = ("stages", "embeddings")
 
 
 class RecipeError(ValueError):
@@ -311,11 +312,19 @@ class Recipe:
 
     ``Recipe.from_dict(r.to_dict()) == r``; :meth:`load` / :meth:`save` read and write ``.json``,
     ``.yaml`` and ``.yml`` files. Apply it with ``llmopt.compress_(model, recipe, calibration=...)``.
+
+    ``embeddings`` (optional): the :class:`~llmopt.WeightQuant` that ``compress_`` quantizes the
+    model's ``nn.Embedding`` tables with before the stages run (see ``compress_(embeddings=...)``);
+    written as ``embeddings: {format: int4, group_size: 64}``. A recipe that only does that may
+    have no stages.
     """
 
     stages: List[Stage]
+    embeddings: Optional[WeightQuant] = None
 
     def __post_init__(self) -> None:
+        if self.embeddings is not None and not isinstance(self.embeddings, WeightQuant):
+            raise RecipeError(f"Recipe.embeddings must be a WeightQuant or None, got {self.embeddings!r}")
         if isinstance(self.stages, (Stage, MethodConfig)) or not isinstance(self.stages, (list, tuple)):
             raise RecipeError(f"Recipe.stages must be a list of stages, got {type(self.stages).__name__}")
         stages = []
@@ -326,7 +335,7 @@ class Recipe:
                 raise RecipeError(f"stage {i}: expected a Stage or a method config, got {stage!r}")
             stages.append(stage)
         self.stages = stages
-        if not stages:
+        if not stages and self.embeddings is None:
             raise RecipeError("a recipe needs at least one stage")
         # Adapters train on top of the final compressed model: once one stage adds them, only such stages follow.
         first_adapter = None
@@ -341,7 +350,10 @@ class Recipe:
     def to_dict(self, ordered_overrides: bool = False) -> Dict[str, Any]:
         """``{"stages": [stage.to_dict(), ...]}``. ``ordered_overrides``: overrides as lists of one-entry
         mappings, for storage by serialisers that sort keys (``llmopt.json`` manifests do)."""
-        return {"stages": [stage.to_dict(ordered_overrides) for stage in self.stages]}
+        data: Dict[str, Any] = {"stages": [stage.to_dict(ordered_overrides) for stage in self.stages]}
+        if self.embeddings is not None:  # only when set: recipes without it keep their dicts
+            data["embeddings"] = self.embeddings.to_dict()
+        return data
 
     @staticmethod
     def from_dict(data: Union[Mapping[str, Any], List[Any]]) -> "Recipe":
@@ -369,7 +381,13 @@ class Recipe:
                 method = stage.get("method") if isinstance(stage, Mapping) else None
                 where = f"stage {i}" + (f" ({method})" if isinstance(method, str) else "")
                 raise RecipeError(f"{where}: {exc}") from None
-        return Recipe(built)
+        embeddings = data.get("embeddings")
+        if embeddings is not None:
+            try:
+                embeddings = WeightQuant.from_dict(embeddings)
+            except ValueError as exc:
+                raise RecipeError(f"embeddings: {exc}") from None
+        return Recipe(built, embeddings=embeddings)
 
     @staticmethod
     def load(path: Union[str, os.PathLike]) -> "Recipe":
@@ -402,8 +420,9 @@ class Recipe:
         write_bytes_atomic(path, text.encode("utf-8"), save_id=new_save_id())
 
     def label(self) -> str:
-        """One line: the stages' labels joined by ``->``."""
-        return " -> ".join(stage.label() for stage in self.stages)
+        """One line: the stages' labels joined by ``->`` (quantized embeddings first, when set)."""
+        labels = [f"embeddings {self.embeddings.label()}"] if self.embeddings is not None else []
+        return " -> ".join(labels + [stage.label() for stage in self.stages])
 
 
 def check_versions(data: Any) -> None:

@@ -471,3 +471,53 @@ def test_gguf_schemes_export_lossless_from_every_method(tmp_path, kind):
                     assert torch.equal(ours, theirs), (method.__name__, proj)
                 else:  # d*q + m vs (q-8)*d + (m + 8d): the same exact value unless float32 rounds it
                     torch.testing.assert_close(ours, theirs, rtol=2 ** -22, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- quantized embeddings
+def embed_quantize(model, kind, group, exclude=None):
+    """RTN on the projections and the token embedding on the same GGUF grid (reference kernel)."""
+    scheme = gguf_scheme(kind, group).replace(kernel="reference")
+    llmopt.compress_(model, llmopt.RTN(**scheme.to_dict()), embeddings=scheme, exclude=exclude)
+    return model
+
+
+@pytest.mark.parametrize("kind,group,tie", [("q4_0", 32, True), ("q4_1", 64, False), ("q8_0", 32, True)])
+def test_quant_embedding_written_from_its_codes(tmp_path, kind, group, tie):
+    """token_embd of a QuantEmbedding on a GGUF grid: that type, bit-exact; a tied head is not written again."""
+    model = embed_quantize(tiny_llama(tie=tie), kind, group)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, llmopt.nn.QuantEmbedding)
+    assert (model.lm_head is embed.linear) is tie
+    path = str(tmp_path / "m.gguf")
+    report = export_gguf(model, path)
+    rows = {t.name: t for t in report.tensors}
+    assert rows["token_embd.weight"].type == kind.upper() and rows["token_embd.weight"].mode == "exact"
+    assert ("output.weight" in rows) is not tie
+    _, tensors = read_tensors(path)
+    written = gguf_weight(tensors["token_embd.weight"])
+    assert torch.equal(written, embed.dequantize_weight(torch.float32))
+    if not tie:
+        assert torch.equal(gguf_weight(tensors["output.weight"]), model.lm_head.dequantize_weight(torch.float32))
+
+
+def test_quant_embedding_without_gguf_type_is_written_as_its_float_table(tmp_path):
+    """nf4 has no GGUF block type: the embedding is written as its dequantized table (f32: exact), not refused."""
+    model = tiny_llama(tie=True)
+    llmopt.compress_(model, None, embeddings=llmopt.WeightQuant("nf4", 32, kernel="reference"))  # embeddings only
+    path = str(tmp_path / "m.gguf")
+    report = export_gguf(model, path, float_type="f32")
+    row = {t.name: t for t in report.tensors}["token_embd.weight"]
+    assert row.type == "F32" and "dequantized table" in row.note and "nf4" in row.note
+    assert "output.weight" not in {t.name for t in report.tensors}
+    _, tensors = read_tensors(path)
+    assert torch.equal(gguf_weight(tensors["token_embd.weight"]),
+                       model.model.embed_tokens.dequantize_weight(torch.float32))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quant_embedding_transformers_loader_logits(tmp_path, tokenizer, tie):
+    """The loader dequantizes token_embd (Q8_0, tied or not): same logits as llmopt's model."""
+    model = embed_quantize(tiny_llama(tie=tie), "q8_0", 64)
+    path = str(tmp_path / "m.gguf")
+    export_gguf(model, path, tokenizer=tokenizer, float_type="f32")
+    torch.testing.assert_close(logits(model, IDS), logits(load_hf(path), IDS), atol=1e-4, rtol=1e-4)
