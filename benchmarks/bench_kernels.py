@@ -13,12 +13,25 @@ For every weight shape (Llama-7B and SmolLM2-135M projections) and every batch s
 * ``w8a8``        ``QuantLinear`` int8 symmetric per channel with ``act_bits=8`` (activations quantized
   per token to int8; ``int8_onednn_cpu``: weight prepacked once for oneDNN's int8 GEMM), judged
   against bf16 dense at M >= 16;
-* ``w8a8_intmm``  the same layer on ``int8_dynamic_cpu`` (``torch._int_mm``), for comparison.
+* ``w8a8_intmm``  the same layer on ``int8_dynamic_cpu`` (``torch._int_mm``), for comparison;
+* ``int3_g64``    int3 g64 with ``kernel="auto"`` (today ``int4pack_cpu``: 4-bit codes in memory);
+* issue 15, every format on a kernel requested **by name**: ``int4_g64_int4pack`` (aten's
+  ``_weight_int4pack_mm_for_cpu``) and, on ``lowbit_cpu`` (the fused C++ family: int8 activations per
+  block of 32, AVX-512 VNNI), ``int4_g64_lowbit``, ``int3_g64_lowbit``, ``int2_g64_lowbit``,
+  ``nf4_g64_lowbit``, ``fp4_g64_lowbit``, ``int8_pc_lowbit``, ``int8_g64_lowbit``, ``fp8_pc_lowbit``,
+  ``fp8_g64_lowbit``. A row whose kernel is not registered in this build, or refuses the layer, is
+  listed under "Skipped rows" with the reason, and the checks that need it say SKIP.
+
+Issue 15's checks are ratios of two rows of the same run at 4096x4096, M = 1 (medians): lowbit int4 vs
+int4pack (>= 1.3x) and vs the read bandwidth (>= 80 %), int3 / int2 vs lowbit int4 (>= 1.2x / 1.5x),
+nf4 / fp4 vs lowbit int4 (>= 0.9x), int8 / fp8 vs bf16 dense (>= 1.6x), and int3 g64's bits per weight
+in memory (``llmopt.memory_report``, <= 3.5).
 
 ``QuantLinear`` rows get **bf16 activations** unless the contender name says ``fp32in``.
 
 Each row reports the median and IQR of per-call wall time, the bytes of weights the kernel reads
-(``runtime_bytes()`` for ``QuantLinear``, ``numel * element_size`` for dense), the achieved GB/s and
+(``runtime_bytes()`` for ``QuantLinear``, ``numel * element_size`` for dense) and the bits per weight
+that layer holds in memory (``memory_report``), the achieved GB/s and
 its percentage of the machine's read bandwidth (measured in the same process), and the speedup
 against the fp32 and bf16 dense layers. By default the benchmark is *cold-cache*: it cycles through
 enough copies of each layer that the weights come from DRAM, as they do when a model runs layer
@@ -26,8 +39,8 @@ after layer (``--warm`` reuses one copy, which lets small layers run from the la
 
 Usage::
 
-    python benchmarks/bench_kernels.py            # full run (~5-10 min on 2 cores)
-    python benchmarks/bench_kernels.py --quick    # ~1 min smoke run
+    python benchmarks/bench_kernels.py            # full run (~15-25 min on 2 cores)
+    python benchmarks/bench_kernels.py --quick    # ~1-2 min smoke run (3 shapes, M in {1, 32})
     python benchmarks/bench_kernels.py --shapes llama7b.attn,576x576 --m 1,16
 
 Outputs ``benchmarks/results/kernels.jsonl`` (``--out``) and ``kernels.md`` next to it, and prints
@@ -209,14 +222,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-foreign-cpus", type=float, default=0.3,
                    help="a measurement is 'contended' when other processes used more CPUs than this")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--w8a8-table", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the bounded W8A8 side-by-side table (4096x4096, M=1 and 128)")
+    p.add_argument("--w8a8-table", action=argparse.BooleanOptionalAction, default=None,
+                   help="append the bounded W8A8 side-by-side table (4096x4096, M=1 and 128; default: on, off "
+                        "with --quick: its one named oneDNN call takes 20-70 s on CPUs without AMX)")
     p.add_argument("--w8a8-table-only", action="store_true", help="print only the W8A8 side-by-side table")
     p.add_argument("--w8a8-cap-s", type=float, default=2.0,
                    help="a W8A8 contender whose first call takes longer than this is not timed further")
     args = p.parse_args(argv)
 
     # Defaults that depend on --quick.
+    if args.w8a8_table is None:
+        args.w8a8_table = not args.quick
     if args.target_s is None:
         args.target_s = 0.12 if args.quick else 0.35
     if args.min_repeats is None:
