@@ -29,7 +29,7 @@ from __future__ import annotations
 
 # Importing a kernel module registers its kernels; reference first, so list_kernels() starts with it.
 from . import reference  # noqa: F401
-from . import int4_cpu, int8_cpu, onednn  # noqa: F401
+from . import int4_cpu, int8_cpu, lowbit_cpu, onednn  # noqa: F401
 from .base import Kernel, KernelSpec, log_once
 from .registry import auto_order, get_kernel, list_kernels, register_kernel, select_kernel, unregister_kernel
 from .speed import KernelDecision, clear_kernel_decisions, kernel_decisions, set_probe_timer
