@@ -25,7 +25,7 @@ To explain a miss, a ``torch.profiler`` breakdown of eager decode steps: the qua
 dense (bf16 lm_head) matmul and everything else, with the top ops.
 
 Usage: ``python benchmarks/bench_decode_vs_llamacpp.py [--quick] [--pairs int4,int8] [--rounds 5]
-[--new-tokens 64] [--threads 2] [--no-compile] [--keep DIR]``. Output:
+[--new-tokens 64] [--threads 2] [--kernel auto|lowbit_cpu|...] [--no-compile] [--keep DIR]``. Output:
 ``benchmarks/results/decode_vs_llamacpp.{jsonl,md}`` (also printed). Needs ``llama-cpp-python``
 (see benchmarks/README.md for building it once); without it the llama.cpp column says so.
 """
@@ -180,7 +180,8 @@ def measure_pair(fmt: str, base: torch.nn.Module, tokenizer, prompt_ids: List[in
                               "gguf_type": gguf_type.upper()}
     model = copy.deepcopy(base)
     start = time.perf_counter()
-    llmopt.compress_(model, llmopt.RTN(**gguf_scheme(gguf_type, 32).to_dict()), exclude=["lm_head"])
+    scheme = {**gguf_scheme(gguf_type, 32).to_dict(), "kernel": args.kernel}
+    llmopt.compress_(model, llmopt.RTN(**scheme), exclude=["lm_head"])
     record["quantize_s"] = time.perf_counter() - start
     path = os.path.join(tmp, f"smollm2-{gguf_type}.gguf")
     report = export_gguf(model, path, tokenizer=tokenizer, tokenizer_pre="smollm", float_type="f16")
@@ -325,6 +326,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per run (default 64, quick 32)")
     parser.add_argument("--reference-tokens", type=int, default=6,
                         help="new tokens for an llmopt model whose layers fall back on the reference kernel")
+    parser.add_argument("--kernel", default="auto",
+                        help="llmopt kernel for the quantized layers (default auto; e.g. lowbit_cpu or int4pack_cpu "
+                             "to pin one: auto's speed probe can decide differently per layer shape on a loaded "
+                             "machine)")
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp alike")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the compiled decoder (DecodeRunner, StaticCache)")
@@ -351,7 +356,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               "decode": f"batch 1, greedy, prompt = first {args.prompt} tokens of data/eval.txt, {args.new_tokens} "
                         f"new tokens ({args.new_tokens - 1} timed steps, prefill excluded), {args.rounds} "
                         "alternating rounds after one warm-up each, medians",
-              "llmopt": "RTN with gguf_scheme(q4_0 / q8_0, 32), exclude lm_head, model cast to bf16, kernel='auto'; "
+              "llmopt": f"RTN with gguf_scheme(q4_0 / q8_0, 32), exclude lm_head, model cast to bf16, "
+                        f"kernel={args.kernel!r}; "
                         "eager = growing KV cache; compiled = DecodeRunner(torch.compile, StaticCache)",
               "llama.cpp": "llama-cpp-python Llama.generate(temp=0) on the exact export of the same model"}
     try:
