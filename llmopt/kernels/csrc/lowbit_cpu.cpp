@@ -375,7 +375,16 @@ void tile_decode_avx512(const Problem& p, int64_t n0, int64_t m, const float* sc
     rest[r] = 0.f;
   }
   int64_t g = 0;
+  // Bytes of one 8-group batch of a row, and how far ahead of it to prefetch: the hardware prefetcher
+  // alone leaves the decode loop waiting on DRAM (measured: 0.8 ms vs 0.46 ms warm, 4096^2 int4 g64).
+  constexpr int64_t batch_bytes = 8 * CPG * cb;
+  constexpr int64_t ahead = 2048;
   for (; g + 8 <= p.G; g += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* next = rows[r] + g * CPG * cb + ahead;
+      for (int64_t line = 0; line < batch_bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(next + line), _MM_HINT_T0);
+    }
     __m256i iacc[R][8];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
