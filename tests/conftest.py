@@ -14,7 +14,75 @@ import pytest
 import torch
 import torch.nn as nn
 
+from llmopt.core.cpu import cpu_info
+from llmopt.core.formats import AffineFormat, CodebookFormat, Float8E4M3Format, get_format
+from llmopt.kernels import KernelSpec
 from llmopt.testing import ToyTransformer, bit_equal  # noqa: F401  (bit_equal: shared by the fixtures)
+
+
+def expected_auto_kernel(fmt, group_size=None, *, in_features=None, out_features=64,
+                         scale_dtype=torch.bfloat16, act_bits=None, lowbit=None, **format_options) -> str:
+    """The kernel ``kernel="auto"`` is meant to pick on this machine's CPU for a weight-only or W8A8 layer,
+    with the speed probe off (as in the suite, see above): the intended rules, written out here on
+    their own so that a test comparing them with the registry's choice can fail.
+
+    ``fmt`` is a format name (``format_options`` go to :func:`get_format`), a format, a
+    :class:`KernelSpec` or a layer with ``kernel_spec``; ``group_size=None`` is per-channel.
+    ``lowbit``: whether ``lowbit_cpu`` is a candidate (default: its extension is built and the CPU has
+    ``avx512_vnni``); ``False`` gives the choice of the kernels before it (and without it).
+
+    * W8A8 (``act_bits=8``): ``int8_onednn_cpu`` on CPUs with AMX-INT8 (when this PyTorch has it),
+      else ``int8_dynamic_cpu``.
+    * ``lowbit_cpu`` when its C++ extension is built and the CPU has ``avx512_vnni``, for affine
+      int2/3/4/8, 4-bit codebooks (nf4, fp4_e2m1) and fp8_e4m3, group sizes (per-channel: in_features)
+      that are multiples of 32, scales in float32/bfloat16/float16.
+    * else the PyTorch kernels, which hold bfloat16 scales: ``int8pack_cpu`` for per-channel 8-bit
+      affine (bf16 zero points), ``int4pack_cpu`` for 2-4 bit affine with out_features a multiple of
+      16 and group sizes a multiple of 32;
+    * else ``reference``.
+    """
+    from llmopt.kernels.lowbit_cpu import lowbit_available
+    from llmopt.kernels.onednn import onednn_int8_available
+
+    if hasattr(fmt, "kernel_spec"):
+        fmt = fmt.kernel_spec
+    if isinstance(fmt, KernelSpec):
+        spec = fmt
+    else:
+        if in_features is None:
+            raise TypeError("expected_auto_kernel: in_features is needed with a format")
+        spec = KernelSpec(format=get_format(fmt, **format_options), in_features=in_features,
+                          out_features=out_features, group_size=group_size or in_features,
+                          scale_dtype=scale_dtype, act_bits=act_bits)
+    form, cpu = spec.format, cpu_info()
+    affine = isinstance(form, AffineFormat)
+    per_channel = spec.num_groups == 1
+    if spec.act_bits == 8:
+        if not (affine and form.bits == 8 and not form.has_zero_point and per_channel):
+            return "reference"
+        return "int8_onednn_cpu" if cpu.has("amx_int8") and onednn_int8_available() else "int8_dynamic_cpu"
+    lowbit_format = ((affine and form.bits in (2, 3, 4, 8))
+                     or (isinstance(form, CodebookFormat) and form.bits == 4)
+                     or isinstance(form, Float8E4M3Format))
+    float_scales = (torch.float32, torch.bfloat16, torch.float16)
+    zero_dtype = spec.zero_point_dtype if spec.has_zero_point else torch.bfloat16
+    if lowbit is None:
+        lowbit = cpu.has("avx512_vnni") and lowbit_available()
+    if (lowbit and lowbit_format and spec.group_size % 32 == 0 and spec.scale_dtype in float_scales
+            and zero_dtype in float_scales):
+        return "lowbit_cpu"
+    bf16 = spec.scale_dtype == torch.bfloat16
+    if affine and form.bits == 8 and per_channel and bf16 and zero_dtype == torch.bfloat16:
+        return "int8pack_cpu"
+    if (affine and form.bits <= 4 and bf16 and spec.out_features % 16 == 0 and spec.group_size % 32 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        return "int4pack_cpu"
+    return "reference"
+
+
+@pytest.fixture(name="expected_auto_kernel")
+def _expected_auto_kernel_fixture():
+    return expected_auto_kernel
 
 
 @pytest.fixture(autouse=True)

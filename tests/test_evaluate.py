@@ -196,7 +196,7 @@ def test_report_writer_and_checks(tmp_path):
     assert len(pngs) == 2 and all(pathlib.Path(p).stat().st_size > 1000 for p in pngs)
 
 
-def test_benchmark_script_end_to_end_on_a_toy_model(tmp_path):
+def test_benchmark_script_end_to_end_on_a_toy_model(tmp_path, expected_auto_kernel):
     """The main job's code path (rows, measuring, JSONL, markdown, checks) on a toy-sized model."""
     import json
 
@@ -209,6 +209,13 @@ def test_benchmark_script_end_to_end_on_a_toy_model(tmp_path):
     assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows.values())
     # 4.5 b/w, a little more because the toy's 352-wide down_proj has a ragged last group of 32.
     assert 4.5 < rows["llmopt rtn int4 g64"]["linear_bits_per_weight"] < 4.55
-    assert rows["llmopt rtn int4 g64"]["kernels"] == ["int4pack_cpu"]
+    from llmopt.models import speed_model
+
+    toy = speed_model("tiny")
+    linears = [m for name, m in toy.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    kernels = {expected_auto_kernel("int4", 64, in_features=m.in_features, out_features=m.out_features)
+               for m in linears}
+    assert "reference" not in kernels
+    assert rows["llmopt rtn int4 g64"]["kernels"] == sorted(kernels)
     text = (tmp_path / "models.md").read_text()
     assert "## speed-tiny" in text and "## Targets" in text

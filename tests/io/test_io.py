@@ -16,19 +16,20 @@ from llmopt.core.formats import AffineFormat
 from llmopt.testing import ToyMLP, ToyTransformer
 
 MIXED_FORMATS = {
-    # name -> (format, group size, kernel chosen by "auto" on CPU)
-    "layers.0.q_proj": ("int8", None, "int8pack_cpu"),
-    "layers.0.k_proj": ("int8", None, "int8pack_cpu"),
-    "layers.0.v_proj": ("int8", None, "int8pack_cpu"),
-    "layers.0.o_proj": ("int8", None, "int8pack_cpu"),
-    "layers.0.gate_proj": ("int4", 32, "int4pack_cpu"),
-    "layers.0.up_proj": ("int4", 32, "int4pack_cpu"),
-    "layers.1.gate_proj": ("int4", 32, "int4pack_cpu"),
-    "layers.1.up_proj": ("int4", 32, "int4pack_cpu"),
-    "layers.0.down_proj": ("nf4", 64, "reference"),
-    "layers.1.down_proj": ("nf4", 64, "reference"),
-    "layers.1.q_proj": ("fp8_e4m3", 64, "reference"),
-    "layers.1.k_proj": ("int3", 64, "int4pack_cpu"),
+    # name -> (format, group size); the kernel "auto" picks on CPU comes from expected_auto_kernel
+    # (lowbit_cpu for all of them where it is built, else int8pack_cpu / int4pack_cpu / reference).
+    "layers.0.q_proj": ("int8", None),
+    "layers.0.k_proj": ("int8", None),
+    "layers.0.v_proj": ("int8", None),
+    "layers.0.o_proj": ("int8", None),
+    "layers.0.gate_proj": ("int4", 32),
+    "layers.0.up_proj": ("int4", 32),
+    "layers.1.gate_proj": ("int4", 32),
+    "layers.1.up_proj": ("int4", 32),
+    "layers.0.down_proj": ("nf4", 64),
+    "layers.1.down_proj": ("nf4", 64),
+    "layers.1.q_proj": ("fp8_e4m3", 64),
+    "layers.1.k_proj": ("int3", 64),
 }
 DENSE = {"layers.1.v_proj", "layers.1.o_proj", "lm_head"}  # lm_head stays tied to the embedding
 
@@ -56,9 +57,16 @@ def _assert_same_state(a: nn.Module, b: nn.Module, bit_equal) -> None:
         assert bit_equal(sa[key], sb[key]), key
 
 
-def test_mixed_model_layout():
+def test_mixed_model_layout(expected_auto_kernel):
     model = _mixed_model()
-    assert _layout(model) == {n: (f, g if g is not None else 64, k) for n, (f, g, k) in MIXED_FORMATS.items()}
+    shapes = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, QuantLinear)}
+    expected = {}
+    for name, (fmt, group) in MIXED_FORMATS.items():
+        k, n = shapes[name]
+        expected[name] = (fmt, group if group is not None else 64,
+                          expected_auto_kernel(fmt, group, in_features=k, out_features=n))
+    assert _layout(model) == expected
     for name in DENSE:
         assert type(model.get_submodule(name)) is nn.Linear
 
@@ -98,7 +106,7 @@ def test_manifest_and_tensor_file_content(tmp_path):
         ("rtn", "int8"), ("rtn", "int4"), ("rtn", "nf4"), ("rtn", "fp8_e4m3"), ("rtn", "int3")]
     assert manifest["aliases"] == {"lm_head.weight": "embed.weight"}
     assert set(manifest["modules"]) == set(MIXED_FORMATS)
-    for name, (fmt, gs, _) in MIXED_FORMATS.items():
+    for name, (fmt, gs) in MIXED_FORMATS.items():
         entry = manifest["modules"][name]
         assert entry["type"] == "QuantLinear"
         cfg = entry["config"]
@@ -212,18 +220,26 @@ def test_bfloat16_compressed_model_round_trip(tmp_path, toy_input):
 
 
 # ------------------------------------------------------------------------------ dtype and kernel moves
-LAYER_CASES = [("int4", 32, "int4pack_cpu"), ("int8", None, "int8pack_cpu"), ("nf4", 32, "reference"),
-               ("int3", 64, "int4pack_cpu"), ("fp8_e4m3", 64, "reference")]
+# Each format with a kernel named explicitly (each built-in layout family) and with "auto" (lowbit_cpu
+# where it is built; see expected_auto_kernel).
+_FORMAT_KERNELS = [("int4", 32, "int4pack_cpu"), ("int8", None, "int8pack_cpu"), ("nf4", 32, "reference"),
+                   ("int3", 64, "int4pack_cpu"), ("fp8_e4m3", 64, "reference")]
+LAYER_CASES = _FORMAT_KERNELS + [(fmt, gs, "auto") for fmt, gs, _ in _FORMAT_KERNELS]
 
 
-def _layer(fmt, gs):
+def _layer(fmt, gs, kernel="auto"):
     torch.manual_seed(1234)
-    return QuantLinear.from_linear(nn.Linear(128, 48), fmt, gs)
+    return QuantLinear.from_linear(nn.Linear(128, 48), fmt, gs, kernel=kernel)
+
+
+def _resolved(kernel, layer, expected_auto_kernel):
+    return expected_auto_kernel(layer) if kernel == "auto" else kernel
 
 
 @pytest.mark.parametrize("fmt, gs, kernel", LAYER_CASES)
-def test_dtype_cast_keeps_quantized_buffers(fmt, gs, kernel, bit_equal):
-    layer = _layer(fmt, gs)
+def test_dtype_cast_keeps_quantized_buffers(fmt, gs, kernel, bit_equal, expected_auto_kernel):
+    layer = _layer(fmt, gs, kernel)
+    kernel = _resolved(kernel, layer, expected_auto_kernel)
     assert layer.kernel.name == kernel
     canonical = {k: v.clone() for k, v in layer.canonical_state().items()}
     runtime = {k: v.clone() for k, v in layer.named_buffers()}
@@ -247,8 +263,10 @@ def test_dtype_cast_keeps_quantized_buffers(fmt, gs, kernel, bit_equal):
 
 
 @pytest.mark.parametrize("fmt, gs, kernel", LAYER_CASES)
-def test_set_kernel_round_trip_keeps_canonical_state(fmt, gs, kernel, bit_equal):
-    layer = _layer(fmt, gs)
+def test_set_kernel_round_trip_keeps_canonical_state(fmt, gs, kernel, bit_equal, expected_auto_kernel):
+    layer = _layer(fmt, gs, kernel)
+    name = _resolved(kernel, layer, expected_auto_kernel)
+    assert layer.kernel.name == name
     canonical = {k: v.clone() for k, v in layer.canonical_state().items()}
     x = torch.randn(4, 128)
     fast = layer(x)
@@ -258,20 +276,22 @@ def test_set_kernel_round_trip_keeps_canonical_state(fmt, gs, kernel, bit_equal)
     for key, value in layer.canonical_state().items():
         assert bit_equal(value, canonical[key]), key
     slow = layer(x)
-    # Fast kernels use bf16 activations (unit roundoff 3.9e-3): norm-wise relative difference to the
-    # float32 reference kernel measures ~2.5e-3; 1e-2 still catches any layout mistake.
-    assert ((fast - slow).norm() / slow.norm()).item() <= 1e-2
+    # int4pack_cpu/int8pack_cpu use bf16 activations (unit roundoff 3.9e-3): norm-wise relative
+    # difference to the float32 reference kernel measures ~2.5e-3; 1e-2 still catches any layout
+    # mistake. lowbit_cpu's int16 activations: ~1e-4. The reference kernel against itself: exact.
+    tol = {"reference": 0.0, "lowbit_cpu": 1e-3}.get(name, 1e-2)
+    assert ((fast - slow).norm() / slow.norm()).item() <= tol
 
-    layer.set_kernel("auto")
-    assert layer.kernel.name == kernel
+    layer.set_kernel(kernel)
+    assert layer.kernel.name == name
     for key, value in layer.canonical_state().items():
         assert bit_equal(value, canonical[key]), key
     assert torch.equal(layer(x), fast)  # same kernel, same data: same bits
 
 
-def test_move_to_meta_device_falls_back_to_reference_kernel():
+def test_move_to_meta_device_falls_back_to_reference_kernel(expected_auto_kernel):
     layer = _layer("int4", 32)
-    assert layer.kernel.name == "int4pack_cpu"
+    assert layer.kernel.name == expected_auto_kernel(layer) != "reference"
     layer.to("meta")
     assert layer.device.type == "meta" and layer.kernel.name == "reference"
     assert layer.canonical_state()["qdata"].is_meta
@@ -279,21 +299,42 @@ def test_move_to_meta_device_falls_back_to_reference_kernel():
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("fmt, gs", [("int4", 32), ("int8", None)])
-def test_kernel_choice_never_changes_stored_parameters(fmt, gs, scale_dtype, bit_equal):
-    # Fast CPU kernels hold bf16 scales: with other scale dtypes "auto" must keep the reference
-    # kernel (stored parameters untouched) and naming a fast kernel must be refused.
+def test_kernel_choice_never_changes_stored_parameters(fmt, gs, scale_dtype, bit_equal, expected_auto_kernel):
+    # Whatever kernel serves a layer with float32/float16 scales, its canonical (stored) state stays
+    # bit-identical, scales in their own dtype: lowbit_cpu keeps them exactly (so "auto" may pick it),
+    # while int4pack_cpu/int8pack_cpu hold bf16 scales and must refuse the layer when named.
     torch.manual_seed(1234)
     lin = nn.Linear(128, 48)
-    reference = QuantLinear.from_linear(lin, fmt, gs, scale_dtype=scale_dtype, kernel="reference")
-    expected = {k: v.clone() for k, v in reference.canonical_state().items()}
-    reference.set_kernel("auto")
-    assert reference.kernel.name == "reference"
-    fast = "int4pack_cpu" if fmt == "int4" else "int8pack_cpu"
+    layer = QuantLinear.from_linear(lin, fmt, gs, scale_dtype=scale_dtype, kernel="reference")
+    expected = {k: v.clone() for k, v in layer.canonical_state().items()}
+    assert expected["scale"].dtype == getattr(torch, scale_dtype)
+    x = torch.randn(4, 128)
+    ref_out = layer(x)
+
+    def unchanged():
+        for key, value in layer.canonical_state().items():
+            assert bit_equal(value, expected[key]), key
+
+    layer.set_kernel("auto")
+    auto = expected_auto_kernel(layer)
+    assert auto in ("lowbit_cpu", "reference")  # never a bf16-scale kernel
+    assert layer.kernel.name == auto
+    unchanged()
+    if auto == "lowbit_cpu":
+        assert ((layer(x) - ref_out).norm() / ref_out.norm()).item() <= 1e-3
+    bf16_only = "int4pack_cpu" if fmt == "int4" else "int8pack_cpu"
     with pytest.raises(ValueError, match="bfloat16 scales"):
-        reference.set_kernel(fast)
-    for key, value in reference.canonical_state().items():
-        assert bit_equal(value, expected[key]), key
-    assert reference.config()["kernel"] == "auto"
+        layer.set_kernel(bf16_only)
+    assert layer.kernel.name == auto
+    unchanged()
+    # Round trips through every kernel that serves the layer leave the stored bits alone.
+    for name in ("reference", "lowbit_cpu", "auto"):
+        if name == "lowbit_cpu" and auto != "lowbit_cpu":
+            continue
+        layer.set_kernel(name)
+        unchanged()
+    assert layer.kernel.name == auto and layer.config()["kernel"] == "auto"
+    assert torch.equal(layer.set_kernel("reference")(x), ref_out)
 
 
 def test_directly_constructed_format_either_rejected_or_round_trips(tmp_path):

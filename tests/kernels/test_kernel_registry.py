@@ -19,6 +19,7 @@ from llmopt.kernels import (
     unregister_kernel,
 )
 from llmopt.kernels import registry
+from llmopt.kernels.lowbit_cpu import lowbit_available
 from llmopt.kernels.reference import ReferenceKernel
 from llmopt.nn import QuantLinear
 
@@ -50,12 +51,23 @@ def cleanup():
             unregister_kernel(name)
 
 
-def test_builtins_registered_in_order():
-    builtins = ["reference", "int4pack_cpu", "int8pack_cpu", "int8_dynamic_cpu", "int8_onednn_cpu"]
-    assert list_kernels()[:5] == builtins
-    assert auto_order()[:4] == ["int8_onednn_cpu", "int8_dynamic_cpu", "int8pack_cpu", "int4pack_cpu"]
+BUILTINS = ["reference", "int4pack_cpu", "int8pack_cpu", "int8_dynamic_cpu", "int8_onednn_cpu", "lowbit_cpu"]
+# Priorities 40 > 30 > 25 > 20 > 10 (see each kernel's file).
+BUILTIN_AUTO_ORDER = ["int8_onednn_cpu", "int8_dynamic_cpu", "lowbit_cpu", "int8pack_cpu", "int4pack_cpu"]
+
+
+def test_builtins_registered_in_order(cleanup):
+    assert list_kernels()[:6] == BUILTINS
+    assert auto_order()[:5] == BUILTIN_AUTO_ORDER
     assert "reference" not in auto_order()
     assert isinstance(get_kernel("int4pack_cpu"), Kernel)
+    # lowbit_cpu's priority is exactly 25: between toys at 26 and 24, and 24 still beats int8pack_cpu (20).
+    cleanup += ["toy_26", "toy_24"]
+    register_kernel(Toy("toy_26"), priority=26)
+    register_kernel(Toy("toy_24"), priority=24)
+    order = auto_order()
+    assert (order.index("int8_dynamic_cpu") < order.index("toy_26") < order.index("lowbit_cpu")
+            < order.index("toy_24") < order.index("int8pack_cpu"))
 
 
 def test_register_as_call_and_unregister(cleanup):
@@ -123,28 +135,33 @@ def test_register_rejects_bad_priorities_and_protects_reference():
     assert type(get_kernel("reference")) is ReferenceKernel
 
 
-def test_priorities_decide_auto_order(cleanup):
+def test_priorities_decide_auto_order(cleanup, expected_auto_kernel):
     cleanup += ["toy_low", "toy_high", "toy_tie"]
     register_kernel(Toy("toy_low"), priority=5)
     register_kernel(Toy("toy_high"), priority=7)
     register_kernel(Toy("toy_tie"), priority=5)  # equal priority: after the earlier registered toy_low
     order = auto_order()
     assert order.index("toy_high") < order.index("toy_low") < order.index("toy_tie")
-    assert select_kernel(_spec("nf4"), "auto", CPU).name == "toy_high"
+    # nf4 in groups of 16: no built-in serves it, so the toys (below every built-in) decide.
+    spec = _spec("nf4", group_size=16)
+    assert expected_auto_kernel(spec) == "reference"
+    assert select_kernel(spec, "auto", CPU).name == "toy_high"
     unregister_kernel("toy_high")
-    assert select_kernel(_spec("nf4"), "auto", CPU).name == "toy_low"
+    assert select_kernel(spec, "auto", CPU).name == "toy_low"
 
 
-def test_a_higher_priority_kernel_beats_a_builtin(cleanup):
+def test_a_higher_priority_kernel_beats_a_builtin(cleanup, expected_auto_kernel):
     cleanup.append("toy_int4_first")
     spec = _spec("int4", n=64)
-    assert select_kernel(spec, "auto", CPU).name == "int4pack_cpu"
+    builtin = expected_auto_kernel(spec)  # lowbit_cpu where it is built, else int4pack_cpu
+    assert builtin in ("lowbit_cpu", "int4pack_cpu")
+    assert select_kernel(spec, "auto", CPU).name == builtin
     register_kernel(Toy("toy_int4_first", formats=("int4",)), priority=1000)
     assert select_kernel(spec, "auto", CPU).name == "toy_int4_first"
     # A default-priority kernel (0) comes after the built-ins.
     unregister_kernel("toy_int4_first")
     register_kernel(Toy("toy_int4_first", formats=("int4",)))
-    assert select_kernel(spec, "auto", CPU).name == "int4pack_cpu"
+    assert select_kernel(spec, "auto", CPU).name == builtin
 
 
 def test_explicit_unsupported_kernel_is_a_clear_error():
@@ -164,6 +181,7 @@ def test_fallback_to_reference_logged_once_with_reasons(caplog):
     assert len(messages) == 1
     assert "format='fp8_e4m3' group_size=16 on cpu" in messages[0]
     assert "int4pack_cpu: format 'fp8_e4m3' is not an affine format" in messages[0]
+    assert "lowbit_cpu: group_size=16 is not a multiple of 32" in messages[0]
 
 
 def test_meta_device_fallback_is_silent(caplog):
@@ -176,30 +194,36 @@ def test_meta_device_fallback_is_silent(caplog):
 def test_every_auto_choice_goes_through_fast_enough(monkeypatch, caplog):
     """The hook of issue 13: a kernel judged slower than dense is skipped by "auto", not when named."""
     seen = []
+    slow = {"int4pack_cpu", "lowbit_cpu"}
 
     def never_int4(kernel, spec, device):
         seen.append(kernel.name)
-        return kernel.name != "int4pack_cpu"
+        return kernel.name not in slow
 
     monkeypatch.setattr(registry, "_fast_enough", never_int4)
     log_once.cache_clear()
     spec = _spec("int4", n=64)
     with caplog.at_level(logging.WARNING, logger="llmopt"):
         assert select_kernel(spec, "auto", CPU).name == "reference"
-    assert seen == ["int4pack_cpu"]  # asked only about kernels that can serve the spec
-    assert "int4pack_cpu: slower than a dense matmul here" in caplog.text
-    assert select_kernel(spec, "int4pack_cpu", CPU).name == "int4pack_cpu"
+    # Asked only about kernels that can serve the spec, in auto order (lowbit_cpu: when it is built;
+    # its CPU-flag gate lives in the hook being replaced here).
+    assert seen == (["lowbit_cpu"] if lowbit_available() else []) + ["int4pack_cpu"]
+    for name in seen:
+        assert f"{name}: slower than a dense matmul here" in caplog.text
+        assert select_kernel(spec, name, CPU).name == name
 
 
-def test_quant_linear_uses_a_registered_kernel(cleanup):
+def test_quant_linear_uses_a_registered_kernel(cleanup, expected_auto_kernel):
     cleanup.append("toy_layer")
     register_kernel(Toy("toy_layer", formats=("nf4",)), priority=1)
     lin = torch.nn.Linear(64, 32)
-    named = QuantLinear.from_linear(lin, "nf4", 32, kernel="toy_layer")
-    auto = QuantLinear.from_linear(lin, "nf4", 32)
-    ref = QuantLinear.from_linear(lin, "nf4", 32, kernel="reference")
+    # Groups of 16: no built-in serves the layer, so auto reaches the low-priority toy.
+    assert expected_auto_kernel("nf4", 16, in_features=64, out_features=32) == "reference"
+    named = QuantLinear.from_linear(lin, "nf4", 16, kernel="toy_layer")
+    auto = QuantLinear.from_linear(lin, "nf4", 16)
+    ref = QuantLinear.from_linear(lin, "nf4", 16, kernel="reference")
     assert named.kernel.name == auto.kernel.name == "toy_layer"
-    assert "kernel=toy_layer" in repr(named) and named.describe() == "nf4 g32 [toy_layer]"
+    assert "kernel=toy_layer" in repr(named) and named.describe() == "nf4 g16 [toy_layer]"
     x = torch.randn(3, 64)
     assert torch.equal(named(x), ref(x)) and torch.equal(auto(x), ref(x))
     with pytest.raises(ValueError, match="'toy_layer' cannot serve this layer: only serves nf4"):

@@ -35,7 +35,10 @@ CPU = torch.device("cpu")
 MS = 1e-3
 
 
-def _spec(fmt="nf4", k=64, n=32, group_size=32, **kw):
+def _spec(fmt="nf4", k=64, n=32, group_size=16, **kw):
+    """nf4 in groups of 16 by default: no built-in kernel serves it (lowbit_cpu needs groups of a
+    multiple of 32), so the toys below are the only candidates and "auto" otherwise falls back to
+    reference (test_the_default_spec_has_no_builtin_kernel)."""
     return KernelSpec(format=get_format(fmt), in_features=k, out_features=n, group_size=group_size, **kw)
 
 
@@ -62,6 +65,10 @@ class FakeClock:
         self.calls = []
 
     def __call__(self, kernel, spec, m, what):
+        if kernel.name not in self.kernels:
+            # pytest.fail raises an exception the probe does not catch (it would otherwise record the
+            # kernel as "failed on a probe" and the test could pass for the wrong reason).
+            pytest.fail(f"the probe timed {kernel.name!r}, which this test's clock does not know")
         self.calls.append((kernel.name, spec.out_features, spec.in_features, m, what))
         if what == "dense":
             return self.dense
@@ -96,6 +103,14 @@ def toys():
     yield add
     for name in names:
         unregister_kernel(name)
+
+
+def test_the_default_spec_has_no_builtin_kernel(probe, expected_auto_kernel):
+    """The premise of the tests below: with no toy registered, "auto" has nothing to probe for _spec()."""
+    set_probe_timer(FakeClock({}))  # fails the test if any kernel is timed
+    assert expected_auto_kernel(_spec()) == "reference"
+    assert select_kernel(_spec(), "auto", CPU).name == "reference"
+    assert kernel_decisions() == []
 
 
 def test_a_kernel_slower_than_dense_and_its_fallback_is_skipped(probe, toys, caplog):
@@ -271,7 +286,9 @@ def test_a_slowish_kernel_is_stopped_by_the_budget(probe, toys, monkeypatch):
     set_probe_timer(clock)
     assert select_kernel(_spec(), "auto", CPU).name == "reference"
     kernel_calls = len(clock.kernel_calls("toy_mid"))
-    spent = 0.009 * (len(clock.calls) - kernel_calls) + 0.02 * kernel_calls
+    toy_calls = [c for c in clock.calls if c[0] == "toy_mid"]
+    assert len(toy_calls) == len(clock.calls)  # only the toy was probed (FakeClock fails on others)
+    spent = 0.009 * (len(toy_calls) - kernel_calls) + 0.02 * kernel_calls
     assert kernel_calls < 1 + speed.PROBE_REPS and spent <= 0.12 + 0.02  # at most one call past the budget
 
 

@@ -63,12 +63,20 @@ def test_convert_matches_fake_quant_reference_kernel(fmt, gs, n, k, bias, act, s
                                                "int8_onednn_cpu" if cpu_info().has("amx_int8") else "int8_dynamic_cpu"),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_convert_matches_fake_quant_fast_kernels(fmt, gs, sym, act, kernel, dtype):
+@pytest.mark.parametrize("choice", ["named", "auto"])
+def test_convert_matches_fake_quant_fast_kernels(fmt, gs, sym, act, kernel, dtype, choice, expected_auto_kernel):
+    """Each fast kernel named explicitly, and whatever "auto" picks (lowbit_cpu where it is built)."""
     lin = _linear(192, 48, seed=3, dtype=dtype)
     qat = QATLinear(lin, fmt, gs, symmetric=sym, act_bits=act)
-    quant = qat.to_quant_linear()
-    if quant.kernel.name != kernel:
-        pytest.skip(f"{kernel} not available here (got {quant.kernel.name})")
+    if choice == "auto":
+        quant = qat.to_quant_linear()
+        assert quant.kernel.name == expected_auto_kernel(quant) != "reference"
+    else:
+        try:
+            quant = qat.to_quant_linear(kernel=kernel)
+        except ValueError as error:  # e.g. a PyTorch without the op
+            pytest.skip(f"{kernel} not available here: {error}")
+        assert quant.kernel.name == kernel
     x = torch.randn(7, 192).to(dtype)
     with torch.no_grad():
         expected, got = qat(x), quant(x)

@@ -457,13 +457,14 @@ def test_int8_dynamic_not_chosen_otherwise(fmt, gs, act_bits, reason, w8a8_kerne
         _layer(n, k, w8a8_kernel, fmt=fmt, group_size=gs, act_bits=act_bits)
 
 
-def test_set_kernel_int8_dynamic_refused_leaves_layer_intact(bit_equal, w8a8_kernel):
+def test_set_kernel_int8_dynamic_refused_leaves_layer_intact(bit_equal, w8a8_kernel, expected_auto_kernel):
     layer = _layer(64, 96, "auto", act_bits=None)
-    assert layer.kernel.name == "int8pack_cpu"
+    kernel = layer.kernel.name
+    assert kernel == expected_auto_kernel(layer) and kernel in ("lowbit_cpu", "int8pack_cpu")
     before = {k: v.clone() for k, v in layer.canonical_state().items()}
     with pytest.raises(ValueError, match="act_bits"):
         layer.set_kernel(w8a8_kernel)
-    assert layer.kernel.name == "int8pack_cpu" and layer.requested_kernel == "auto"
+    assert layer.kernel.name == kernel and layer.requested_kernel == "auto"
     for key, value in layer.canonical_state().items():
         assert bit_equal(value, before[key]), key
 
@@ -506,11 +507,14 @@ def test_input_scale_forward_reference_kernel(fmt, gs):
 
 
 @pytest.mark.parametrize("fmt,gs,kernel", [(get_format("int4"), 32, "int4pack_cpu"),
-                                           (INT8_SYM, None, "int8pack_cpu")])
-def test_input_scale_forward_fast_kernels(fmt, gs, kernel):
+                                           (INT8_SYM, None, "int8pack_cpu"),
+                                           (get_format("int4"), 32, "auto"),  # lowbit_cpu where built
+                                           (INT8_SYM, None, "auto")])
+def test_input_scale_forward_fast_kernels(fmt, gs, kernel, expected_auto_kernel):
     n, k = 64, 160
-    scaled, plain, s = _scaled_pair(n, k, "auto", fmt, gs)
-    assert scaled.kernel.name == kernel
+    scaled, plain, s = _scaled_pair(n, k, kernel, fmt, gs)
+    expected_kernel = expected_auto_kernel(plain) if kernel == "auto" else kernel
+    assert scaled.kernel.name == plain.kernel.name == expected_kernel != "reference"
     x = torch.randn(3, k, generator=_gen(22))
     expected = F.linear(x.double() * s.double(), plain.dequantize_weight(torch.float64), scaled.bias.double())
     assert _rel_err(scaled(x), expected) < BF16_TOL

@@ -39,12 +39,17 @@ def test_int8_per_channel_bytes():
     assert aligned.runtime_bytes() == aligned.stored_bytes() == 32 * 1024 + 32 * 2
 
 
-def test_int4_runtime_holds_one_copy():
-    q = QuantLinear.from_linear(torch.nn.Linear(4096, 256, bias=False), "int4", 64)
+def test_int4_runtime_holds_one_copy(expected_auto_kernel):
+    lin = torch.nn.Linear(4096, 256, bias=False)
+    q = QuantLinear.from_linear(lin, "int4", 64, kernel="int4pack_cpu")
     assert q.kernel.name == "int4pack_cpu"
     assert q.runtime_bytes() == q.stored_bytes()  # kernel layout replaces, never duplicates
     names = {n for n, _ in q.named_buffers()}
     assert "scale" not in names and "scale_and_zero" in names
+    # Whatever "auto" picks holds one copy too (lowbit_cpu: the canonical bytes themselves).
+    auto = QuantLinear.from_linear(lin, "int4", 64)
+    assert auto.kernel.name == expected_auto_kernel(auto) != "reference"
+    assert auto.runtime_bytes() == auto.stored_bytes()
 
 
 def test_keeps_bias_dtype_and_subclass_input():
@@ -58,18 +63,20 @@ def test_keeps_bias_dtype_and_subclass_input():
     assert not q.bias.requires_grad
 
 
-def test_dtype_cast_keeps_quantized_data():
+def test_dtype_cast_keeps_quantized_data(expected_auto_kernel):
     q = QuantLinear.from_linear(torch.nn.Linear(64, 32), "int4", 32)
     before = {k: v.clone() for k, v in q.canonical_state().items()}
+    kernel = q.kernel.name
+    assert kernel == expected_auto_kernel(q) != "reference"
     q = q.to(torch.bfloat16)
-    assert q.bias.dtype == torch.bfloat16 and q.kernel.name == "int4pack_cpu"
+    assert q.bias.dtype == torch.bfloat16 and q.kernel.name == kernel
     for key, value in q.canonical_state().items():
         assert torch.equal(value, before[key])
     q = q.float()
     assert q.bias.dtype == torch.float32 and q.dequantize_weight().dtype == torch.float32
 
 
-def test_state_dict_is_canonical_and_loads_exactly():
+def test_state_dict_is_canonical_and_loads_exactly(expected_auto_kernel):
     torch.manual_seed(0)
     q = QuantLinear.from_linear(torch.nn.Linear(576, 192), "int4", 128)
     sd = q.state_dict()
@@ -77,7 +84,7 @@ def test_state_dict_is_canonical_and_loads_exactly():
     assert sd["qdata"].shape == (192, 288) and sd["scale"].shape == (192, 5)
     fresh = QuantLinear(576, 192, format="int4", group_size=128)
     fresh.load_state_dict(sd)
-    assert fresh.kernel.name == "int4pack_cpu"
+    assert fresh.kernel.name == q.kernel.name == expected_auto_kernel(fresh) != "reference"
     x = torch.randn(2, 576)
     assert torch.equal(fresh(x), q(x))
     for key, value in fresh.state_dict().items():
@@ -101,14 +108,17 @@ def test_codes_match_manual_quantization():
     assert torch.equal(q.dequantize_weight(), w)
 
 
-def test_repr_names_format_group_kernel():
+def test_repr_names_format_group_kernel(expected_auto_kernel):
     q = QuantLinear.from_linear(torch.nn.Linear(64, 32), "int4", 32)
     text = repr(q)
-    assert "format=int4" in text and "group_size=32" in text and "kernel=int4pack_cpu" in text
+    assert "format=int4" in text and "group_size=32" in text and f"kernel={expected_auto_kernel(q)}" in text
+    named = repr(QuantLinear.from_linear(torch.nn.Linear(64, 32), "int4", 32, kernel="int4pack_cpu"))
+    assert "kernel=int4pack_cpu" in named
 
 
-def test_input_gradient_flows_through_reference():
-    q = QuantLinear.from_linear(torch.nn.Linear(64, 32), "nf4", 32)
+@pytest.mark.parametrize("kernel", ["reference", "auto"])  # auto: lowbit_cpu where it is built
+def test_input_gradient_flows_through_reference(kernel):
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 32), "nf4", 32, kernel=kernel)
     x = torch.randn(2, 64, requires_grad=True)
     q(x).sum().backward()
     expected = q.dequantize_weight().sum(0).expand(2, 64)

@@ -288,10 +288,10 @@ def plugin_formats():
     unregister_format("test_clip_int4")
 
 
-def test_user_codebook_format_with_quant_linear(plugin_formats):
+def test_user_codebook_format_with_quant_linear(plugin_formats, expected_auto_kernel):
     assert {"test_pow2_int4", "test_clip_int4"} <= set(llmopt.list_formats())
     lin = nn.Linear(64, 48)
-    layer = QuantLinear.from_linear(lin, "test_pow2_int4", 32)
+    layer = QuantLinear.from_linear(lin, "test_pow2_int4", 32, kernel="reference")
     assert layer.format.name == "test_pow2_int4" and layer.format.bits == 4
     assert layer.canonical_state()["qdata"].shape == (48, 32)  # two 4-bit codes per byte
 
@@ -308,6 +308,13 @@ def test_user_codebook_format_with_quant_linear(plugin_formats):
     ref = torch.nn.functional.linear(x.double(), expected, lin.bias.double())
     # reference kernel, float32 matmul of the same weights: float32 accumulation error only.
     assert torch.allclose(layer(x).double(), ref, rtol=1e-5, atol=1e-6)
+    # "auto": a 16-level codebook is served by lowbit_cpu where it is built (levels as int16 steps and
+    # int16 activations: ~1e-4), with the same stored state.
+    auto = QuantLinear.from_linear(lin, "test_pow2_int4", 32)
+    assert auto.kernel.name == expected_auto_kernel(auto)
+    for key, value in layer.canonical_state().items():
+        assert torch.equal(auto.canonical_state()[key], value), key
+    assert ((auto(x).double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
 def test_user_format_through_rtn_and_save_load(plugin_formats, tmp_path):
@@ -405,7 +412,7 @@ def _unique_bytes(tensors):
 
 
 @pytest.mark.parametrize("exclude", [None, "lm_head"])
-def test_memory_report_totals_match_saved_file_and_memory(exclude, tmp_path):
+def test_memory_report_totals_match_saved_file_and_memory(exclude, tmp_path, expected_auto_kernel):
     model = _transformer()
     llmopt.compress_(model, [llmopt.RTN("int4", 32)], exclude=exclude)
     report = llmopt.memory_report(model)
@@ -422,7 +429,9 @@ def test_memory_report_totals_match_saved_file_and_memory(exclude, tmp_path):
 
     rows = {r.name: r for r in report.layers}
     q = rows["layers.0.q_proj"]
-    assert (q.kind, q.num_weights, q.detail) == ("QuantLinear", 64 * 64, "int4 g32 [int4pack_cpu]")
+    kernel = expected_auto_kernel(model.get_submodule("layers.0.q_proj"))
+    assert kernel != "reference"
+    assert (q.kind, q.num_weights, q.detail) == ("QuantLinear", 64 * 64, f"int4 g32 [{kernel}]")
     assert q.bits_per_weight == 5.0  # 4-bit codes + (bf16 scale + bf16 zero point) / 32 weights
     assert q.stored_bytes == 64 * 32 + 2 * 64 * 2 * 2
     data = report.to_dict()

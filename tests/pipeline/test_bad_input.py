@@ -61,7 +61,7 @@ def test_float64_weights_are_supported():
     """float64 is an accepted weight dtype: the layer keeps it (bias, dequantized weight, output)."""
     torch.manual_seed(1234)
     model = ToyMLP().double()
-    llmopt.compress_(model, llmopt.RTN("nf4", 32))
+    llmopt.compress_(model, llmopt.RTN("nf4", 32, kernel="reference"))
     assert model.up.bias.dtype == torch.float64
     w = model.up.dequantize_weight()
     assert w.dtype == torch.float64
@@ -70,6 +70,11 @@ def test_float64_weights_are_supported():
     assert y.dtype == torch.float64
     # reference kernel in float64: the result is the float64 matmul itself (1e-12 covers summation order).
     assert torch.allclose(y, F.linear(x, w, model.up.bias), rtol=1e-12, atol=1e-12)
+    # "auto" (lowbit_cpu where it is built computes in float32 with int16 activations) keeps the dtype.
+    model.up.set_kernel("auto")
+    y_auto = model.up(x)
+    assert y_auto.dtype == torch.float64
+    assert ((y_auto - y).norm() / y.norm()).item() < 1e-3
 
 
 def test_meta_device_weights(snapshot):
@@ -285,15 +290,17 @@ def test_explicit_kernel_error_via_compress_names_the_layer(snapshot):
     snap.check()
 
 
-def test_failed_set_kernel_keeps_the_layer_working():
+def test_failed_set_kernel_keeps_the_layer_working(expected_auto_kernel):
     torch.manual_seed(1234)
     layer = QuantLinear.from_linear(nn.Linear(64, 40), "nf4", 32)
+    kernel = layer.kernel.name
+    assert kernel == expected_auto_kernel(layer)  # lowbit_cpu where it is built, else reference
     canonical = {k: v.clone() for k, v in layer.canonical_state().items()}
     x = torch.randn(2, 64)
     y = layer(x)
     with pytest.raises(ValueError, match="int4pack_cpu"):
         layer.set_kernel("int4pack_cpu")
-    assert layer.kernel.name == "reference"
+    assert layer.kernel.name == kernel
     assert all(torch.equal(v, canonical[k]) for k, v in layer.canonical_state().items())
     assert torch.equal(layer(x), y)
 
