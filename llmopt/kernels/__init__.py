@@ -16,6 +16,9 @@ Kernels (one file per family; each registers its kernels when imported):
 * ``int8pack_cpu`` (:mod:`.int8_cpu`): ``aten._weight_int8pack_mm`` (8-bit affine, one scale per row).
 * ``int8_dynamic_cpu`` (:mod:`.int8_cpu`): W8A8 for layers with ``act_bits=8``: activations quantized
   per token to int8, multiplied by symmetric per-channel int8 weights with ``torch._int_mm``.
+* ``lowbit_cpu`` (:mod:`.lowbit_cpu`, C++ in ``csrc/lowbit_cpu.cpp`` built at first use by :mod:`.cpp_ext`):
+  int2/int3/int4/int8 affine, 4-bit codebooks (nf4, fp4) and fp8 decoded in registers at their real
+  width (AVX-512 VNNI, int16 activations per block); falls back cleanly when it cannot be built.
 * ``int8_onednn_cpu`` (:mod:`.onednn`): the same W8A8 arithmetic with the weight prepacked once for
   oneDNN (``torch.ops.onednn.qlinear_pointwise``); tried first by ``"auto"`` on CPUs with AMX-INT8,
   where it is 2-3x faster than ``_int_mm`` (without AMX it is 100x+ slower than dense, and skipped).

@@ -11,13 +11,13 @@ one), scales in bfloat16, float16 or float32, and float32 or bfloat16 activation
 float32). The weight is never dequantized in memory: each row is decoded in registers, 32 codes at a
 time, and multiplied there.
 
-Integer formats quantize the activations per token to int8 in blocks of 32 columns (one float scale
-per block, like llama.cpp's Q8_0) and use AVX-512 VNNI int8 dot products; that is an approximation of
-the float product of the same order as a bfloat16 cast of the activations (measured relative error
-~4e-3 against float64 on random data, see ``tests/kernels/test_lowbit_cpu.py``). fp8 keeps float32
-activations. The runtime layout is the canonical one for int2/int4/int8/codebooks/fp8 whenever
-``in_features`` is a multiple of the group size (no copy at load), and two bit planes for int3 (3 bits
-per weight in memory either way); :meth:`to_canonical` is its exact inverse.
+Integer formats quantize the activations per token to int16 (range +-16383) in blocks of up to 256
+columns inside each group (one float scale per block) and use AVX-512 VNNI ``vpdpwssd`` word dot
+products with exact int32 accumulation: the output is within ~1e-4 (relative) of a float64 product with
+the stored weight (see ``tests/kernels/test_lowbit_cpu.py``). fp8 keeps float32 activations. The
+runtime layout is the canonical one for int2/int4/int8/codebooks/fp8 whenever ``in_features`` is a
+multiple of the group size (no copy at load), and two bit planes for int3 (3 bits per weight in memory
+either way); :meth:`to_canonical` is its exact inverse.
 
 Without AVX-512 VNNI the same C++ file runs a scalar path (correct, slow): ``kernel="auto"`` only
 considers this kernel on CPUs with ``avx512_vnni`` (and, like every kernel, only after the speed probe

@@ -6,8 +6,8 @@ takes the first that can serve the layer on its device and passes :func:`_fast_e
 otherwise falls back to ``reference``, logging why once. Passing :func:`_fast_enough` means the CPU
 has the flags the kernel declares and a one-time probe found it not slower than dense here
 (:mod:`.speed`). The built-in order (priorities in their
-files) is ``int8_onednn_cpu`` (40) > ``int8_dynamic_cpu`` (30) > ``int8pack_cpu`` (20) >
-``int4pack_cpu`` (10); a kernel registered without a priority gets 0, after them.
+files) is ``int8_onednn_cpu`` (40) > ``int8_dynamic_cpu`` (30) > ``lowbit_cpu`` (25) >
+``int8pack_cpu`` (20) > ``int4pack_cpu`` (10); a kernel registered without a priority gets 0, after them.
 """
 
 from __future__ import annotations
