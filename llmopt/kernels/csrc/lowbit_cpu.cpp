@@ -35,6 +35,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -45,7 +46,9 @@ namespace {
 
 enum Kind : int64_t { K_INT2 = 0, K_INT3 = 1, K_INT4 = 2, K_INT8 = 3, K_LUT4 = 4, K_FP8 = 5 };
 constexpr int CHUNK = 32;
-constexpr float XQ_MAX = 16383.f;  // activation code range: 15 bits (see the overflow bound above)
+constexpr float XQ_MAX = 16383.f;
+// From this many tokens on, the weight is decoded to bf16 once and multiplied by PyTorch's GEMM.
+constexpr int64_t PREFILL_TOKENS = 16;  // activation code range: 15 bits (see the overflow bound above)
 
 inline int chunk_bytes(int64_t kind) {
   switch (kind) {
@@ -559,7 +562,7 @@ void row_tile(const Problem& p, int64_t n0, const float* sc, const float* zc) {
 // 4 tokens per tile share each decoded chunk.
 void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
   std::vector<float> sc(4 * p.G), zc(p.zero ? 4 * p.G : 0);
-  const bool decode = p.M < 4;
+  const bool decode = p.M < PREFILL_TOKENS;  // each token on the GEMV path (the row stays in L1)
   int64_t n = n0;
   if (decode && decode_batched(p)) {
     const int rows = decode_rows();
@@ -626,6 +629,64 @@ void prepare_row_avx512(const float* buf, const Problem& p, int64_t m, int16_t* 
     }
     xsum[m * p.G + g] = _mm512_reduce_add_ps(group_sum);
     xcorr[m * p.G + g] = static_cast<float>(-p.unit * p.offset * group_hat);
+  }
+}
+
+// ------------------------------------------------------------------------------ prefill
+// For many tokens a dense bfloat16 GEMM (AVX512-BF16 dot products) does 4x more multiply-adds per
+// instruction than the int16 dot products above, so prefill decodes the weight once into a bf16
+// buffer, in the chunks' lane order, and hands it to PyTorch's GEMM with the activations permuted to
+// the same order. Precision is then bf16, like PyTorch's int4 kernel and bf16 dense.
+
+inline __m256i f32_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+template <int64_t KIND>
+void dequant_rows_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_t* w) {
+  constexpr int cb = KIND == K_INT2 ? 8 : (KIND == K_INT3 ? 12 : (KIND == K_INT4 || KIND == K_LUT4 ? 16 : 32));
+  const __m256i table = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.lut));
+  const int64_t cpg = p.gs / CHUNK;
+  std::vector<float> sc(p.G), zc(p.zero ? p.G : 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row_params(p, n, 1, sc.data(), zc.data());
+    const uint8_t* row = p.qdata + n * p.row_bytes;
+    uint16_t* out = w + n * p.Kp;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float step = KIND == K_FP8 ? 256.f * sc[g] : p.unit * sc[g];
+      const __m512 s = _mm512_set1_ps(step);
+      // value = (code - offset) * step + zero  ==  code * step + (zero - offset * step)
+      const __m512 base = _mm512_set1_ps((p.zero ? zc[g] : 0.f) - (KIND == K_FP8 ? 0.f : p.offset * step));
+      for (int64_t cc = 0; cc < cpg; ++cc) {
+        const int64_t c = g * cpg + cc;
+        __m512 v0, v1;
+        if constexpr (KIND == K_FP8) {
+          v0 = _mm512_fmadd_ps(fp8x16(row + c * cb), s, base);
+          v1 = _mm512_fmadd_ps(fp8x16(row + c * cb + 16), s, base);
+        } else {
+          __m256i lo, hi;
+          chunk_words<KIND>(row + c * cb, table, lo, hi);
+          v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(lo)), s, base);
+          v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(hi)), s, base);
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * CHUNK), f32_to_bf16(v0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * CHUNK + 16), f32_to_bf16(v1));
+      }
+    }
+  }
+}
+
+void dequant_avx512(const Problem& p, int64_t n0, int64_t n1, uint16_t* w) {
+  switch (p.kind) {
+    case K_INT2: dequant_rows_avx512<K_INT2>(p, n0, n1, w); break;
+    case K_INT3: dequant_rows_avx512<K_INT3>(p, n0, n1, w); break;
+    case K_INT4: dequant_rows_avx512<K_INT4>(p, n0, n1, w); break;
+    case K_INT8: dequant_rows_avx512<K_INT8>(p, n0, n1, w); break;
+    case K_LUT4: dequant_rows_avx512<K_LUT4>(p, n0, n1, w); break;
+    default: dequant_rows_avx512<K_FP8>(p, n0, n1, w); break;
   }
 }
 
@@ -698,6 +759,47 @@ at::Tensor lowbit_mm(const at::Tensor& x, const at::Tensor& qdata, const at::Ten
   static const bool has_avx512 = cpu_has_avx512_vnni();
   TORCH_CHECK(isa != 2 || has_avx512, "lowbit_cpu: this CPU has no AVX-512 VNNI");
   const bool fast = has_avx512 && isa != 1;
+  if (fast && p.M >= PREFILL_TOKENS) {
+    // Activations permuted to the chunks' lane order (zero pad), bf16, transposed for the GEMM below.
+    at::Tensor xl = at::zeros({p.M, p.Kp}, x.options().dtype(at::kBFloat16));
+    const at::Tensor xb = xc.to(at::kBFloat16);
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(xl.data_ptr());
+    int col[CHUNK];
+    for (int lane = 0; lane < CHUNK; ++lane) col[lane] = chunk_col(kind, lane);
+    at::parallel_for(0, p.M, 4, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        for (int64_t c0 = 0; c0 < p.Kp; c0 += CHUNK) {
+          for (int lane = 0; lane < CHUNK; ++lane) {
+            const int64_t k = c0 + col[lane];
+            if (k < p.K) dst[m * p.Kp + c0 + lane] = src[m * p.K + k];
+          }
+        }
+      }
+    });
+    // The weight is decoded in blocks of rows into a reused buffer of about 1 MiB (no page faults,
+    // stays in cache), each block multiplied right away: y^T[rows] = W[rows] @ x^T.
+    const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.N, ((1 << 19) / p.Kp + 15) / 16 * 16));
+    thread_local at::Tensor wbuf;
+    if (!wbuf.defined() || wbuf.numel() < block * p.Kp) wbuf = at::empty({block * p.Kp}, x.options().dtype(at::kBFloat16));
+    at::Tensor yt = at::empty({p.N, p.M}, x.options().dtype(at::kBFloat16));
+    const at::Tensor xt = xl.t();
+    uint16_t* wp = reinterpret_cast<uint16_t*>(wbuf.data_ptr());
+    for (int64_t n0 = 0; n0 < p.N; n0 += block) {
+      const int64_t nb = std::min(block, p.N - n0);
+      // Decode rows n0 .. n0+nb into the buffer (row r of the block at wp + r * Kp).
+      at::parallel_for(0, nb, 8, [&](int64_t r0, int64_t r1) { dequant_avx512(p, n0 + r0, n0 + r1, wp - n0 * p.Kp); });
+      at::Tensor wblock = wbuf.narrow(0, 0, nb * p.Kp).view({nb, p.Kp});
+      at::Tensor out = yt.narrow(0, n0, nb);
+      at::mm_out(out, wblock, xt);
+    }
+    at::Tensor y = yt.t();
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->numel() == p.N, "lowbit_cpu: bias has ", bias->numel(), " elements, expected ", p.N);
+      return y.to(at::kFloat).add_(bias->to(at::kFloat)).to(x.scalar_type()).contiguous();
+    }
+    return y.to(x.scalar_type()).contiguous();
+  }
   // Per-thread scratch, reused across calls (no allocation in the steady state).
   thread_local std::vector<int16_t> xq;
   thread_local std::vector<float> xs, xcorr, xsum, xf;
