@@ -171,7 +171,10 @@ class _Bench:
         if spec.has_zero_point:
             canonical["zero_point"] = torch.zeros(n, g, dtype=spec.scale_dtype, device=device)
         self.runtime = self.kernel.to_runtime(spec, dict(canonical))
-        self.ref_runtime = self.reference.to_runtime(spec, dict(canonical))
+        try:
+            self.ref_runtime = self.reference.to_runtime(spec, dict(canonical))
+        except Exception as error:  # not the probed kernel's fault
+            raise _ProbeError(f"the reference layout failed: {type(error).__name__}: {error}") from error
         w = (torch.rand(n, spec.in_features, generator=gen) - 0.5).to(device)
         self.weights = {torch.float32: w, torch.bfloat16: w.to(torch.bfloat16)}
         self.inputs: Dict[Tuple[int, torch.dtype], Tensor] = {}
@@ -186,7 +189,12 @@ class _Bench:
 
     def once(self, what: str, m: int, dtype: torch.dtype = torch.float32) -> float:
         if _TIMER is not None:
-            return float(_TIMER(self.kernel, self.spec, m, what))
+            if what == "kernel":
+                return float(_TIMER(self.kernel, self.spec, m, what))
+            try:
+                return float(_TIMER(self.kernel, self.spec, m, what))
+            except Exception as error:
+                raise _ProbeError(f"timing {what} failed: {type(error).__name__}: {error}") from error
         if not self._built:
             self._build()
         x = self._x(m, dtype)
@@ -194,10 +202,14 @@ class _Bench:
             start = time.perf_counter()
             if what == "kernel":
                 self.kernel.forward(self.spec, self.runtime, x, None)
-            elif what == "reference":
-                self.reference.forward(self.spec, self.ref_runtime, x, None)
-            else:
-                F.linear(x, self.weights[dtype])
+                return time.perf_counter() - start
+            try:
+                if what == "reference":
+                    self.reference.forward(self.spec, self.ref_runtime, x, None)
+                else:
+                    F.linear(x, self.weights[dtype])
+            except Exception as error:  # a failing baseline says nothing about the probed kernel
+                raise _ProbeError(f"timing {what} failed: {type(error).__name__}: {error}") from error
             return time.perf_counter() - start
 
 
@@ -207,6 +219,10 @@ def _ms(seconds: float) -> str:
 
 class _OutOfTime(Exception):
     pass
+
+
+class _ProbeError(Exception):
+    """The probe could not time a baseline (dense or reference): no verdict on the kernel."""
 
 
 def _measure(bench: _Bench, start: float, budget: float) -> Tuple[bool, str, Dict[int, Dict[str, float]]]:
@@ -339,6 +355,9 @@ def decide(kernel: Kernel, spec: KernelSpec, device: torch.device, reference: Ke
     except _OutOfTime:
         return record(True, f"the probe ran out of its {PROBE_BUDGET_S} s before timing the kernel "
                       "(a busy machine?): CPU flags only", "no_probe", probe_s=time.perf_counter() - start)
+    except _ProbeError as error:
+        return record(True, f"the probe could not run its baseline ({error}): CPU flags only", "no_probe",
+                      probe_s=time.perf_counter() - start, cache=False)
     except Exception as error:  # a kernel that fails on synthetic data would fail on real data too
         return record(False, f"failed on a probe of {pspec.describe()}: {type(error).__name__}: {error}",
                       "probe", probe_s=time.perf_counter() - start)

@@ -315,6 +315,21 @@ def test_a_kernel_that_fails_on_the_probe_is_skipped(probe, toys):
     assert not decision.fast and "RuntimeError: boom" in decision.reason
 
 
+def test_a_failing_baseline_is_not_blamed_on_the_kernel(probe, toys):
+    """When the probe cannot time dense (or the reference), it has no verdict on the kernel: the
+    decision rests on the CPU flags and is not cached, instead of marking the kernel as failed."""
+    toys("toy_fine", 1000)
+
+    def timer(kernel, spec, m, what):
+        if what == "dense":
+            raise RuntimeError("dense broke")
+        return 1e-4
+
+    set_probe_timer(timer)
+    assert select_kernel(_spec(), "auto", CPU).name == "toy_fine"
+    assert not any(d.kernel == "toy_fine" for d in kernel_decisions())  # not cached
+
+
 def test_cpu_info():
     info = cpu_info()
     assert info.model and info.model != "unknown" and info.capability
