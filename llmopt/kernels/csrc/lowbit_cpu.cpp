@@ -289,6 +289,21 @@ inline void chunk_words(const uint8_t* c, __m256i table, __m256i& lo, __m256i& h
   }
 }
 
+// int2 read two chunks (64 codes, 16 bytes) at a time when blocks hold whole pairs: one widening load
+// and immediate shifts give 4 vectors of 16 codes, vector q holding codes 4j+q of the first chunk in
+// lanes 0-7 and of the second in lanes 8-15 (4 instructions per chunk instead of 6). The activations
+// are laid out to match (prepare_row_avx512); both chunks belong to the same activation block.
+inline bool int2_pairs(const Problem& p) { return p.kind == K_INT2 && p.cpb % 2 == 0; }
+
+inline void pair_words_int2(const uint8_t* c, __m256i* v) {
+  const __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m256i three = _mm256_set1_epi16(3);
+  v[0] = _mm256_and_si256(t, three);
+  v[1] = _mm256_and_si256(_mm256_srli_epi16(t, 2), three);
+  v[2] = _mm256_and_si256(_mm256_srli_epi16(t, 4), three);
+  v[3] = _mm256_srli_epi16(t, 6);
+}
+
 // One tile: rows n0 .. n0+R-1 x tokens m0 .. m0+T-1, integer path. Each decoded chunk serves T tokens,
 // each activation chunk R rows; R*T independent accumulators keep the pipes busy.
 template <int64_t KIND, int R, int T>
@@ -399,17 +414,33 @@ void tile_decode_avx512(const Problem& p, int64_t n0, int64_t m, const float* sc
       for (int j = 0; j < 8; ++j) iacc[r][j] = _mm256_setzero_si256();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
+      if constexpr (KIND == K_INT2 && CPG % 2 == 0) {
 #pragma GCC unroll 8
-      for (int cc = 0; cc < CPG; ++cc) {
-        const int64_t c = (g + j) * CPG + cc;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
+        for (int cc = 0; cc < CPG; cc += 2) {
+          const int64_t c = (g + j) * CPG + cc;
+          const int16_t* xp = xrow + c * CHUNK;
+          __m256i xv[4];
+          for (int q = 0; q < 4; ++q) xv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16 * q));
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          __m256i lo, hi;
-          chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
-          iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], lo, x0);
-          iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], hi, x1);
+          for (int r = 0; r < R; ++r) {
+            __m256i v[4];
+            pair_words_int2(rows[r] + c * cb, v);
+            for (int q = 0; q < 4; ++q) iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], v[q], xv[q]);
+          }
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int cc = 0; cc < CPG; ++cc) {
+          const int64_t c = (g + j) * CPG + cc;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            __m256i lo, hi;
+            chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
+            iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], lo, x0);
+            iacc[r][j] = _mm256_dpwssd_epi32(iacc[r][j], hi, x1);
+          }
         }
       }
     }
@@ -428,17 +459,32 @@ void tile_decode_avx512(const Problem& p, int64_t n0, int64_t m, const float* sc
     __m256i iacc[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) iacc[r] = _mm256_setzero_si256();
+    if constexpr (KIND == K_INT2 && CPG % 2 == 0) {
+      for (int cc = 0; cc < CPG; cc += 2) {
+        const int64_t c = g * CPG + cc;
+        const int16_t* xp = xrow + c * CHUNK;
+        for (int r = 0; r < R; ++r) {
+          __m256i v[4];
+          pair_words_int2(rows[r] + c * cb, v);
+          for (int q = 0; q < 4; ++q) {
+            iacc[r] = _mm256_dpwssd_epi32(iacc[r], v[q],
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16 * q)));
+          }
+        }
+      }
+    } else {
 #pragma GCC unroll 8
-    for (int cc = 0; cc < CPG; ++cc) {
-      const int64_t c = g * CPG + cc;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
+      for (int cc = 0; cc < CPG; ++cc) {
+        const int64_t c = g * CPG + cc;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow + c * CHUNK + 16));
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        __m256i lo, hi;
-        chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
-        iacc[r] = _mm256_dpwssd_epi32(iacc[r], lo, x0);
-        iacc[r] = _mm256_dpwssd_epi32(iacc[r], hi, x1);
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          chunk_words<KIND>(rows[r] + c * cb, table, lo, hi);
+          iacc[r] = _mm256_dpwssd_epi32(iacc[r], lo, x0);
+          iacc[r] = _mm256_dpwssd_epi32(iacc[r], hi, x1);
+        }
       }
     }
     for (int r = 0; r < R; ++r) rest[r] += static_cast<float>(hsum_epi32(iacc[r])) * sc[r * p.G + g / bpg] * xs[g];
@@ -573,6 +619,11 @@ void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
         else dispatch_decode<1>(p, n, m, sc.data(), zc.data());
       }
     }
+    // A last odd row stays on the batched path too (the activations are laid out for it).
+    for (; n < n1; ++n) {
+      load_row_params(p, n, 1, sc.data(), zc.data());
+      for (int64_t m = 0; m < p.M; ++m) dispatch_decode<1>(p, n, m, sc.data(), zc.data());
+    }
   }
   const int R = decode ? 4 : 2;
   for (; n + R <= n1; n += R) {
@@ -598,6 +649,7 @@ void prepare_row_avx512(const float* buf, const Problem& p, int64_t m, int16_t* 
   }
   const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const bool pair = int2_pairs(p);
   for (int64_t g = 0; g < p.G; ++g) {
     __m512 group_sum = _mm512_setzero_ps();
     double group_hat = 0.0;
@@ -620,9 +672,21 @@ void prepare_row_avx512(const float* buf, const Problem& p, int64_t m, int16_t* 
         const __m512 qhi = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_permutex2var_ps(a, ihi, bvec), inv),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         qsum = _mm512_add_ps(qsum, _mm512_add_ps(qlo, qhi));
-        int16_t* dst = xq + m * p.Kp + col0 + c0;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qlo)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qhi)));
+        const __m256i wlo = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qlo));
+        const __m256i whi = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(qhi));
+        if (pair) {
+          // int2 chunk pairs (see pair_words_int2): groups of 8 lanes interleaved with the other chunk's.
+          const int64_t col = col0 + c0, half = (col >> 5) & 1;
+          int16_t* base = xq + m * p.Kp + (col & ~int64_t(63)) + 8 * half;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(base), _mm256_castsi256_si128(wlo));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(base + 16), _mm256_extracti128_si256(wlo, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(base + 32), _mm256_castsi256_si128(whi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(base + 48), _mm256_extracti128_si256(whi, 1));
+        } else {
+          int16_t* dst = xq + m * p.Kp + col0 + c0;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), wlo);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), whi);
+        }
       }
       xs[m * p.B + b] = s;
       group_hat += static_cast<double>(s) * static_cast<double>(_mm512_reduce_add_ps(qsum));
