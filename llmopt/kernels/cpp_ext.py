@@ -31,6 +31,10 @@ _ERRORS: Dict[str, str] = {}
 _LOCK = threading.Lock()
 
 
+def _source_dir() -> str:
+    return CSRC
+
+
 def extensions_enabled() -> bool:
     """False when ``LLMOPT_CPP_EXT`` is ``0``/``off``/``false``/``no`` (read at every first load)."""
     return os.environ.get(_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
@@ -50,6 +54,15 @@ def _compiler_missing() -> Optional[str]:
     if not is_ninja_available():
         return "ninja is not installed (pip install ninja), needed to build the C++ kernels"
     return None
+
+
+def _first_error(error: Exception) -> str:
+    """The compiler's first ``error:`` line from a failed build (ninja's own last line says nothing)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:
+            return line
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
 def load_extension(name: str, source: str) -> bool:
@@ -73,16 +86,14 @@ def load_extension(name: str, source: str) -> bool:
 
                 cpp_extension.load(
                     name=name,
-                    sources=[os.path.join(CSRC, source)],
+                    sources=[os.path.join(_source_dir(), source)],
                     extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                     verbose=False,
                 )
             except Exception as error:  # a build failure must not break the library: fall back
-                text = str(error).strip().splitlines()
-                reason = f"building the C++ extension {name!r} failed: {type(error).__name__}: " + (
-                    text[-1] if text else "")
+                reason = f"building the C++ extension {name!r} failed: {_first_error(error)}"
         _LOADED[name] = reason is None
         if reason is not None:
             _ERRORS[name] = reason

@@ -264,3 +264,18 @@ def test_prefill_path_matches_float64(name, group_size, dtype):
     ref = _reference(q, fmt, x.float()) + bias.double()
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < 1e-2, f"{name} g{group_size} {dtype}: relative error {err:.2e}"
+
+
+def test_loader_reports_the_compiler_error(monkeypatch, tmp_path):
+    """A source that does not compile: the reason names the compiler's error line, nothing raises."""
+    (tmp_path / "broken.cpp").write_text("int main() { return undefined_symbol_llmopt; }\n")
+    monkeypatch.setattr(cpp_ext, "_source_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    name = "llmopt_test_broken_ext"
+    try:
+        assert cpp_ext.load_extension(name, "broken.cpp") is False
+        reason = cpp_ext.extension_error(name)
+        assert "error:" in reason and "undefined_symbol_llmopt" in reason, reason
+    finally:
+        cpp_ext._LOADED.pop(name, None)
+        cpp_ext._ERRORS.pop(name, None)
