@@ -50,7 +50,7 @@ from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.kernels.int4_cpu import int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 
-from timing import _LoadProbe, measure_read_bandwidth  # noqa: E402
+from timing import _LoadProbe, measure_read_bandwidth, weight_bytes_per_step  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 TARGET = 1.3
@@ -122,18 +122,6 @@ def measure(label: str, model: torch.nn.Module, args: argparse.Namespace, out) -
           f"{row['compiled_vs_eager_static']:.2f}x", flush=True)
     del runners
     return row
-
-
-def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes a batch-1 decode step must read at least: every Linear / QuantLinear weight (in its runtime
-    layout, scales included) once. Embedding (one row), norms and the small KV cache are left out."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, llmopt.nn.QuantLinear):
-            total += module.runtime_bytes()
-        elif isinstance(module, torch.nn.Linear):
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-    return total
 
 
 def matmul_floor_ms(model: torch.nn.Module, repeats: int = 7) -> float:

@@ -56,7 +56,7 @@ from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.io.gguf import export_gguf, gguf_scheme  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 
-from timing import _LoadProbe, measure_read_bandwidth  # noqa: E402
+from timing import _LoadProbe, measure_read_bandwidth, weight_bytes_per_step  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DATA = os.path.join(HERE, "data")
@@ -126,17 +126,6 @@ def layer_kernels(model: torch.nn.Module) -> Dict[str, int]:
         if isinstance(module, llmopt.nn.QuantLinear):
             counts[module.describe()] = counts.get(module.describe(), 0) + 1
     return counts
-
-
-def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of Linear / QuantLinear weights one decode step reads (runtime layout, scales included)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, llmopt.nn.QuantLinear):
-            total += module.runtime_bytes()
-        elif isinstance(module, torch.nn.Linear):
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-    return total
 
 
 def profile_steps(runner: DecodeRunner, steps: int = 8, top: int = 12) -> Dict[str, Any]:

@@ -56,6 +56,7 @@ __all__ = [
     "percentile",
     "gbps",
     "measure_read_bandwidth",
+    "weight_bytes_per_step",
     "measure_copy_bandwidth",
     "last_level_cache_bytes",
     "kernel_decisions_record",
@@ -414,3 +415,17 @@ def machine_info() -> Dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step must read at least: every Linear / QuantLinear weight (in its runtime
+    layout, scales included) once. Embedding (one row), norms and the small KV cache are left out."""
+    from llmopt.nn import QuantLinear  # imported here: this module stays importable without llmopt
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.runtime_bytes()
+        elif isinstance(module, torch.nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total

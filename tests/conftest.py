@@ -159,3 +159,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory for a tiny random Hugging Face Llama: ``tiny_llama(tie=True, seed=0)`` (eval mode)."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(tie: bool = True, seed: int = 0):
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                          max_position_embeddings=128, tie_word_embeddings=tie)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    return build

@@ -49,8 +49,6 @@ CHUNK = 32
 # Kinds, as the C++ file numbers them.
 INT2, INT3, INT4, INT8, LUT4, FP8 = range(6)
 _AFFINE_KINDS = {2: INT2, 3: INT3, 4: INT4, 8: INT8}
-# Bytes of one 32-code chunk in the runtime layout.
-_CHUNK_BYTES = {INT2: 8, INT3: 12, INT4: 16, INT8: 32, LUT4: 16, FP8: 32}
 # Largest |level * L| of a codebook's int16 table: the C++ overflow bound (see csrc/lowbit_cpu.cpp).
 _LUT_MAX = 4095
 # ISA request for the C++ op: 0 = fastest available, 1 = force the scalar path.
@@ -233,12 +231,11 @@ class LowBitCPUKernel(Kernel):
 
     def dequantize_rows(self, spec: KernelSpec, runtime: Tensors, rows: Tensor, dtype: torch.dtype) -> Tensor:
         # Rows are contiguous in every runtime layout: gather them, then decode only those.
-        sub = {name: runtime[name].index_select(0, rows) for name in ("qdata", "scale", "zero_point")
-               if name in runtime}
-        sub_spec = dataclasses.replace(spec, out_features=max(int(rows.numel()), 1))
         if rows.numel() == 0:
             return torch.empty(0, spec.in_features, dtype=dtype, device=runtime["qdata"].device)
-        return self.dequantize(sub_spec, sub, dtype)
+        sub = {name: runtime[name].index_select(0, rows) for name in ("qdata", "scale", "zero_point")
+               if name in runtime}
+        return self.dequantize(dataclasses.replace(spec, out_features=int(rows.numel())), sub, dtype)
 
     def forward(self, spec: KernelSpec, runtime: Tensors, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         plan = format_kind(spec.format)

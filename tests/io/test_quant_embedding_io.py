@@ -23,12 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.tensor([[1, 5, 77, 200, 13, 255, 0, 42]])
 
 
-def tiny_llama(tie: bool = True, seed: int = 0):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                      max_position_embeddings=128, tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def _file_keys(directory):
@@ -84,7 +78,7 @@ def test_load_failure_leaves_the_skeleton_untouched(tmp_path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_save_pretrained_load_pretrained_keeps_one_table(tmp_path, tie):
+def test_save_pretrained_load_pretrained_keeps_one_table(tmp_path, tie, tiny_llama):
     model = tiny_llama(tie=tie)
     llmopt.compress_(model, llmopt.RTN("int4", 32), embeddings=llmopt.WeightQuant("int4", 32))
     with torch.no_grad():
@@ -103,7 +97,7 @@ def test_save_pretrained_load_pretrained_keeps_one_table(tmp_path, tie):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_compressed_tensors_export_dequantizes_the_embedding(tmp_path, tie):
+def test_compressed_tensors_export_dequantizes_the_embedding(tmp_path, tie, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama(tie=tie)

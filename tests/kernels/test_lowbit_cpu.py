@@ -190,26 +190,25 @@ def test_unsupported_specs_say_why():
     assert KERNEL.unsupported_reason(five, torch.device("cpu"))
 
 
-def test_loader_reports_why_when_disabled(monkeypatch):
+@pytest.fixture
+def fresh_extension_name():
+    """A name no extension was loaded under; its cached outcome is forgotten afterwards."""
+    name = "llmopt_test_ext"
+    yield name
+    cpp_ext._LOADED.pop(name, None)
+    cpp_ext._ERRORS.pop(name, None)
+
+
+def test_loader_reports_why_when_disabled(monkeypatch, fresh_extension_name):
     monkeypatch.setenv("LLMOPT_CPP_EXT", "0")
-    name = "llmopt_test_disabled_ext"
-    try:
-        assert cpp_ext.load_extension(name, "lowbit_cpu.cpp") is False
-        assert "disabled" in cpp_ext.extension_error(name)
-    finally:
-        cpp_ext._LOADED.pop(name, None)
-        cpp_ext._ERRORS.pop(name, None)
+    assert cpp_ext.load_extension(fresh_extension_name, "lowbit_cpu.cpp") is False
+    assert "disabled" in cpp_ext.extension_error(fresh_extension_name)
 
 
-def test_loader_reports_a_missing_compiler(monkeypatch):
+def test_loader_reports_a_missing_compiler(monkeypatch, fresh_extension_name):
     monkeypatch.setenv("CXX", "no-such-compiler-llmopt")
-    name = "llmopt_test_no_compiler_ext"
-    try:
-        assert cpp_ext.load_extension(name, "lowbit_cpu.cpp") is False
-        assert "no C++ compiler" in cpp_ext.extension_error(name)
-    finally:
-        cpp_ext._LOADED.pop(name, None)
-        cpp_ext._ERRORS.pop(name, None)
+    assert cpp_ext.load_extension(fresh_extension_name, "lowbit_cpu.cpp") is False
+    assert "no C++ compiler" in cpp_ext.extension_error(fresh_extension_name)
 
 
 _FALLBACK_SCRIPT = r"""
@@ -266,16 +265,11 @@ def test_prefill_path_matches_float64(name, group_size, dtype):
     assert err < 1e-2, f"{name} g{group_size} {dtype}: relative error {err:.2e}"
 
 
-def test_loader_reports_the_compiler_error(monkeypatch, tmp_path):
+def test_loader_reports_the_compiler_error(monkeypatch, tmp_path, fresh_extension_name):
     """A source that does not compile: the reason names the compiler's error line, nothing raises."""
     (tmp_path / "broken.cpp").write_text("int main() { return undefined_symbol_llmopt; }\n")
     monkeypatch.setattr(cpp_ext, "_source_dir", lambda: str(tmp_path))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    name = "llmopt_test_broken_ext"
-    try:
-        assert cpp_ext.load_extension(name, "broken.cpp") is False
-        reason = cpp_ext.extension_error(name)
-        assert "error:" in reason and "undefined_symbol_llmopt" in reason, reason
-    finally:
-        cpp_ext._LOADED.pop(name, None)
-        cpp_ext._ERRORS.pop(name, None)
+    assert cpp_ext.load_extension(fresh_extension_name, "broken.cpp") is False
+    reason = cpp_ext.extension_error(fresh_extension_name)
+    assert "error:" in reason and "undefined_symbol_llmopt" in reason, reason

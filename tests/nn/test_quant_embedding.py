@@ -29,12 +29,6 @@ def _embedding(n: int = 96, d: int = 64, dtype=torch.float32, padding_idx=None, 
     return emb
 
 
-def tiny_llama(tie: bool = True, seed: int = 0):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                      max_position_embeddings=128, tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 IDS = torch.tensor([[1, 5, 77, 200, 13, 255, 0, 42], [9, 9, 9, 3, 250, 17, 128, 64]])
@@ -150,13 +144,13 @@ def test_bad_weights_are_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------- compress_
-def test_embeddings_are_not_quantized_unless_asked():
+def test_embeddings_are_not_quantized_unless_asked(tiny_llama):
     model = tiny_llama()
     llmopt.compress_(model, llmopt.RTN("int4", 32))
     assert type(model.model.embed_tokens) is nn.Embedding
 
 
-def test_tied_head_shares_the_embedding_table():
+def test_tied_head_shares_the_embedding_table(tiny_llama):
     model = tiny_llama(tie=True)
     with torch.no_grad():
         reference = model(IDS).logits
@@ -193,7 +187,7 @@ def test_tied_head_shares_the_embedding_table():
     assert torch.allclose(model.lm_head(hidden), hidden @ embed.dequantize_weight().T, atol=5e-2)
 
 
-def test_untied_embedding_gets_its_own_table_on_the_row_kernel():
+def test_untied_embedding_gets_its_own_table_on_the_row_kernel(tiny_llama):
     model = tiny_llama(tie=False)
     report = llmopt.compress_(model, llmopt.RTN("int4", 32), embeddings="int8")
     embed = model.model.embed_tokens
@@ -203,7 +197,7 @@ def test_untied_embedding_gets_its_own_table_on_the_row_kernel():
     assert "model.embed_tokens" in report.replaced
 
 
-def test_embeddings_only_and_recipe_round_trip():
+def test_embeddings_only_and_recipe_round_trip(tiny_llama):
     model = tiny_llama()
     recipe = llmopt.Recipe([llmopt.RTN("int4", 32)], embeddings=WeightQuant("int4", 64))
     assert llmopt.Recipe.from_dict(recipe.to_dict()) == recipe
@@ -225,7 +219,7 @@ def test_embeddings_only_and_recipe_round_trip():
         llmopt.compress_(tiny_llama(), None)
 
 
-def test_what_is_left_alone_and_why():
+def test_what_is_left_alone_and_why(tiny_llama):
     model = tiny_llama(tie=True)
     report = llmopt.compress_(model, llmopt.RTN("int4", 32), exclude=["lm_head"], embeddings="int4")
     assert type(model.model.embed_tokens) is nn.Embedding  # quantizing it alone would add a copy
@@ -246,7 +240,7 @@ def test_what_is_left_alone_and_why():
         llmopt.compress_(tiny_llama(), llmopt.RTN("int4", 32), embeddings=WeightQuant("int4", kernel="nope"))
 
 
-def test_all_or_nothing():
+def test_all_or_nothing(tiny_llama):
     @dataclasses.dataclass(frozen=True)
     class Boom(MethodConfig):
         name = "boom_embedding_test"
@@ -276,7 +270,7 @@ def test_all_or_nothing():
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
 
 
-def test_copies_and_casts_keep_the_tie():
+def test_copies_and_casts_keep_the_tie(tiny_llama):
     model = tiny_llama(tie=True)
     llmopt.compress_(model, llmopt.RTN("int4", 32), embeddings="int4")
     twin = copy.deepcopy(model)
@@ -290,7 +284,7 @@ def test_copies_and_casts_keep_the_tie():
         assert model(IDS).logits.dtype == torch.bfloat16
 
 
-def test_quantizing_embeddings_twice_skips_them():
+def test_quantizing_embeddings_twice_skips_them(tiny_llama):
     model = tiny_llama()
     llmopt.compress_(model, llmopt.RTN("int4", 32), embeddings="int4")
     table = model.model.embed_tokens.linear
