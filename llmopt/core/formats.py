@@ -94,10 +94,13 @@ class WeightFormat:
         return f"{type(self).__name__}({self.name!r}{', ' + opts if opts else ''})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, WeightFormat) and self.to_dict() == other.to_dict()
+        # Class and bits too: formats built directly share the empty name, and AffineFormat(3) must
+        # not equal AffineFormat(2) (kernel plans and probe caches are keyed by format).
+        return (isinstance(other, WeightFormat) and type(self) is type(other) and self.bits == other.bits
+                and self.to_dict() == other.to_dict())
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self.to_dict().items())))
+        return hash((type(self).__name__, self.bits, tuple(sorted(self.to_dict().items()))))
 
 
 # How an asymmetric affine grid stores its offset (``AffineFormat(zero_point=...)``):

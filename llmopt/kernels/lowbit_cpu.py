@@ -101,8 +101,7 @@ def _codebook_plan(fmt: CodebookFormat) -> Optional[_FormatPlan]:
 
 def format_kind(fmt) -> Optional[_FormatPlan]:
     """The C++ kernel's plan for a weight format, or ``None`` if it cannot serve it."""
-    # Cached on the format object: hashing a format builds its dict (too slow for every call), and
-    # format equality goes by name, which unnamed formats (AffineFormat(3) built directly) share.
+    # Cached on the format object: hashing a format builds its dict, too slow for every call.
     cached = getattr(fmt, "_lowbit_plan", _MISSING)
     if cached is not _MISSING:
         return cached

@@ -165,3 +165,12 @@ def test_constant_and_zero_groups_are_finite():
         q, deq = _roundtrip(w, get_format(name), 32)
         assert torch.isfinite(deq).all()
         assert torch.allclose(deq.float(), w, atol=1e-6), name
+
+
+def test_directly_built_formats_of_different_bits_are_not_equal():
+    """Unnamed formats share the empty name; equality must still tell 3 bits from 2 (caches key on it)."""
+    from llmopt.core.formats import AffineFormat
+
+    assert AffineFormat(3) != AffineFormat(2)
+    assert hash(AffineFormat(3)) != hash(AffineFormat(2))
+    assert AffineFormat(4, symmetric=True) == AffineFormat(4, symmetric=True)

@@ -153,3 +153,4 @@ def test_full_range_needs_symmetric():
         llmopt.RTN("int4", 32, full_range=True)
     assert "full_range" not in llmopt.RTN("int4", 32, symmetric=True).to_dict()
     assert llmopt.RTN("int4", 32, symmetric=True, full_range=True).scheme.label() == "int4 sym full g32"
+
