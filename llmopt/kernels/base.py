@@ -113,6 +113,10 @@ class Kernel:
     # least one for ``kernel="auto"`` to consider this kernel on a CPU; () means no requirement. The
     # kernel still has to pass the speed probe (llmopt.kernels.speed); naming it explicitly skips both.
     cpu_flags: ClassVar[Tuple[str, ...]] = ()
+    # Device types ("cuda", "cpu", ...) on which ``kernel="auto"`` may choose this kernel; ``None``: any
+    # it serves. A GPU kernel that can also run on CPU tensors for tests (Triton's interpreter) says
+    # ``("cuda",)`` so that ``"auto"`` never picks it on a CPU.
+    auto_device_types: ClassVar[Optional[Tuple[str, ...]]] = None
 
     def unsupported_reason(self, spec: KernelSpec, device: torch.device) -> Optional[str]:
         """``None`` if this kernel can serve ``spec`` on ``device``, else a short reason (shown to users)."""

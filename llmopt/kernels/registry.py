@@ -141,6 +141,8 @@ def select_kernel(spec: KernelSpec, requested: str, device: Union[str, torch.dev
     reasons = []
     for name in auto_order():
         kernel = _KERNELS[name]
+        if kernel.auto_device_types is not None and device.type not in kernel.auto_device_types:
+            continue  # not a candidate here at all (e.g. a GPU kernel that tests run on CPU tensors)
         reason = kernel.unsupported_reason(spec, device)
         if reason is None and not _fast_enough(kernel, spec, device):
             known = cached_decision(kernel, spec, device)
