@@ -12,6 +12,12 @@ os.environ.setdefault("LLMOPT_KERNEL_PROBE", "0")
 
 import pytest
 import torch
+
+# Without a GPU, Triton's interpreter runs the CUDA kernels (llmopt.kernels.triton_lowbit) on CPU
+# tensors, so CI checks the code the GPU would compile. Set before the kernels' module is imported
+# (it is imported lazily, at first use); a machine with CUDA runs them for real instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn as nn
 
 from llmopt.core.cpu import cpu_info

@@ -34,7 +34,7 @@ from __future__ import annotations
 from . import reference  # noqa: F401
 from . import int4_cpu, int8_cpu, onednn  # noqa: F401
 from . import lowbit_cpu  # noqa: F401  (registered last: built-in order stays stable)
-from . import triton_lowbit  # noqa: F401  (CUDA; imports triton only at first use)
+from . import int4_cuda, triton_lowbit  # noqa: F401  (CUDA; triton is imported at first use)
 from .base import Kernel, KernelSpec, log_once
 from .registry import auto_order, get_kernel, list_kernels, register_kernel, select_kernel, unregister_kernel
 from .speed import KernelDecision, clear_kernel_decisions, kernel_decisions, set_probe_timer
