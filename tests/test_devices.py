@@ -95,9 +95,11 @@ def test_method_on_device(device, method):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["gptq", "awq"])  # a layer-scope and a block-scope (folding) method
 def test_calibration_device_model_stays_on_cpu(device, method):
-    config, _ = METHODS[method]
+    config, bound = METHODS[method]
     x = _ids("cpu", 1)
     on_cpu = _toy("cpu")
+    with torch.no_grad():
+        ref = on_cpu(x)
     llmopt.compress_(on_cpu, config, calibration=_calibration("cpu"), exclude=["lm_head"])
     model = _toy("cpu")
     llmopt.compress_(model, config, calibration=_calibration("cpu"), exclude=["lm_head"], calibration_device=device)
@@ -106,8 +108,11 @@ def test_calibration_device_model_stays_on_cpu(device, method):
         out, expected = model(x), on_cpu(x)
     if device == "cpu":
         assert torch.equal(out, expected)
-    else:  # other float arithmetic on the device: a few codes may round the other way
-        assert _rel(out, expected) < 0.03
+    else:
+        # Other float arithmetic on the device: some codes round the other way, or AWQ picks a
+        # neighbouring scale, so the two results differ; their quality must not.
+        err, err_cpu = _rel(out, ref), _rel(expected, ref)
+        assert err < min(bound, 1.1 * err_cpu + 0.005), (err, err_cpu)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -215,7 +220,8 @@ def test_save_on_device_load_anywhere(device, load_to, tmp_path):
     with torch.no_grad():
         out, ref = loaded(x.to(target)), model(x)
     if target == device:
-        assert torch.equal(out, ref)  # same device, same kernels, same bytes
+        # Same device, same kernels, same bytes (a GPU kernel may still reduce in another order per call).
+        assert _rel(out, ref) < 1e-6
     else:
         assert _rel(out, ref) < 1e-2
 
