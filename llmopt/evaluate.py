@@ -65,6 +65,21 @@ def _logits(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
+def _sync(device: "torch.device | str | None" = None) -> None:
+    """Wait for the queued work of a CUDA ``device`` before a clock is read (no-op elsewhere).
+
+    CUDA kernels run asynchronously: without this a timer stops when the work is queued, not done.
+    ``None``: the current CUDA device, if CUDA has been used in this process.
+    """
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -103,6 +118,7 @@ def perplexity(
     previous_end = 0  # tokens [0, previous_end) already scored (position 0 is never scored)
     was_training = model.training
     model.eval()
+    _sync(device)
     start_time = time.perf_counter()
     try:
         with context():
@@ -124,6 +140,8 @@ def perplexity(
                     break
     finally:
         model.train(was_training)
+    _sync(device)
+    seconds = time.perf_counter() - start_time
     mean_nll = total_nll / scored
     return {
         "ppl": math.exp(mean_nll),
@@ -132,7 +150,7 @@ def perplexity(
         "tokens_total": int(ids.numel()),
         "window": window,
         "stride": stride,
-        "seconds": time.perf_counter() - start_time,
+        "seconds": seconds,
     }
 
 
@@ -149,10 +167,12 @@ def _greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, cach
     """Prefill then ``new_tokens`` greedy steps with the model's KV cache; returns decode seconds."""
     output = model(input_ids=prompt, use_cache=True)
     next_token = _logits(output)[:, -1:].argmax(-1)
+    _sync(prompt.device)  # the prefill is not timed: let it finish first
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         output = model(input_ids=next_token, use_cache=True, **{cache_arg: getattr(output, cache_arg)})
         next_token = _logits(output)[:, -1:].argmax(-1)
+    _sync(prompt.device)
     return time.perf_counter() - start
 
 
@@ -228,8 +248,10 @@ def prefill_throughput(
     ids = _random_prompt(model, vocab_size, prompt_tokens, seed).repeat(batch_size, 1)
 
     def forward() -> float:
+        _sync(ids.device)
         start = time.perf_counter()
         model(ids)
+        _sync(ids.device)
         return time.perf_counter() - start
 
     median = statistics.median(_repeat_timed(model, forward, warmup, repeats, context))
@@ -289,10 +311,12 @@ class PeakMemory:
 def timed() -> Iterator[Dict[str, float]]:
     """``with timed() as t: ...`` then ``t["seconds"]``: wall time of the block (e.g. applying a method)."""
     result: Dict[str, float] = {}
+    _sync()  # CUDA work queued before the block is not the block's
     start = time.perf_counter()
     try:
         yield result
     finally:
+        _sync()
         result["seconds"] = time.perf_counter() - start
 
 
@@ -428,8 +452,10 @@ class DecodeRunner:
                 token = self._forward(self.prompt)  # the prefill: always eager (its shape differs)
                 tokens, times = [int(token)], []
                 for _ in range(self.new_tokens - 1):
+                    _sync(token.device)
                     start = time.perf_counter()
                     token = self.step(token)
+                    _sync(token.device)
                     tokens.append(int(token))  # reads the token: the step has really finished
                     times.append(time.perf_counter() - start)
         finally:

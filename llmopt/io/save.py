@@ -497,6 +497,11 @@ def load(
     first, then the state dict is loaded with ``assign=True``; the result is bit-exact.
     Tied parameters of the skeleton stay tied. Returns the (same) skeleton object.
 
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...): where the loaded model lives, whatever device
+    the model was saved from. Tensors are read from the files straight onto it, compressed wrappers
+    pick their kernels for it, and the skeleton's non-persistent buffers (not in the files, e.g.
+    rotary ``inv_freq``) are moved there too.
+
     All or nothing: the manifest and every tensor file's header (save id, names, shapes) are checked
     before a tensor is assigned, and on any failure the skeleton is left exactly as it was. Errors
     name the file and what is wrong with it. Only files inside ``directory`` are ever read.
@@ -579,6 +584,7 @@ def load(
                 if _get_param(skeleton, other) is not None:
                     _set_param(skeleton, other, first)
         _restore_non_persistent_dtypes(skeleton, manifest.get("non_persistent_dtypes", {}))
+        _move_non_persistent_buffers(skeleton, device)
         _check_materialized(skeleton)
     except BaseException:
         for name in reversed(list(originals)):  # inner wrappers first, then the outer ones
@@ -614,6 +620,15 @@ def _restore_non_persistent_dtypes(model: nn.Module, dtypes: Dict[str, str]) -> 
         dtype = getattr(torch, dtypes.get(name, ""), None)
         if isinstance(dtype, torch.dtype) and buf.is_floating_point() and buf.dtype != dtype:
             module._buffers[bname] = buf.to(dtype)
+
+
+def _move_non_persistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Put the buffers the files do not hold on the load device: a CPU skeleton loaded with
+    ``device="cuda"`` would otherwise compute with CUDA weights and CPU buffers. Meta buffers stay
+    (``_check_materialized`` names them)."""
+    for _, module, bname, buf in _non_persistent_buffers(model):
+        if buf.device.type != "meta":
+            module._buffers[bname] = buf.to(device)
 
 
 def _check_materialized(model: nn.Module) -> None:

@@ -71,6 +71,15 @@ class _Changes:
         self._log.clear()
 
 
+def _module_home(module: nn.Module) -> Optional[torch.device]:
+    """Device of a module's first parameter or buffer (``None`` when it has no tensors)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
 def _handle(entry: MethodEntry, cfg: MethodConfig, name: str, module: nn.Module, skipped: Dict[str, str],
             **kwargs: Any) -> Optional[nn.Module]:
     """Run one layer handler. A :class:`SkipLayer` is recorded in ``skipped`` and gives ``None`` (the layer
@@ -150,12 +159,25 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
     skipped = {} if skipped is None else skipped
     replaced: Set[str] = set()
     processed: Set[str] = set()
+    # With calibration_device, a block's layers are swapped out while the block sits on that device,
+    # and ``run_blocks`` then moves only the block (now holding the new layers) back. The originals,
+    # kept for a rollback, would stay on the device: every block's worth of memory there, and a
+    # rollback would put device modules into the model. They are sent home once their block is.
+    homes = {name: _module_home(module) for name, module in targets.items()} if calibration_device else {}
+    pending: List[Tuple[nn.Module, torch.device]] = []
+
+    def send_originals_home() -> None:
+        while pending:
+            module, home = pending.pop()
+            module.to(home)
 
     def swap(new_modules: Dict[str, Optional[nn.Module]]) -> None:
         new_modules = {name: module for name, module in new_modules.items() if module is not None}
-        for name in changes.replace(new_modules):
+        for name, old in changes.replace(new_modules).items():
             if name in configs:
                 replaced.add(name)
+            if homes.get(name) is not None:
+                pending.append((old, homes[name]))
 
     block_scope = entry.scope == "block"
 
@@ -165,6 +187,7 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
                                stats={name: stats[name] for name in members}, sources=sources, root=root))
 
     def process_block(index: int, block: nn.Module, stats, sources=None) -> None:
+        send_originals_home()  # the previous block is home by now
         names = [name for name in stats if name in targets]
         processed.update(names)
         if block_scope:
@@ -179,9 +202,12 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
     except ValueError:
         path = None  # no repeated blocks (a plain MLP, a single layer): one pass over the model
     if path is not None:
-        run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
-                   trace_sources=block_scope, dtype=calibration_dtype, propagate=propagate,
-                   device=calibration_device)
+        try:
+            run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
+                       trace_sources=block_scope, dtype=calibration_dtype, propagate=propagate,
+                       device=calibration_device)
+        finally:
+            send_originals_home()  # run_blocks has moved the last (or failed) block back already
     rest = [name for name in targets if name not in processed]
     if rest:
         stats = collect_stats(model, calibration, spec, include=rest)
