@@ -26,6 +26,7 @@ FP32 = 1e-5
 class Row:
     rtol: Union[float, Dict[torch.dtype, float]]
     serves: FrozenSet[str]  # format names it must serve at least one spec of (and no other format)
+    device: str = "cpu"  # where the full grid runs; CUDA rows are skipped without a GPU
 
 
 ROWS = {
@@ -37,6 +38,10 @@ ROWS = {
     # int16 activations per block (~1e-4 of the norm, see tests/kernels/test_lowbit_cpu.py).
     "lowbit_cpu": Row({torch.float32: 1e-3, torch.bfloat16: BF16},
                       frozenset({"int2", "int3", "int4", "int8", "nf4", "fp4_e2m1", "fp8_e4m3"})),
+    # GPU kernels. Without a GPU, tests/kernels/test_gpu_kernels.py runs lowbit_triton's contract on a
+    # reduced grid under Triton's interpreter (the full grid would take minutes there).
+    "lowbit_triton": Row({torch.float32: FP32, torch.bfloat16: BF16}, ALL, device="cuda"),
+    "int4_tinygemm_cuda": Row(BF16, frozenset({"int4"}), device="cuda"),
 }
 
 
@@ -49,7 +54,9 @@ def test_every_kernel_has_a_row():
 @pytest.mark.parametrize("kernel", list_kernels())
 def test_kernel_contract(kernel, fmt):
     row = ROWS[kernel]
-    report = check_kernel(kernel, format_variants(fmt), rtol=row.rtol)
+    if row.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"{kernel} runs on CUDA: no GPU here")
+    report = check_kernel(kernel, format_variants(fmt), rtol=row.rtol, device=row.device)
     if fmt not in row.serves:
         assert not report.served, f"{kernel} serves {fmt} but its row says it does not: {report.served[:3]}"
         return

@@ -51,14 +51,17 @@ def cleanup():
             unregister_kernel(name)
 
 
-BUILTINS = ["reference", "int4pack_cpu", "int8pack_cpu", "int8_dynamic_cpu", "int8_onednn_cpu", "lowbit_cpu"]
-# Priorities 40 > 30 > 25 > 20 > 10 (see each kernel's file).
-BUILTIN_AUTO_ORDER = ["int8_onednn_cpu", "int8_dynamic_cpu", "lowbit_cpu", "int8pack_cpu", "int4pack_cpu"]
+BUILTINS = ["reference", "int4pack_cpu", "int8pack_cpu", "int8_dynamic_cpu", "int8_onednn_cpu", "lowbit_cpu",
+            "int4_tinygemm_cuda", "lowbit_triton"]
+# Priorities 40 > 35 > 33 > 30 > 25 > 20 > 10 (see each kernel's file). The two CUDA kernels only ever
+# compete on CUDA (Kernel.auto_device_types), so their rank among the CPU kernels changes nothing there.
+BUILTIN_AUTO_ORDER = ["int8_onednn_cpu", "int4_tinygemm_cuda", "lowbit_triton", "int8_dynamic_cpu", "lowbit_cpu",
+                      "int8pack_cpu", "int4pack_cpu"]
 
 
 def test_builtins_registered_in_order(cleanup):
-    assert list_kernels()[:6] == BUILTINS
-    assert auto_order()[:5] == BUILTIN_AUTO_ORDER
+    assert list_kernels()[:8] == BUILTINS
+    assert auto_order()[:7] == BUILTIN_AUTO_ORDER
     assert "reference" not in auto_order()
     assert isinstance(get_kernel("int4pack_cpu"), Kernel)
     # lowbit_cpu's priority is exactly 25: between toys at 26 and 24, and 24 still beats int8pack_cpu (20).

@@ -153,11 +153,12 @@ def test_unaligned_out_features_skip_int4pack(expected_auto_kernel):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_reference_path(expected_auto_kernel):
+def test_cuda_path(expected_auto_kernel):
+    """Moving to CUDA re-selects the kernel (PyTorch's tinygemm for int4) and back again on CPU."""
     layer = _layer(128, 256, "int4", 64)
     cpu_out = layer(torch.ones(2, 256))
     layer = layer.to("cuda")
-    assert layer.kernel.name == "reference" and layer.device.type == "cuda"
+    assert layer.kernel.name == "int4_tinygemm_cuda" and layer.device.type == "cuda"
     out = layer(torch.ones(2, 256, device="cuda"))
     assert _rel_err(out.cpu(), cpu_out) < FAST_TOL
     back = layer.to("cpu")
