@@ -96,7 +96,7 @@ def lowbit_gemv(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = pid_k * k_per_split
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
         w = _decode_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, rk, N, K, row_bytes, n_groups, group_size, mid,
@@ -142,3 +142,76 @@ def lowbit_gemm(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def lowbit_gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
+                      N, K, words_per_row, n_groups, group_size, mid, stride_xm, stride_ym,
+                      n_vgroups, vgroups_per_split,
+                      BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WPG: tl.constexpr):
+    """The decode GEMV for 1/2/4/8-bit codes, reading the packed rows as 32-bit words.
+
+    A row is cut into "virtual groups" of ``VG = WPG * 32 / BITS`` codes, each inside one real group
+    (or the row is one group). Per tile of ``GROUPS`` virtual groups: one load per word, then for each
+    of the word's ``32 / BITS`` codes a shift, mask, int->float and FMA with the matching activations
+    (loaded with a stride of ``32 / BITS``); the scale (and zero point times the group's activation sum)
+    is applied once per virtual group and row, not per weight.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    VG: tl.constexpr = WPG * CPW
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    rn64 = rn.to(tl.int64)
+    rg = tl.arange(0, GROUPS)
+    rw = tl.arange(0, WPG)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = pid_k * vgroups_per_split
+    v_stop = tl.minimum(v_start + vgroups_per_split, n_vgroups)
+    for v0 in range(v_start, v_stop, GROUPS):
+        v = v0 + rg
+        vmask = v < v_stop
+        widx = v[:, None] * WPG + rw[None, :]
+        wmask = vmask[:, None] & (widx < words_per_row)
+        words = tl.load(w_ptr + rn64[:, None, None] * words_per_row + widx[None, :, :],
+                        mask=nmask[:, None, None] & wmask[None, :, :], other=0)
+        kbase = v[:, None] * VG + rw[None, :] * CPW
+        part = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        xsum = tl.zeros((GROUPS,), dtype=tl.float32)
+        for j in tl.static_range(CPW):
+            code = (words >> (j * BITS)) & CODE_MASK
+            kk = kbase + j
+            # Columns past K (the row's padding bits) meet zero activations.
+            xj = tl.load(x_row + kk, mask=wmask & (kk < K), other=0.0).to(tl.float32)
+            if KIND == 0:
+                val = (code - mid).to(tl.float32)
+            elif KIND == 1:
+                val = tl.load(lut_ptr + code)
+            else:
+                e = (code >> 3) & 15
+                m = code & 7
+                normal = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
+                mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+                val = tl.where((code & 128) != 0, -mag, mag)
+            part += tl.sum(val * xj[None, :, :], axis=2)
+            if HAS_ZERO:
+                xsum += tl.sum(xj, axis=1)
+        gidx = (v * VG) // group_size
+        pmask = nmask[:, None] & vmask[None, :]
+        pidx = rn64[:, None] * n_groups + gidx[None, :]
+        contrib = part * tl.load(s_ptr + pidx, mask=pmask, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            contrib += tl.load(z_ptr + pidx, mask=pmask, other=0.0).to(tl.float32) * xsum[None, :]
+        acc += tl.sum(contrib, axis=1)
+    y_row = y_ptr + pid_m.to(tl.int64) * stride_ym
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_row + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_row + rn, acc, mask=nmask)

@@ -33,7 +33,7 @@ from .base import Kernel, KernelSpec, Tensors
 from .registry import register_kernel
 
 __all__ = ["LowBitTritonKernel", "triton_available", "triton_interpreter", "triton_error",
-           "gemv_config", "gemm_config", "set_split_k"]
+           "gemv_config", "words_config", "gemm_config", "set_split_k"]
 
 # Kinds, as _triton_lowbit_impl numbers them.
 _AFFINE, _LUT, _FP8 = 0, 1, 2
@@ -124,6 +124,59 @@ def _split_k(device: torch.device, programs: int, k: int, block_k: int) -> int:
     return max(1, min(8, -(-target // programs), k // (4 * block_k)))
 
 
+def words_config(bits: int, k: int, group_size: int, n_groups: int) -> Optional[Tuple[int, int, int]]:
+    """``(BLOCK_N, GROUPS, WPG)`` of the word-reading decode GEMV, or ``None`` where it does not apply.
+
+    It needs whole codes per 32-bit word (1/2/4/8 bits), rows of whole words (``k * bits % 32 == 0``)
+    and virtual groups of a power-of-two number of codes inside one real group (or one group per row).
+    """
+    if bits not in (1, 2, 4, 8) or (k * bits) % 32:
+        return None
+    per_word = 32 // bits
+    for vgroup in (256, 128, 64, 32):
+        if vgroup < per_word:
+            break
+        if n_groups == 1 or group_size % vgroup == 0:
+            if n_groups == 1:
+                # One scale per row: shrink the virtual group to the row (small layers).
+                while vgroup > per_word and vgroup // 2 >= k:
+                    vgroup //= 2
+            return (16 if bits == 8 else 32), max(1, 512 // vgroup), vgroup * bits // 32
+    return None
+
+
+def _gemv_out(x: Tensor, n: int, split: int) -> Tensor:
+    if split == 1:
+        return torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    return torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)  # split-K partial sums
+
+
+def _gemv_finish(y: Tensor, x: Tensor, bias: Optional[Tensor], split: int) -> Tensor:
+    if split > 1:
+        if bias is not None:
+            y += bias.to(torch.float32)
+        y = y.to(x.dtype)
+    return y
+
+
+def _gemv_words(impl, x, qdata, scale, z, table, b, has_zero, bias, bits, kind, group_size, n, mid,
+                block_n, groups, wpg) -> Tensor:
+    m, k = x.shape
+    vgroup = wpg * 32 // bits
+    n_vgroups = -(-k // vgroup)
+    programs = -(-n // block_n) * m
+    split = _split_k(x.device, programs, k, groups * vgroup)
+    per_split = -(-n_vgroups // (split * groups)) * groups
+    split = -(-n_vgroups // per_split)
+    y = _gemv_out(x, n, split)
+    impl.lowbit_gemv_words[(-(-n // block_n), m, split)](
+        x, qdata.view(torch.int32), scale, z, table, b, y, n, k, qdata.shape[1] // 4, scale.shape[1],
+        group_size, mid, x.stride(0), y.stride(0), n_vgroups, per_split,
+        BITS=bits, KIND=kind, HAS_ZERO=has_zero, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_N=block_n, GROUPS=groups, WPG=wpg, num_warps=4)
+    return _gemv_finish(y, x, bias, split)
+
+
 def _launch(x: Tensor, qdata: Tensor, scale: Tensor, zero: Optional[Tensor], lut: Optional[Tensor],
             bias: Optional[Tensor], bits: int, kind: int, group_size: int, n: int, mid: int) -> Tensor:
     """``x [M, K] @ W.T (+ bias)`` in ``x``'s dtype; ``x`` contiguous, float16/bfloat16/float32."""
@@ -139,26 +192,25 @@ def _launch(x: Tensor, qdata: Tensor, scale: Tensor, zero: Optional[Tensor], lut
     b = bias if bias is not None else scale
     interpret = triton_interpreter()
     if m <= GEMV_MAX_TOKENS:
+        words = words_config(bits, k, group_size, n_groups)
+        if words is not None and qdata.stride(0) == row_bytes and qdata.data_ptr() % 4 == 0:
+            return _gemv_words(impl, x, qdata, scale, z, table, b, zero is not None, bias, bits, kind,
+                               group_size, n, mid, *words)
         block_n, block_k, aligned = gemv_config(group_size)
+        aligned = aligned or n_groups == 1
         programs = -(-n // block_n) * m
         split = _split_k(x.device, programs, k, block_k)
         k_per_split = -(-k // (split * block_k)) * block_k
         split = -(-k // k_per_split)
-        if split == 1:
-            y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        else:
-            y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        y = _gemv_out(x, n, split)
         impl.lowbit_gemv[(-(-n // block_n), m, split)](
             x, qdata, scale, z, table, b, y, m, n, k, row_bytes, n_groups, group_size, mid,
             x.stride(0), y.stride(0), k_per_split,
             BITS=bits, KIND=kind, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
             GROUP_ALIGNED=aligned, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-        if split > 1:
-            if bias is not None:
-                y += bias.to(torch.float32)
-            y = y.to(x.dtype)
-        return y
+        return _gemv_finish(y, x, bias, split)
     block_m, block_n, block_k, aligned = gemm_config(group_size, m)
+    aligned = aligned or n_groups == 1
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     impl.lowbit_gemm[(-(-m // block_m), -(-n // block_n))](
         x, qdata, scale, z, table, b, y, m, n, k, row_bytes, n_groups, group_size, mid,

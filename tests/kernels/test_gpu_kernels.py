@@ -117,6 +117,38 @@ def test_lowbit_triton_formats_gemv_and_gemm(fmt_name, m):
 
 
 @needs_triton
+@pytest.mark.parametrize("fmt,group,k", [(AffineFormat(4), 64, 256), (AffineFormat(2, symmetric=True), 128, 256),
+                                         (AffineFormat(8), 32, 96), (AffineFormat(1), 256, 512),
+                                         (get_format("nf4"), 96, 192), (get_format("fp8_e4m3"), 40, 40),
+                                         (AffineFormat(4), 72, 72)])
+@pytest.mark.parametrize("split", [None, 3])
+def test_word_gemv_matches_byte_gemv(monkeypatch, fmt, group, k, split):
+    """The decode GEMV that reads 32-bit words (scale applied per group) gives what the per-code byte
+    GEMV gives, including split-K and per-channel rows."""
+    assert triton_lowbit.words_config(fmt.bits, k, group, -(-k // group)) is not None
+    spec, canonical, reference = _quantized(fmt, 40, k, group)
+    kernel = get_kernel("lowbit_triton")
+    runtime = kernel.to_runtime(spec, _to(canonical, DEVICE))
+    x = torch.randn(2, k).to(DEVICE)
+    previous = triton_lowbit.set_split_k(split)
+    try:
+        words = kernel.forward(spec, runtime, x, None).cpu()
+        monkeypatch.setattr(triton_lowbit, "words_config", lambda *args: None)
+        per_code = kernel.forward(spec, runtime, x, None).cpu()
+    finally:
+        triton_lowbit.set_split_k(previous)
+    ref = x.cpu().double() @ reference.T
+    assert _rel_err(words, ref) < 1e-5 and _rel_err(per_code, ref) < 1e-5
+
+
+def test_word_gemv_applies_only_where_rows_are_whole_words():
+    assert triton_lowbit.words_config(3, 256, 64, 4) is None  # int3: codes straddle words
+    assert triton_lowbit.words_config(4, 100, 50, 2) is None  # 400 bits per row: not whole words
+    assert triton_lowbit.words_config(4, 192, 96, 2) is not None  # groups of 96: virtual groups of 32
+    assert triton_lowbit.words_config(4, 200, 40, 5) is None  # 40 is no multiple of 8 codes * 2**j
+
+
+@needs_triton
 def test_lowbit_triton_keeps_the_stored_bytes():
     """The runtime layout is the canonical one: no copy, no extra width (int3 stays 3 bits)."""
     spec, canonical, _ = _quantized(get_format("int3"), 32, 128, 64)
