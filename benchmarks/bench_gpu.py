@@ -263,6 +263,8 @@ def gpu_bandwidth(device: torch.device, size_mib: int = 2048, reps: int = 9) -> 
 # ------------------------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
+    """Per-call times of one row at one M, in microseconds."""
+
     us: float                     # primary: GPU time per call (CUDA graph replay), or eager on CPU
     eager_us: float               # per call in a plain Python loop (launch overhead included)
     timer: str
@@ -532,7 +534,8 @@ def _decode_runner_class():
                         start = time.perf_counter()
                         if self.graph_outputs:
                             # The token is a CUDA-graph output that the next replay overwrites: copy it,
-                            # then tell the graph trees a new step begins (their inference-loop idiom).
+                            # then tell the graph trees a new step begins (their inference-loop idiom;
+                            # a no-op without CUDA graphs, so the smoke run takes this path too).
                             token = token.clone()
                             torch.compiler.cudagraph_mark_step_begin()
                         token = self.step(token)
@@ -613,7 +616,7 @@ def measure_decode(bench: DecodeBench, label: str, batch: int, compiled: bool,
         # Skipping dynamo's guards on module attributes saves ~1-2 ms per step (the modules never change here).
         skip_guards = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
         runner = runner_cls(model, compile=True, cache="static", fullgraph=fullgraph, skip_module_guards=skip_guards,
-                            options={"triton.cudagraphs": True} if cuda else None, graph_outputs=cuda, **common)
+                            options={"triton.cudagraphs": True} if cuda else None, graph_outputs=True, **common)
         if not cuda:
             # Smoke run: dynamo traces the same step (fullgraph) but inductor's C++ build (~20 s on 2 cores)
             # is skipped; the CUDA run uses the runner's own torch.compile call.
@@ -904,6 +907,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"- {bw_line}",
         f"- kernels registered: {', '.join(list_kernels())}",
         f"- sections: {', '.join(args.sections)}; budget {args.budget_s:.0f} s",
+        ("- kernel rows: `us` = GPU time per call: calls round robin over weight copies totalling >= "
+         f"{working_set / MiB:.0f} MiB (4x L2), captured in a CUDA graph, median of {args.reps} replays "
+         "(CUDA events); `eager us` = the same calls in a Python loop (launch overhead included); GB/s = "
+         if device.type == "cuda" else
+         f"- kernel rows (smoke): `us` = perf_counter per call, median of {args.reps} passes; GB/s = ")
+        +
+        "(weight + bf16 input + output bytes) / us; % HBM against the read bandwidth above; `err` = relative "
+        "error against the reference kernel on the same codes",
     ]
     out.emit(header_lines)
     out.record({"type": "header", "timestamp": _dt.datetime.now().isoformat(timespec="seconds"), **facts, **vers,
@@ -952,7 +963,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     raise
                 log(f"  decode {label} batch {batch} compiled, fullgraph=True failed ({first_line(error)}); "
                     "retrying with fullgraph=False")
-                rec = measure_decode(bench, label, batch, compiled, fullgraph=False)
+                try:
+                    rec = measure_decode(bench, label, batch, compiled, fullgraph=False)
+                except Exception as second:  # noqa: BLE001 - both reasons go to the report
+                    raise RuntimeError(f"fullgraph=True: {first_line(error)}; fullgraph=False: "
+                                       f"{first_line(second)}") from second
                 rec["notes"].insert(0, f"fullgraph=True: {first_line(error)}")
             rec["status"] = "ok"
             est[mode] = max(est[mode], time.perf_counter() - t0)
