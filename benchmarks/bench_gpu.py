@@ -179,6 +179,10 @@ class Output:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec, default=str) + "\n")
 
+    def say(self, line: str) -> None:
+        """One result line on stdout now (the section's table comes later, and goes to the markdown)."""
+        print(line, flush=True)
+
     def emit(self, lines: Sequence[str]) -> None:
         """Print a finished block on stdout at once (a run killed later still shows it) and keep it."""
         text = "\n".join(lines)
@@ -877,7 +881,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; `--smoke` runs the script's logic on the CPU", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     budget = Budget(args.budget_s)
     out = Output(args.out)
     torch.manual_seed(args.seed)
@@ -973,14 +977,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             est[mode] = max(est[mode], time.perf_counter() - t0)
             decode_records.append(rec)
             out.record(rec)
-            log(f"  decode {label} batch {batch} {mode}: {rec['tokens_per_s']:.1f} tok/s "
-                f"(warm-up {rec['warm_up_s']:.1f} s; {rec['kernels']})")
+            out.say(f"decode {label} batch {batch} {mode}: {rec['tokens_per_s']:.1f} tok/s "
+                    f"(warm-up {rec['warm_up_s']:.1f} s; {rec['kernels']}"
+                    + (f"; {'; '.join(rec['notes'])}" if rec["notes"] else "") + ")")
         return Task(f"decode {label} batch {batch} {mode}", "decode", lambda: est[mode], run)
 
     def gptq_task() -> Task:
         def run() -> None:
-            # Stopped (and extrapolated) at the target plus a margin, or where the budget ends.
-            rec = measure_gptq(bench, args, limit_s=min(GPTQ_TARGET_S * 1.2, budget.left() - 10.0))
+            # Stopped (and extrapolated) at the target plus 20 %, or where the budget ends (less the time
+            # compress_ takes to roll back and the run to write its report).
+            margin = 1.0 if args.smoke else 10.0
+            rec = measure_gptq(bench, args, limit_s=max(min(GPTQ_TARGET_S * 1.2, budget.left() - margin), 1.0))
             gptq_records.append(rec)
             out.record(rec)
             peak = f"{rec['cuda_peak_gib']:.1f} GiB" if rec["cuda_peak_gib"] is not None else "-"
@@ -1016,7 +1023,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif not budget.allows(task.need_s()):
             skip_note = budget.why_not(task.need_s())
         if skip_note is not None:
-            log(f"SKIP {task.name}: {skip_note}")
+            out.say(f"SKIP {task.name}: {skip_note}")
             rec = {"task": task.name, "status": "skip", "note": skip_note}
             if task.section == "decode":
                 label, batch, mode = _split_decode(task.name)
@@ -1035,7 +1042,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as error:  # noqa: BLE001 - one broken cell must not cost the rest of the run
             note = first_line(error)
             errors.append(f"{task.name}: {note}")
-            log(f"ERROR {task.name}: {note}\n{traceback.format_exc(limit=6)}")
+            out.say(f"ERROR {task.name}: {note}")
+            log(traceback.format_exc(limit=8))
             rec = {"task": task.name, "status": "error", "note": note}
             if task.section == "decode":
                 label, batch, mode = _split_decode(task.name)
