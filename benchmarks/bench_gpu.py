@@ -69,7 +69,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import llmopt  # noqa: E402
-from llmopt.core.formats import get_format  # noqa: E402
 from llmopt.kernels import get_kernel, list_kernels  # noqa: E402
 from llmopt.nn import QuantLinear  # noqa: E402
 from timing import measure_read_bandwidth, weight_bytes_per_step  # noqa: E402
@@ -257,11 +256,8 @@ def gpu_bandwidth(device: torch.device, size_mib: int = 2048, reps: int = 9) -> 
 
     read_ms = timed(x.sum)
     copy_ms = timed(lambda: dst.copy_(x[: dst.numel()]))
-    out = {"read_gbps": x.numel() * 4 / (read_ms * 1e-3) / 1e9,
-           "copy_gbps": 2 * dst.numel() * 4 / (copy_ms * 1e-3) / 1e9, "size_mib": size_mib}
-    del x, dst
-    torch.cuda.empty_cache()
-    return out
+    return {"read_gbps": x.numel() * 4 / (read_ms * 1e-3) / 1e9,
+            "copy_gbps": 2 * dst.numel() * 4 / (copy_ms * 1e-3) / 1e9, "size_mib": size_mib}
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -447,12 +443,14 @@ def run_kernel_shape(n: int, k: int, m_values: Sequence[int], device: torch.devi
             log(f"  {shape} {row.name}: SKIP {why}")
             continue
         except Exception as error:  # noqa: BLE001 - a broken kernel is reported, the run goes on
-            records += [{**base, "M": m, "status": "error", "note": f"build: {first_line(error)}"} for m in m_values]
+            note = f"build: {first_line(error)}"
+            records += [{**base, "M": m, "status": "error", "note": note} for m in m_values]
             log(f"  {shape} {row.name}: ERROR building: {first_line(error)}")
             continue
         for m in m_values:
             x = xs[m]
-            rec = {**base, "M": m, "kernel": built.kernel, "copies": built.copies, "weight_bytes": built.weight_bytes}
+            rec = {**base, "M": m, "kernel": built.kernel, "copies": built.copies,
+                   "weight_bytes": built.weight_bytes}
             try:
                 with torch.inference_mode():
                     y = built.one(x)
@@ -475,7 +473,8 @@ def run_kernel_shape(n: int, k: int, m_values: Sequence[int], device: torch.devi
         row_s = max(row_s, time.perf_counter() - t0)
         del built
     for m in m_values:  # speed-ups against bf16 dense at the same shape and M
-        dense = next((r for r in records if r["row"] == "bf16_dense" and r["M"] == m and r["status"] == "ok"), None)
+        dense = next((r for r in records
+                      if r["row"] == "bf16_dense" and r["M"] == m and r["status"] == "ok"), None)
         for r in records:
             if r["M"] == m and r["status"] == "ok":
                 r["speedup_vs_bf16"] = dense["us"] / r["us"] if dense else None
@@ -504,8 +503,8 @@ def kernel_table_md(records: List[Dict[str, Any]], bw_gbps: float) -> List[str]:
         err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
         speed = "-" if r.get("speedup_vs_bf16") is None else f"{r['speedup_vs_bf16']:.2f}x"
         pct = "-" if r.get("pct_hbm") is None else f"{r['pct_hbm']:.0f}"
-        lines.append(f"| {r['shape']} | {r['M']} | {r['label']} | {r['kernel']} | {r['us']:.2f} | {r['eager_us']:.2f} "
-                     f"| {r['gbps']:.0f} | {pct} | {speed} | {err} |")
+        lines.append(f"| {r['shape']} | {r['M']} | {r['label']} | {r['kernel']} | {r['us']:.2f} "
+                     f"| {r['eager_us']:.2f} | {r['gbps']:.0f} | {pct} | {speed} | {err} |")
     lines += [f"- {note} ({', '.join(rows)})" for note, rows in notes.items()]
     return lines
 
@@ -567,7 +566,8 @@ class DecodeBench:
             from llmopt.models import speed_model
             t0 = time.perf_counter()
             self._master = speed_model(self.args.model_size, dtype=torch.bfloat16).to(self.device).eval()
-            log(f"  speed_model({self.args.model_size!r}) built on {self.device} in {time.perf_counter() - t0:.1f} s")
+            log(f"  speed_model({self.args.model_size!r}) built on {self.device} "
+                f"in {time.perf_counter() - t0:.1f} s")
         return self._master
 
     def model(self, label: str) -> torch.nn.Module:
@@ -607,7 +607,8 @@ def measure_decode(bench: DecodeBench, label: str, batch: int, compiled: bool,
     runner_cls = _decode_runner_class()
     common = dict(batch=batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     rec: Dict[str, Any] = {"type": "decode", "format": label, "batch": batch,
-                           "mode": "compiled" if compiled else "eager", "kernels": bench.kernels[label], "notes": []}
+                           "mode": "compiled" if compiled else "eager", "kernels": bench.kernels[label],
+                           "notes": []}
     if compiled:
         import torch._dynamo
         from torch._dynamo.utils import counters
@@ -619,13 +620,15 @@ def measure_decode(bench: DecodeBench, label: str, batch: int, compiled: bool,
         # module-guard filter is an option too, and torch.compile takes a mode or options, not both.
         # Skipping dynamo's guards on module attributes saves ~1-2 ms per step (the modules never change here).
         skip_guards = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
-        runner = runner_cls(model, compile=True, cache="static", fullgraph=fullgraph, skip_module_guards=skip_guards,
+        runner = runner_cls(model, compile=True, cache="static", fullgraph=fullgraph,
+                            skip_module_guards=skip_guards,
                             options={"triton.cudagraphs": True} if cuda else None, graph_outputs=True, **common)
         if not cuda:
             # Smoke run: dynamo traces the same step (fullgraph) but inductor's C++ build (~20 s on 2 cores)
             # is skipped; the CUDA run uses the runner's own torch.compile call.
             runner.step = torch.compile(runner._eager_step, backend="eager", fullgraph=fullgraph, dynamic=False)
-        rec["compile"] = (f"torch.compile(step, fullgraph={fullgraph}, dynamic=False, triton.cudagraphs), StaticCache"
+        rec["compile"] = (f"torch.compile(step, fullgraph={fullgraph}, dynamic=False, triton.cudagraphs), "
+                          "StaticCache"
                           if cuda else "smoke: torch.compile(backend='eager', fullgraph=True), StaticCache")
         if not fullgraph:
             rec["notes"].append("fullgraph=False (fullgraph=True failed)")
@@ -659,13 +662,16 @@ def measure_decode(bench: DecodeBench, label: str, batch: int, compiled: bool,
 
 
 def decode_table_md(records: List[Dict[str, Any]]) -> List[str]:
-    lines = ["| format | batch | mode | tok/s | ms/step | weight MB/step | weight GB/s | warm-up s | layers | notes |",
+    lines = ["| format | batch | mode | tok/s | ms/step | weight MB/step | weight GB/s | warm-up s | layers "
+             "| notes |",
              "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['status'].upper()} | | | | | | {r['note']} |")
+            lines.append(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['status'].upper()} | | | | | "
+                         f"| {r['note']} |")
             continue
-        lines.append(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} "
+        lines.append(f"| {r['format']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['ms_per_step']:.2f} "
                      f"| {r['weight_bytes_per_step'] / 1e6:.0f} | {r['weight_gbps']:.0f} | {r['warm_up_s']:.1f} "
                      f"| {r['kernels']} | {'; '.join(r.get('notes') or []) or '-'} |")
     return lines
@@ -890,6 +896,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Machine first: whoever reads a pasted result sees what it ran on.
     if device.type == "cuda":
         bw = gpu_bandwidth(device)
+        torch.cuda.empty_cache()  # the probe's 3 GiB go back before the kernels' copies are made
         bw_line = (f"HBM read {bw['read_gbps']:.0f} GB/s (torch.sum over {bw['size_mib']} MiB fp32, median of 9; "
                    f"{100 * bw['read_gbps'] / SPEC_HBM_GBPS:.0f}% of the 4.8 TB/s datasheet), copy "
                    f"{bw['copy_gbps']:.0f} GB/s (read + write)")
@@ -1013,12 +1020,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks += [decode_task(label, batch, False) for label in labels]
         tasks += [decode_task(label, batch, True) for label in labels]
 
-    need_transformers = vers["transformers"] == "not installed"
+    no_transformers = vers["transformers"] == "not installed"
     for task in tasks:
         if task.section not in args.sections:
             continue
         skip_note = None
-        if task.section in ("decode", "gptq") and need_transformers:
+        if task.section in ("decode", "gptq") and no_transformers:
             skip_note = "transformers is not installed (llmopt.models.speed_model needs it)"
         elif not budget.allows(task.need_s()):
             skip_note = budget.why_not(task.need_s())
@@ -1032,8 +1039,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 gptq_records.append({"type": "gptq", **rec})
             else:
                 n, k = (int(v) for v in task.name.split()[1].split("x"))
-                kernel_records.extend({"type": "kernel", "shape": f"{n}x{k}", "N": n, "K": k, "M": m, "row": r.name,
-                                       "label": r.label, **rec} for r in ROWS for m in args.m_values)
+                kernel_records.extend({"type": "kernel", "shape": f"{n}x{k}", "N": n, "K": k, "M": m,
+                                       "row": r.name, "label": r.label, **rec}
+                                      for r in ROWS for m in args.m_values)
             out.record({"type": "skipped", **rec})
             continue
         log(f"# {task.name} (elapsed {budget.elapsed():.0f} s)")
