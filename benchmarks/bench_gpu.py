@@ -187,6 +187,7 @@ class Output:
         text = "\n".join(lines)
         print(text, flush=True)
         self.md.extend(lines)
+        self.write_md()  # rewritten after every block: a run stopped at its time limit keeps what it had
 
     def write_md(self) -> Optional[str]:
         if not self.path:
