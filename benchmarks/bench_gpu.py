@@ -512,45 +512,10 @@ def kernel_table_md(records: List[Dict[str, Any]], bw_gbps: float) -> List[str]:
 
 # ------------------------------------------------------------------------------------------- decode
 def _decode_runner_class():
+    """``llmopt.evaluate.DecodeRunner``: batches, and copies each step's token out of CUDA-graph memory."""
     from llmopt.evaluate import DecodeRunner
 
-    class BatchDecodeRunner(DecodeRunner):
-        """``DecodeRunner`` (batch 1 only: it reads the token with ``int()``) for ``batch`` identical prompts.
-        The static cache sizes itself from the first update, so only the prompt and the read-back change."""
-
-        def __init__(self, model: torch.nn.Module, *, batch: int = 1, graph_outputs: bool = False,
-                     **kwargs: Any) -> None:
-            super().__init__(model, **kwargs)
-            self.batch, self.graph_outputs = batch, graph_outputs
-            self.prompt = self.prompt.repeat(batch, 1)
-
-        def _generate(self) -> "tuple[list, list]":
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with self.context():
-                    if self._cache is not None:
-                        self._cache.reset()
-                    self._dynamic = None
-                    token = self._forward(self.prompt)
-                    tokens, times = [int(token[0, 0])], []
-                    for _ in range(self.new_tokens - 1):
-                        start = time.perf_counter()
-                        if self.graph_outputs:
-                            # The token is a CUDA-graph output that the next replay overwrites: copy it,
-                            # then tell the graph trees a new step begins (their inference-loop idiom;
-                            # a no-op without CUDA graphs, so the smoke run takes this path too).
-                            token = token.clone()
-                            torch.compiler.cudagraph_mark_step_begin()
-                        token = self.step(token)
-                        tokens.append(int(token[0, 0]))  # a host read: the step has really finished
-                        times.append(time.perf_counter() - start)
-            finally:
-                self.model.train(was_training)
-                self._dynamic = None
-            return times, tokens
-
-    return BatchDecodeRunner
+    return DecodeRunner
 
 
 class DecodeBench:
@@ -623,7 +588,7 @@ def measure_decode(bench: DecodeBench, label: str, batch: int, compiled: bool,
         skip_guards = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
         runner = runner_cls(model, compile=True, cache="static", fullgraph=fullgraph,
                             skip_module_guards=skip_guards,
-                            options={"triton.cudagraphs": True} if cuda else None, graph_outputs=True, **common)
+                            options={"triton.cudagraphs": True} if cuda else None, **common)
         if not cuda:
             # Smoke run: dynamo traces the same step (fullgraph) but inductor's C++ build (~20 s on 2 cores)
             # is skipped; the CUDA run uses the runner's own torch.compile call.

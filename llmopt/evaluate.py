@@ -343,7 +343,8 @@ def weight_bytes(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, Any
 
 
 class DecodeRunner:
-    """Batch-1 greedy decoding of a Hugging Face causal LM, eager or with a ``torch.compile``d decode step.
+    """Greedy decoding of a Hugging Face causal LM (batch 1 by default), eager or with a
+    ``torch.compile``d decode step.
 
     ``cache="static"`` uses a ``transformers.StaticCache`` sized ``prompt_tokens + new_tokens``: every
     decode step sees the same shapes (the write position is a tensor inside the cache), so the step
@@ -362,7 +363,12 @@ class DecodeRunner:
             ``config`` for the static cache.
         compile: compile the decode step (``torch.compile(step, fullgraph=fullgraph, dynamic=False)``).
         mode, options: passed to ``torch.compile`` (``options`` are inductor settings, e.g.
-            ``{"cpp_wrapper": True}``); give at most one of them.
+            ``{"cpp_wrapper": True}``); give at most one of them. A ``mode`` together with
+            ``skip_module_guards`` is passed as the options that mode stands for (``torch.compile`` takes
+            a mode or options, not both). With CUDA graphs (``mode="reduce-overhead"``) each step's token
+            is copied out of the graph's memory before the next replay.
+        batch: sequences decoded together (the same random prompt repeated); ``tokens`` in the results
+            are the first sequence's, ``tokens_per_s`` counts every sequence.
         skip_module_guards: skip dynamo's guards on module attributes (``guard_filter_fn`` =
             ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): checking them costs ~1-2 ms per step
             on a 22-layer model; only safe while the model's modules are not changed after compiling.
@@ -384,6 +390,7 @@ class DecodeRunner:
         vocab_size: Optional[int] = None,
         seed: int = 0,
         context: Callable[[], ContextManager] = torch.inference_mode,
+        batch: int = 1,
     ) -> None:
         if new_tokens < 2:
             raise ValueError("new_tokens must be >= 2 (the first token comes from the prefill)")
@@ -404,7 +411,10 @@ class DecodeRunner:
             accepts_keep = False
         # Only the last position's logits are needed: skips the vocabulary projection of the prompt.
         self._keep = {"logits_to_keep": 1} if accepts_keep else {}
-        self.prompt = _random_prompt(model, vocab_size, prompt_tokens, seed)
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        self.batch = batch
+        self.prompt = _random_prompt(model, vocab_size, prompt_tokens, seed).repeat(batch, 1)
         self._cache = None
         self._dynamic = None
         if cache == "static":
@@ -417,11 +427,16 @@ class DecodeRunner:
         self.step: Callable[[torch.Tensor], torch.Tensor] = self._eager_step
         if self.compiled:
             kwargs: Dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False}
-            if mode is not None:
-                kwargs["mode"] = mode
             opts = dict(options or {})
             if skip_module_guards:
                 opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            if mode is not None and opts:
+                # torch.compile refuses a mode plus options: pass the options the mode stands for.
+                from torch._inductor import list_mode_options
+
+                opts = {**list_mode_options(mode), **opts}
+            elif mode is not None:
+                kwargs["mode"] = mode
             if opts:
                 kwargs["options"] = opts
             self.step = torch.compile(self._eager_step, **kwargs)
@@ -450,13 +465,18 @@ class DecodeRunner:
                     self._cache.reset()
                 self._dynamic = None
                 token = self._forward(self.prompt)  # the prefill: always eager (its shape differs)
-                tokens, times = [int(token)], []
+                tokens, times = [int(token[0, 0])], []
                 for _ in range(self.new_tokens - 1):
                     _sync(token.device)
                     start = time.perf_counter()
+                    if self.compiled:
+                        # Under CUDA graphs a step's output lives in the graph's memory, which the next
+                        # replay overwrites: copy it, and mark the step boundary (no-ops otherwise).
+                        token = token.clone()
+                        torch.compiler.cudagraph_mark_step_begin()
                     token = self.step(token)
                     _sync(token.device)
-                    tokens.append(int(token))  # reads the token: the step has really finished
+                    tokens.append(int(token[0, 0]))  # reads the token: the step has really finished
                     times.append(time.perf_counter() - start)
         finally:
             self.model.train(was_training)
@@ -474,8 +494,8 @@ class DecodeRunner:
         """One timed generation: ``{"seconds", "tokens_per_s", "ms_per_step", "tokens"}``."""
         times, tokens = self._generate()
         seconds = sum(times)
-        return {"seconds": seconds, "tokens_per_s": len(times) / seconds, "ms_per_step": 1000 * seconds / len(times),
-                "tokens": tokens}
+        return {"seconds": seconds, "tokens_per_s": self.batch * len(times) / seconds,
+                "ms_per_step": 1000 * seconds / len(times), "tokens": tokens}
 
 
 def compiled_decode_throughput(

@@ -38,6 +38,9 @@ def test_smoke_run_prints_tables_and_targets(tmp_path: Path) -> None:
     before = results.stat().st_mtime_ns if results.exists() else None
     out = tmp_path / "gpu.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), LLMOPT_KERNEL_PROBE="0")
+    # The suite turns Triton's interpreter on (tests/conftest.py); the smoke run must time what a user's
+    # CPU run would, not interpret GPU kernels row by row.
+    env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -22,6 +22,7 @@ test suite checks every format that way against the reference kernel.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional, Tuple
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..core.formats import AffineFormat, CodebookFormat, Float8E4M3Format
 from .base import Kernel, KernelSpec, Tensors
-from .registry import register_kernel
+from .registry import get_kernel, register_kernel
 
 __all__ = ["LowBitTritonKernel", "triton_available", "triton_interpreter", "triton_error",
            "gemv_config", "words_config", "gemm_config", "set_split_k"]
@@ -52,7 +53,9 @@ def triton_interpreter() -> bool:
 @functools.lru_cache(maxsize=None)
 def _load_impl() -> Tuple[Optional[object], Optional[str]]:
     try:
-        from . import _triton_lowbit_impl as impl
+        # Loaded at first use, not at import: triton is optional, and importing it costs ~1 s. The module
+        # imports only triton (no llmopt module), so loading it late cannot break the layering.
+        impl = importlib.import_module(f"{__package__}._triton_lowbit_impl")
     except Exception as error:  # ImportError, or a triton that fails on this platform
         return None, f"triton is unavailable ({type(error).__name__}: {error}); pip install 'llmopt[gpu]'"
     return impl, None
@@ -270,7 +273,7 @@ class LowBitTritonKernel(Kernel):
 
     def dequantize_rows(self, spec: KernelSpec, runtime: Tensors, rows: Tensor, dtype: torch.dtype) -> Tensor:
         # The canonical layout keeps rows apart: gather them, then dequantize only those.
-        return get_reference().dequantize_rows(spec, self.to_canonical(spec, runtime), rows, dtype)
+        return get_kernel("reference").dequantize_rows(spec, self.to_canonical(spec, runtime), rows, dtype)
 
     def forward(self, spec: KernelSpec, runtime: Tensors, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         lead = x.shape[:-1]
@@ -286,7 +289,3 @@ class LowBitTritonKernel(Kernel):
             y = y.to(x.dtype)
         return y.view(*lead, spec.out_features)
 
-
-def get_reference() -> Kernel:
-    from .registry import get_kernel
-    return get_kernel("reference")

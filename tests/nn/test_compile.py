@@ -361,3 +361,33 @@ def test_compiled_decode_matches_eager_and_never_recompiles(expected_auto_kernel
     assert eager["compile_s"] is None and len(eager["tokens"]) == 6
     assert compiled["tokens"] == eager["tokens"]
     assert compiled["tokens_per_s"] > 0 and len(compiled["times_s"]) == 2
+
+
+def test_decode_runner_batches_and_merges_a_mode_with_guard_options(monkeypatch):
+    """``batch`` decodes repeated prompts (same greedy tokens as batch 1, throughput counts every
+    sequence); a ``mode`` with ``skip_module_guards`` reaches torch.compile as that mode's options
+    (torch.compile refuses a mode plus options)."""
+    pytest.importorskip("transformers")
+    from llmopt import evaluate
+    from llmopt.models import speed_model
+
+    model = speed_model("tiny")
+    one = evaluate.DecodeRunner(model, prompt_tokens=4, new_tokens=5, compile=False)
+    three = evaluate.DecodeRunner(model, prompt_tokens=4, new_tokens=5, compile=False, batch=3)
+    assert three.prompt.shape == (3, 4) and torch.equal(three.prompt[2], one.prompt[0])
+    run_one, run_three = one.run(), three.run()
+    assert run_three["tokens"] == run_one["tokens"]
+    assert run_three["tokens_per_s"] == pytest.approx(3 * 4 / run_three["seconds"])
+    with pytest.raises(ValueError, match="batch"):
+        evaluate.DecodeRunner(model, compile=False, batch=0)
+
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    evaluate.DecodeRunner(model, mode="reduce-overhead", skip_module_guards=True)
+    assert "mode" not in seen and seen["options"]["triton.cudagraphs"] is True
+    assert "guard_filter_fn" in seen["options"]
