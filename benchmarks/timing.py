@@ -183,7 +183,15 @@ def time_fn(
     """
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")
-    clock = time.perf_counter
+    # CUDA work is asynchronous: once this process has used CUDA, every timed call is bracketed by a
+    # device synchronisation so that the clock measures the work, not its launch (a no-op on CPU).
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def clock() -> float:
+        sync()
+        return time.perf_counter()
+
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
