@@ -31,6 +31,30 @@ AFFINE, LUT, FP8 = 0, 1, 2
 
 
 @triton.jit
+def _fp8_e4m3(code):
+    """float32 value of e4m3 codes: sign | 4 exponent bits (bias 7) | 3 mantissa bits; subnormals are
+    ``m * 2**-9``, normals ``(8 + m) * 2**(e - 10)`` (the power of two built from its bits: exact)."""
+    e = (code >> 3) & 15
+    m = code & 7
+    normal = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    return tl.where((code & 128) != 0, -mag, mag)
+
+
+@triton.jit
+def _store_row(acc, b_ptr, y_row, rn, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write one output row's ``BLOCK_N`` columns: bias added and cast, or (split K) float32 partial
+    sums added atomically (the caller adds the bias and casts)."""
+    nmask = rn < N
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_row + rn, acc.to(y_row.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_row + rn, acc, mask=nmask)
+
+
+@triton.jit
 def _decode_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, rk, N, K, row_bytes, n_groups, group_size, mid,
                  BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr,
                  GROUP_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -73,12 +97,7 @@ def _decode_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, rk, N, K, row_bytes, n_groups
     elif KIND == 1:
         w = tl.load(lut_ptr + code) * scale
     else:
-        # e4m3: sign | 4 exponent bits (bias 7) | 3 mantissa bits; subnormals are m * 2**-9.
-        e = (code >> 3) & 15
-        m = code & 7
-        normal = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)  # (8+m) * 2**(e-10)
-        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-        w = tl.where((code & 128) != 0, -mag, mag) * scale
+        w = _fp8_e4m3(code) * scale
     return tl.where(mask, w, 0.0)
 
 
@@ -102,15 +121,7 @@ def lowbit_gemv(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         w = _decode_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, rk, N, K, row_bytes, n_groups, group_size, mid,
                          BITS, KIND, HAS_ZERO, GROUP_ALIGNED, BLOCK_K)
         acc += tl.sum(w * x[None, :], axis=1)
-    nmask = rn < N
-    y_row = y_ptr + pid_m.to(tl.int64) * stride_ym
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_row + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        # Partial sums over this program's K slice; the caller adds the bias and casts.
-        tl.atomic_add(y_row + rn, acc, mask=nmask)
+    _store_row(acc, b_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, rn, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -193,11 +204,7 @@ def lowbit_gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
             elif KIND == 1:
                 val = tl.load(lut_ptr + code)
             else:
-                e = (code >> 3) & 15
-                m = code & 7
-                normal = (8 + m).to(tl.float32) * ((e + 117) << 23).to(tl.float32, bitcast=True)
-                mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-                val = tl.where((code & 128) != 0, -mag, mag)
+                val = _fp8_e4m3(code)
             part += tl.sum(val * xj[None, :, :], axis=2)
             if HAS_ZERO:
                 xsum += tl.sum(xj, axis=1)
@@ -208,10 +215,4 @@ def lowbit_gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         if HAS_ZERO:
             contrib += tl.load(z_ptr + pidx, mask=pmask, other=0.0).to(tl.float32) * xsum[None, :]
         acc += tl.sum(contrib, axis=1)
-    y_row = y_ptr + pid_m.to(tl.int64) * stride_ym
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_row + rn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_row + rn, acc, mask=nmask)
+    _store_row(acc, b_ptr, y_ptr + pid_m.to(tl.int64) * stride_ym, rn, N, HAS_BIAS, SPLIT_K)

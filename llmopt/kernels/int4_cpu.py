@@ -18,7 +18,8 @@ from ..core.packing import pack_codes, unpack_codes
 from .base import Kernel, KernelSpec, Tensors, bf16_rows, finish_output, is_cpu
 from .registry import register_kernel
 
-__all__ = ["Int4PackCPUKernel", "int4_kernel_group", "unpack_int4_cpu", "int4_nibble_sources"]
+__all__ = ["Int4PackCPUKernel", "int4_kernel_group", "int4_scale_and_zero", "unpack_int4_cpu",
+           "int4_nibble_sources"]
 
 
 def int4_kernel_group(group_size: int) -> Optional[int]:
@@ -27,6 +28,23 @@ def int4_kernel_group(group_size: int) -> Optional[int]:
         if group_size % candidate == 0:
             return candidate
     return None
+
+
+def int4_scale_and_zero(spec: KernelSpec, canonical: Tensors) -> Tensors:
+    """PyTorch's int4 kernels' parameters (CPU and CUDA alike): ``scale_and_zero`` ``[K'/g', N, 2]`` bf16
+    per kernel group ``g'`` (the scales repeated when the layer's groups are wider), ``zero = 0`` for
+    symmetric formats. "int"/"min" zero points also keep their exact float32 values as ``zero_point``:
+    the kernel computes with their bf16 rounding (like its bf16 activations), the stored form needs them.
+    """
+    repeat = spec.group_size // int4_kernel_group(spec.group_size)
+    scale = canonical["scale"].to(torch.bfloat16)
+    zero = canonical.get("zero_point")
+    zero = torch.zeros_like(scale) if zero is None else zero.to(torch.bfloat16)
+    scale_and_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)
+    out = {"scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
+    if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
+        out["zero_point"] = canonical["zero_point"].to(spec.zero_point_dtype).contiguous()
+    return out
 
 
 def int4_nibble_sources(n: int, k: int, device: torch.device) -> Tensor:
@@ -153,17 +171,7 @@ class Int4PackCPUKernel(Kernel):
             codes = F.pad(codes, (0, k_pad - spec.in_features), value=8)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         _int4_layout()  # probe eagerly now: dequantize()/to_canonical() may later run inside torch.compile
-        repeat = spec.group_size // int4_kernel_group(spec.group_size)
-        scale = canonical["scale"].to(torch.bfloat16)
-        zero = canonical.get("zero_point")
-        zero = torch.zeros_like(scale) if zero is None else zero.to(torch.bfloat16)
-        scale_and_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)
-        runtime = {"qdata": packed, "scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
-        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
-            # "int"/"min" zero-point modes: the kernel computes with the bf16 rounding of the zero point
-            # (like its bf16 activations); the exact float32 values are kept for the stored form.
-            runtime["zero_point"] = canonical["zero_point"].to(spec.zero_point_dtype).contiguous()
-        return runtime
+        return {"qdata": packed, **int4_scale_and_zero(spec, canonical)}
 
     def to_canonical(self, spec: KernelSpec, runtime: Tensors) -> Tensors:
         fmt = spec.format

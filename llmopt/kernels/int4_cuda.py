@@ -26,7 +26,7 @@ from ..core.formats import AffineFormat
 from ..core.packing import pack_codes, unpack_codes
 from ..core.primitives import dequantize_weight
 from .base import Kernel, KernelSpec, Tensors, finish_output
-from .int4_cpu import int4_kernel_group
+from .int4_cpu import int4_kernel_group, int4_scale_and_zero
 from .registry import register_kernel
 
 __all__ = ["Int4TinyGemmCUDAKernel", "tinygemm_nibble_positions", "pack_tinygemm_reference",
@@ -186,17 +186,7 @@ class Int4TinyGemmCUDAKernel(Kernel):
             # Padded columns get code 8 (value = zero point) and meet zero-padded activations.
             codes = F.pad(codes, (0, k_pad - spec.in_features), value=8)
         packed = _convert(_bytes_for_op(codes), inner_k_tiles(k_pad))
-        repeat = spec.group_size // int4_kernel_group(spec.group_size)
-        scale = canonical["scale"].to(torch.bfloat16)
-        zero = canonical.get("zero_point")
-        zero = torch.zeros_like(scale) if zero is None else zero.to(torch.bfloat16)
-        scale_and_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(repeat, dim=1)
-        runtime = {"qdata": packed, "scale_and_zero": scale_and_zero.transpose(0, 1).contiguous()}
-        if spec.has_zero_point and spec.zero_point_dtype != torch.bfloat16:
-            # "int"/"min" zero points: the kernel uses their bf16 rounding (like its bf16 activations);
-            # the exact float32 values are kept for the stored form.
-            runtime["zero_point"] = canonical["zero_point"].to(spec.zero_point_dtype).contiguous()
-        return runtime
+        return {"qdata": packed, **int4_scale_and_zero(spec, canonical)}
 
     def codes(self, spec: KernelSpec, runtime: Tensors) -> Tensor:
         codes = unpack_tinygemm(runtime["qdata"], spec.out_features, self._padded_k(spec))
