@@ -57,12 +57,13 @@ from .pipeline import deprecated as _deprecated  # noqa: E402
 from .pipeline.allocate import Allocation, allocate  # noqa: E402
 from .pipeline.api import compress_  # noqa: E402
 from .pipeline.lora import merge_lora_, unmerge_lora_  # noqa: E402
-from .pipeline.recipe import Recipe, Stage  # noqa: E402
+from .pipeline.recipe import Recipe, Stage, list_presets  # noqa: E402
 from .pipeline.report import CompressionReport  # noqa: E402
 
 __all__ = [
     "__version__", "compress_", "CompressionReport", "CompressionError", "save", "load",
     "save_pretrained", "load_pretrained", "export_gguf", "export_compressed_tensors", "load_quantized", "Recipe", "Stage",
+    "list_presets",
     "MethodConfig", "register_method", "list_methods",
     "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "SVD", "QuantLowRank", "LoRA",
     "Magnitude", "Wanda", "SparseGPT", "PruneChannels", "PruneHeads",

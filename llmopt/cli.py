@@ -157,7 +157,7 @@ def _recipe_text(recipe: Any) -> str:
 def cmd_compress(args: argparse.Namespace) -> int:
     """Load a model, apply a recipe with calibration text, save with ``llmopt.hf.save_pretrained``."""
     # Every input is checked before the (slow) model load.
-    recipe = Recipe.load(args.recipe)
+    recipe = Recipe.resolve(args.recipe)
     needs = [f"stage {i} ({cfg.name})" for i, stage in enumerate(recipe.stages)
              for cfg in stage.configs() if cfg.needs_calibration]
     text = _read_text(args.calib, "calibration") if args.calib else None
@@ -311,7 +311,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Apply a recipe (YAML/JSON) to a causal LM, calibrating on a text file, "
                                    "and save it with llmopt.hf.save_pretrained.")
     p.add_argument("--model", required=True, help="local HF model directory, a .gguf file, or 'smollm2'")
-    p.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
+    p.add_argument("--recipe", required=True,
+                   help="recipe file (.yaml, .yml or .json) or a preset name (w4-fast, w4-best, w3-best, w2-best)")
     p.add_argument("--calib", help="calibration text file (needed by calibrated methods: GPTQ, AWQ, Wanda, ...)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")

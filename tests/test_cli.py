@@ -247,3 +247,14 @@ def test_export_that_cannot_map_is_one_line_exit_2(tmp_path, capsys):
         assert not (tmp_path / out).exists()
     assert main(["export", str(tmp_path / "asym"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct"),
                  "--requantize"]) == 0
+
+
+def test_compress_with_a_preset_name(workspace, tmp_path):
+    """``--recipe`` takes a preset name where no such file exists (w4-fast: no calibration needed)."""
+    out = tmp_path / "preset"
+    proc = _run("compress", "--model", str(workspace / "base"), "--recipe", "w4-fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "llmopt.json").read_text())
+    assert Recipe.from_dict(manifest["metadata"]["recipe"]) == Recipe.preset("w4-fast")
+    bad = _run("compress", "--model", str(workspace / "base"), "--recipe", "w9-nope", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "w4-fast" in bad.stderr

@@ -50,7 +50,7 @@ from ..core.scheme import WeightQuant
 from ..core.targets import _matches
 from ..methods.base import VERSION_KEY, MethodConfig, get_method, list_methods
 
-__all__ = ["Stage", "Recipe", "RecipeError", "SKIP", "OverrideValue", "StageConfig", "check_versions"]
+__all__ = ["Stage", "Recipe", "RecipeError", "list_presets", "SKIP", "OverrideValue", "StageConfig", "check_versions"]
 
 StageConfig = MethodConfig
 # dict of field changes | a whole config (any method) | None (skip the layer)
@@ -305,6 +305,23 @@ class Stage:
         return text
 
 
+# --------------------------------------------------------------------------------------------- presets
+_PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
+
+
+def _preset_files() -> Dict[str, str]:
+    """``{name: path}`` of the recipes shipped in ``llmopt/presets/`` (package data)."""
+    if not os.path.isdir(_PRESET_DIR):
+        return {}
+    return {entry[: -len(".yaml")]: os.path.join(_PRESET_DIR, entry)
+            for entry in sorted(os.listdir(_PRESET_DIR)) if entry.endswith(".yaml")}
+
+
+def list_presets() -> List[str]:
+    """Names of the recipes shipped with llmopt, for :meth:`Recipe.preset` and ``llmopt compress --recipe``."""
+    return sorted(_preset_files())
+
+
 # ---------------------------------------------------------------------------------------------- Recipe
 @dataclass
 class Recipe:
@@ -409,6 +426,28 @@ class Recipe:
             return Recipe.from_dict(data)
         except RecipeError as exc:
             raise RecipeError(f"recipe file {path!r}: {exc}") from None
+
+    @staticmethod
+    def preset(name: str) -> "Recipe":
+        """A named recipe shipped with llmopt (``w4-fast``, ``w4-best``, ``w3-best``, ``w2-best``, ...;
+        :func:`list_presets` lists them, ``docs/presets.md`` says what each does and what it measured)."""
+        presets = _preset_files()
+        if not isinstance(name, str) or name not in presets:
+            raise RecipeError(f"unknown preset {name!r}; presets: {', '.join(sorted(presets))}")
+        try:
+            return Recipe.load(presets[name])
+        except RecipeError as exc:
+            raise RecipeError(f"preset {name!r}: {exc}") from None
+
+    @staticmethod
+    def resolve(source: Union[str, os.PathLike, "Recipe"]) -> "Recipe":
+        """A recipe from a file path (``.json``/``.yaml``/``.yml``) or, for a name that is no file, a preset."""
+        if isinstance(source, Recipe):
+            return source
+        path = os.fspath(source)
+        if os.path.exists(path) or path.endswith((".json", ".yaml", ".yml")):
+            return Recipe.load(path)
+        return Recipe.preset(path)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the recipe to ``path`` (``.json``, ``.yaml`` or ``.yml``)."""

@@ -308,6 +308,28 @@ def test_awq_beats_rtn_int3():
     assert errors["awq"] < 0.85 * errors["rtn"], errors
 
 
+def test_awq_with_gptq_rounding_beats_awq_rtn_int3():
+    """``rounding="gptq"``: AWQ's scales and clipping, GPTQ's error feedback through the scaled Hessian."""
+    test_ids = torch.randint(0, 128, (4, 32), generator=_gen(999))
+    torch.manual_seed(0)
+    base = ToyTransformer()
+    with torch.no_grad():
+        ref = base(test_ids)
+    errors = {}
+    for label, cfg in [("awq", AWQ("int3", 32)), ("awq+gptq", AWQ("int3", 32, rounding="gptq")),
+                       ("awq+gptq no act-order", AWQ("int3", 32, rounding="gptq", act_order=False))]:
+        model = copy.deepcopy(base)
+        report = llmopt.compress_(model, cfg, calibration=token_batches())
+        assert set(report.replaced) == LINEARS
+        with torch.no_grad():
+            errors[label] = rel_err(model(test_ids), ref)
+    assert errors["awq+gptq"] < 0.9 * errors["awq"], errors
+    assert errors["awq+gptq no act-order"] < errors["awq"], errors
+    assert AWQ("int3", 32, rounding="gptq").label() == "awq int3 g32 +gptq"
+    with pytest.raises(ValueError, match="rounding"):
+        AWQ("int4", rounding="nearest")
+
+
 def test_fold_false_keeps_every_scale_on_the_layer():
     torch.manual_seed(0)
     model = ToyTransformer()

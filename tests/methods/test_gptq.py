@@ -245,6 +245,29 @@ def test_diagonal_hessian_gives_rtn_in_original_order(act_order, group_size):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [16, None])
+def test_clip_ratio_matches_clipped_rtn_under_a_diagonal_hessian(act_order, group_size):
+    """``clip_ratio`` chooses each group's parameters for its shrunk range, as quantize_weight does:
+    with no error feedback (diagonal Hessian) GPTQ then equals clipped RTN exactly; ratio 1 changes
+    nothing; a ratio outside (0, 1] is refused."""
+    n, k = 10, 48
+    w = torch.randn(n, k)
+    h = torch.diag(torch.rand(k, dtype=F64) + 0.5)
+    fmt = get_format("int3")
+    groups = -(-k // (group_size or k))
+    ratio = 0.6 + 0.4 * torch.rand(n, groups)
+    q, _ = gptq_quantize(w, h, fmt, group_size, act_order=act_order, clip_ratio=ratio)
+    rtn = quantize_weight(w, fmt, group_size, clip_ratio=ratio)
+    assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scale, rtn.scale)
+    plain, _ = gptq_quantize(w, h, fmt, group_size, act_order=act_order)
+    ones, _ = gptq_quantize(w, h, fmt, group_size, act_order=act_order, clip_ratio=1.0)
+    assert torch.equal(plain.codes, ones.codes) and torch.equal(plain.scale, ones.scale)
+    assert not torch.equal(q.scale, plain.scale)
+    with pytest.raises(ValueError, match="clip_ratio"):
+        gptq_quantize(w, h, fmt, group_size, clip_ratio=torch.full((n, groups), 1.5))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
 def test_dead_input_channel(act_order):
     n, k = 16, 64
     x = correlated_inputs(0, k, seed=31)(256, 32)

@@ -440,3 +440,38 @@ def test_unused_override_globs_are_noted_and_lora_config_alone_works():
     report = llmopt.compress_(model, LoRA(rank=2), include=["*.q_proj"])
     assert isinstance(model.layers[0].q_proj, LoRALinear) and isinstance(model.layers[0].q_proj.base, QuantLinear)
     assert report.methods == [LoRA(rank=2).to_dict()] and set(report.replaced) == {"layers.0.q_proj", "layers.1.q_proj"}
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+def test_presets_are_shipped_and_load():
+    """The named recipes (package data) load; the quality presets calibrate, w4-fast does not."""
+    names = llmopt.list_presets()
+    assert {"w4-fast", "w4-best", "w3-best", "w2-best"} <= set(names)
+    for name in names:
+        recipe = Recipe.preset(name)
+        assert isinstance(recipe, Recipe) and recipe.stages
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+        assert all("lm_head" in (stage.exclude or []) for stage in recipe.stages)
+    assert not any(stage.config.needs_calibration for stage in Recipe.preset("w4-fast").stages)
+    for name in ("w4-best", "w3-best", "w2-best"):
+        assert any(stage.config.needs_calibration for stage in Recipe.preset(name).stages)
+
+
+def test_resolve_takes_a_path_or_a_preset_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    Recipe([RTN("int8", None)]).save(path)
+    assert Recipe.resolve(path) == Recipe.load(path)
+    assert Recipe.resolve(str(path)) == Recipe.load(path)
+    assert Recipe.resolve("w4-fast") == Recipe.preset("w4-fast")
+    with pytest.raises(RecipeError, match="w4-best"):  # the message lists the presets
+        Recipe.preset("w5-magic")
+    with pytest.raises(RecipeError, match="not found"):
+        Recipe.resolve(tmp_path / "missing.yaml")
+
+
+def test_w4_fast_preset_compresses_a_toy_model():
+    torch.manual_seed(0)
+    model = ToyTransformer()
+    report = llmopt.compress_(model, Recipe.preset("w4-fast"))
+    assert report.replaced and "lm_head" not in report.replaced

@@ -37,6 +37,7 @@ from ...core.primitives import dequantize_weight, num_groups, quantize_weight, r
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
 from ..quantized import WeightQuantFields
+from .gptq import gptq_quantize
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
 __all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error"]
@@ -183,6 +184,10 @@ class AWQ(WeightQuantFields, MethodConfig):
         propagate: what feeds the next block during calibration: ``"float"`` (the uncompressed
             block's outputs, as the reference implementation; one forward per block) or
             ``"quantized"`` (the compressed block's outputs; a second forward per block).
+        rounding: how the scaled (and clipped) weight is rounded: ``"rtn"`` (round to nearest, AWQ as
+            published) or ``"gptq"`` (GPTQ's error feedback through the scaled inputs' Hessian, in the
+            same calibration pass: AWQ's scales and clipping, GPTQ's rounding).
+        act_order, damp: GPTQ's options when ``rounding="gptq"``.
     """
 
     name = "awq"
@@ -195,9 +200,15 @@ class AWQ(WeightQuantFields, MethodConfig):
     max_shrink: float = 0.5
     fold: bool = True
     propagate: str = "float"
+    rounding: str = "rtn"
+    act_order: bool = True
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         check_choice("propagate", self.propagate, ("quantized", "float"))
+        check_choice("rounding", self.rounding, ("rtn", "gptq"))
+        check_flag("act_order", self.act_order)
+        check_number("damp", self.damp, 0, 1, low_open=True, high_open=True)
         super().__post_init__()  # the quantization scheme
         check_int("grid", self.grid, 1)
         check_int("clip_grid", self.clip_grid, 1)
@@ -205,9 +216,9 @@ class AWQ(WeightQuantFields, MethodConfig):
         for flag in ("duo_scaling", "clip", "fold"):
             check_flag(flag, getattr(self, flag))
 
-    @staticmethod
-    def stats_spec() -> StatsSpec:
-        return StatsSpec(hessian=True, dtype=torch.float32)
+    def stats_spec(self) -> StatsSpec:
+        # GPTQ's Cholesky of the (scaled) Hessian wants float64 sums; the scale search is fine in float32.
+        return StatsSpec(hessian=True, dtype=torch.float64 if self.rounding == "gptq" else torch.float32)
 
     @classmethod
     def examples(cls):
@@ -220,6 +231,7 @@ class AWQ(WeightQuantFields, MethodConfig):
 
     def label(self) -> str:
         return (f"awq {self.format} {self.scheme.group_label()}"
+                + (" +gptq" if self.rounding == "gptq" else "")
                 + (" quantized-propagation" if self.propagate == "quantized" else ""))
 
 
@@ -277,7 +289,12 @@ def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, La
                 if config.clip:
                     ratio = awq_search_clip(w_scaled, h_scaled, fmt, group_size, grid=config.clip_grid,
                                             max_shrink=config.max_shrink, scale_dtype=scale_dtype)
-                q = quantize_weight(w_scaled, fmt, group_size, scale_dtype, clip_ratio=ratio)
+                if config.rounding == "gptq":
+                    q, _ = gptq_quantize(w_scaled, h_scaled.to(torch.float64), fmt, group_size,
+                                         act_order=config.act_order, damp=config.damp,
+                                         scale_dtype=scale_dtype, clip_ratio=ratio)
+                else:
+                    q = quantize_weight(w_scaled, fmt, group_size, scale_dtype, clip_ratio=ratio)
                 out[name] = QuantLinear.from_codes(
                     q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
                     bias=layer.bias.detach() if layer.bias is not None else None, dtype=layer.weight.dtype,

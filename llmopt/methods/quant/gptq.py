@@ -54,6 +54,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.bfloat16,
     max_damp_tries: int = 6,
     return_weight: bool = False,
+    clip_ratio: Optional[Tensor] = None,
 ) -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ-quantize ``weight [N, K]`` given the Hessian ``[K, K]`` of its inputs (``X^T X``, any scale).
 
@@ -72,6 +73,9 @@ def gptq_quantize(
         scale_dtype: dtype of the stored scale / zero point.
         max_damp_tries: Cholesky attempts before giving up (see :func:`~llmopt.solvers.obs_sweep`).
         return_weight: also put the swept (dequantized) float32 weight in ``info["weight"]``.
+        clip_ratio: ``[N, G]`` (or a number) in ``(0, 1]``: each group's parameters are chosen for its
+            range shrunk by that ratio (AWQ's clipping; outliers saturate), as in
+            :func:`~llmopt.core.primitives.quantize_weight`.
 
     Returns:
         ``(QuantizedWeight, info)``: codes ``[N, K]`` and parameters ``[N, G]`` in original column
@@ -109,8 +113,16 @@ def gptq_quantize(
     scale32 = torch.empty(g_count, n, 1, 1, dtype=torch.float32, device=device)
     zero32 = torch.empty(g_count, n, 1, 1, dtype=torch.float32, device=device) if fmt.has_zero_point else None
 
+    ratio = None
+    if clip_ratio is not None:
+        ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=device).expand(n, g_count)
+        if not bool(((ratio > 0) & (ratio <= 1)).all()):
+            raise ValueError("gptq: clip_ratio must lie in (0, 1]")
+
     def set_params(first: int, groups: Tensor) -> None:
         """Choose, round and store the parameters of groups ``first..`` from ``groups [N, g, gs]``."""
+        if ratio is not None:
+            groups = groups * ratio[:, first:first + groups.shape[1], None]
         s, z = fmt.choose_params(groups)
         last = first + groups.shape[1]
         if (z is not None) != fmt.has_zero_point:
