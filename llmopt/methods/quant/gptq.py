@@ -6,7 +6,8 @@ registered format (affine, NF4, FP4, FP8, user formats) works.
 
 Group parameters:
 
-* default (``act_order=False``): "dynamic" groups. When the sweep reaches the first column of a
+* ``act_order=False`` (the function's default; the ``GPTQ`` method's default is ``True``, measured
+  better: SmolLM2 int4 g64 perplexity 24.5 vs 27.0): "dynamic" groups. When the sweep reaches the first column of a
   group, the group's parameters are chosen from the *current* (error-updated) weights of all the
   group's columns, as in the reference implementation.
 * ``act_order=True``: columns are swept by descending Hessian diagonal, which visits the columns of a
@@ -182,7 +183,8 @@ class GPTQ(WeightQuantFields, MethodConfig):
     """GPTQ (Frantar et al. 2022): quantize columns one by one, feeding each column's rounding error
     back into the not-yet-quantized columns through the inverse Hessian of the layer's inputs.
 
-    Works with every registered format. ``act_order`` quantizes columns by descending Hessian
+    Works with every registered format. ``act_order`` (default ``True`` since issue 17: on SmolLM2
+    int4 g64 it gave perplexity 24.5 against 27.0 without) quantizes columns by descending Hessian
     diagonal with group parameters fixed up front (groups stay in original column order).
     ``propagate``: what feeds the next block during calibration, ``"quantized"`` (the compressed
     block's outputs, as the reference implementation) or ``"float"`` (the uncompressed block's
@@ -195,7 +197,7 @@ class GPTQ(WeightQuantFields, MethodConfig):
     name = "gptq"
     needs_calibration = True
 
-    act_order: bool = False
+    act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
     propagate: str = "quantized"
