@@ -347,3 +347,24 @@ def test_config_validation_dict_and_label():
     for bad in (dict(seed=-1), dict(seed=True), dict(kind="givens"), dict(rotate_heads="yes")):
         with pytest.raises(ValueError):
             llmopt.Rotate(**bad)
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2", "Qwen3"])
+def test_architectures_with_the_llama_layout(arch):
+    """Mistral (sliding window), Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms): the same layout."""
+    config_cls = getattr(transformers, f"{arch}Config", None)
+    model_cls = getattr(transformers, f"{arch}ForCausalLM", None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"transformers has no {arch}")
+    config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand_like(p))
+    ids = _ids()
+    reference = _logits(model, ids)
+    llmopt.compress_(model, llmopt.Rotate())
+    assert _rel(_logits(model, ids), reference) < 1e-5  # float32 rounding (their norms compute in float32)

@@ -239,6 +239,8 @@ def _find_decoder(model: nn.Module) -> str:
 
 def _check_linear(name: str, module: Any, in_features: Optional[int] = None,
                   out_features: Optional[int] = None) -> nn.Linear:
+    if module is None:
+        raise _not_llama(f"{name} is missing")
     if is_compressed(module):
         raise ValueError(f"rotate: {name} is already compressed ({type(module).__name__}); Rotate rewrites float "
                          "weights, so it must come before quantization in a recipe (e.g. [Rotate(), GPTQ(...)])")
