@@ -368,3 +368,17 @@ def test_architectures_with_the_llama_layout(arch):
     reference = _logits(model, ids)
     llmopt.compress_(model, llmopt.Rotate())
     assert _rel(_logits(model, ids), reference) < 1e-5  # float32 rounding (their norms compute in float32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 1024])
+def test_fast_hadamard_equals_the_dense_product(n):
+    from llmopt.methods.quant.rotate import _fwht, _left_t, _RandomHadamard, _right
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, n, dtype=torch.float64, generator=gen)
+    dense_h = hadamard_matrix(n) * n ** 0.5
+    assert torch.allclose(_fwht(x), x @ dense_h, atol=1e-12 * n, rtol=0)
+    q = _RandomHadamard(torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1)
+    assert torch.allclose(_right(x, q), x @ q.dense(), atol=1e-12, rtol=0)
+    y = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+    assert torch.allclose(_left_t(q, y), q.dense().T @ y, atol=1e-12, rtol=0)
