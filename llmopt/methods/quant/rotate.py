@@ -104,25 +104,26 @@ def _kind_of(n: int, kind: str) -> str:
 
 
 def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """``x @ H`` for the unnormalised Sylvester Hadamard ``H`` of size ``x.shape[-1]`` (a power of two), by
-    the fast Walsh-Hadamard transform: ``n log n`` additions per row instead of an ``n x n`` product.
-    ``H`` is a Kronecker power of one 2x2 block, so the butterflies may run in any order of bits."""
+    """``x @ H`` for the unnormalised Sylvester Hadamard ``H`` of size ``n = x.shape[-1]`` (a power of two).
+
+    ``H_n`` is a Kronecker power of one 2x2 block, so ``H_n = H_a (x) H_m`` with ``a * m = n``, both about
+    ``sqrt(n)``: two matrix products of widths ``m`` and ``a`` (``n (a + m)`` multiply-adds per row instead
+    of ``n^2``: 23x fewer at 2048, 45x at 8192), each one large GEMM, which BLAS runs at full speed
+    (a butterfly per bit moves the whole tensor ``log n`` times and is slower on CPUs)."""
     n = x.shape[-1]
-    shape = x.shape
-    x = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        x = x.view(-1, n // (2 * h), 2, h)
-        a, b = x[:, :, 0, :], x[:, :, 1, :]
-        x = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return x.reshape(shape)
+    m = 1 << ((n.bit_length() - 1) // 2)
+    a = n // m
+    h_m = hadamard_matrix(m).to(device=x.device, dtype=x.dtype) * math.sqrt(m)
+    h_a = hadamard_matrix(a).to(device=x.device, dtype=x.dtype) * math.sqrt(a)
+    rows = x.reshape(-1, a, m) @ h_m  # index i = i_a * m + i_m: the H_m factor acts on i_m
+    rows = (rows.transpose(1, 2).reshape(-1, a) @ h_a).reshape(-1, m, a).transpose(1, 2)  # H_a on i_a
+    return rows.reshape(x.shape)
 
 
 @dataclass
 class _RandomHadamard:
-    """``Q = diag(signs) H / sqrt(n)``, kept as its signs and applied with :func:`_fwht`: rotating a
-    4096-wide model this way costs ~300x fewer operations than the dense float64 product."""
+    """``Q = diag(signs) H / sqrt(n)``, kept as its signs and applied with :func:`_fwht`: at width 4096 it
+    costs 32x fewer operations than the dense float64 product."""
 
     signs: torch.Tensor  # float64 [n], +-1
 
