@@ -50,6 +50,7 @@ from .methods.quant.awq import AWQ  # noqa: E402
 from .methods.quant.gptq import GPTQ  # noqa: E402
 from .methods.quant.hqq import HQQ  # noqa: E402
 from .methods.quant.qat import QAT  # noqa: E402
+from .methods.quant.rotate import Rotate  # noqa: E402
 from .methods.quant.rtn import RTN  # noqa: E402
 from .methods.quant.smoothquant import SmoothQuant  # noqa: E402
 from .nn import qat_linear as _qat_linear  # noqa: E402
@@ -65,7 +66,7 @@ __all__ = [
     "save_pretrained", "load_pretrained", "export_gguf", "export_compressed_tensors", "load_quantized", "Recipe", "Stage",
     "list_presets",
     "MethodConfig", "register_method", "list_methods",
-    "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "SVD", "QuantLowRank", "LoRA",
+    "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "Rotate", "SVD", "QuantLowRank", "LoRA",
     "Magnitude", "Wanda", "SparseGPT", "PruneChannels", "PruneHeads",
     "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters",
     "memory_report", "allocate", "Allocation",

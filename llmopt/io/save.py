@@ -495,7 +495,8 @@ def load(
     ``skeleton`` may live on the meta device (``with torch.device("meta"): model = Arch(...)``):
     every tensor is taken from the file. The compressed wrappers named in the manifest are rebuilt
     first, then the state dict is loaded with ``assign=True``; the result is bit-exact.
-    Tied parameters of the skeleton stay tied. Returns the (same) skeleton object.
+    Tied parameters of the skeleton stay tied, unless the files hold a separate tensor for each name
+    (the saved model had untied them, as ``Rotate`` does). Returns the (same) skeleton object.
 
     ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...): where the loaded model lives, whatever device
     the model was saved from. Tensors are read from the files straight onto it, compressed wrappers
@@ -576,7 +577,12 @@ def load(
             del state
         if resized:
             object.__setattr__(skeleton, RESIZED_ATTR, json.loads(json.dumps(resized)))
+        stored = {key for _path, entries in headers for key in entries}
         for names in tie_groups:
+            if sum(name in stored for name in names) > 1:
+                # The save wrote each name's own tensor (not an alias): the saved model had untied them
+                # (Rotate gives the head its own rotated copy), so tying them again would be wrong.
+                continue
             first = _get_param(skeleton, names[0])
             if first is None:
                 continue

@@ -1,10 +1,12 @@
-"""Quantization methods: RTN, HQQ, GPTQ, AWQ, SmoothQuant and quantization-aware training (QAT)."""
+"""Quantization methods: RTN, HQQ, GPTQ, AWQ, SmoothQuant, quantization-aware training (QAT), and Rotate
+(orthogonal rotations folded into the weights before a quantizer)."""
 
 from .awq import AWQ
 from .gptq import GPTQ
 from .hqq import HQQ
 from .qat import QAT
+from .rotate import Rotate
 from .rtn import RTN
 from .smoothquant import SmoothQuant
 
-__all__ = ["RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT"]
+__all__ = ["RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "Rotate"]
