@@ -150,6 +150,22 @@ def _llmopt(config, calibration: List[torch.Tensor]) -> Callable:
     return apply
 
 
+def _preset(name: str, calibration: List[torch.Tensor]) -> Callable:
+    """A named recipe (``llmopt.Recipe.preset``), applied as a user would: its own excludes, bf16 calibration."""
+    recipe = llmopt.Recipe.preset(name)
+    needs = any(stage.config.needs_calibration for stage in recipe.stages)
+
+    def apply(model):
+        report = llmopt.compress_(model, recipe, calibration=calibration if needs else None,
+                                  calibration_dtype=torch.bfloat16 if needs else None)
+        model.to(torch.bfloat16)
+        kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+        return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
+                "layers_total": len(report.replaced) + len(report.skipped), "kernels": kernels,
+                "notes": report.notes}
+    return apply
+
+
 def _peer(peer) -> Callable:
     def apply(model):
         return dict(peer.apply(model))
@@ -164,6 +180,10 @@ def build_rows(use_peers: bool, calibration: List[torch.Tensor], speed_formats: 
             rows.append(Row(f"llmopt {config.label()}", "llmopt", _llmopt(config, calibration),
                             json.dumps(config.to_dict())))
             rows[-1].config = config
+    # The named recipes users type (issue 17): quality rows on SmolLM2, with their own targets below.
+    for name in llmopt.list_presets():
+        rows.append(Row(f"preset {name}", "llmopt", _preset(name, calibration),
+                        json.dumps(llmopt.Recipe.preset(name).to_dict())))
     if speed_formats == "all":
         for fmt, group in SPEED_ONLY_FORMATS:
             config = llmopt.RTN(format=fmt, group_size=group)
@@ -456,6 +476,20 @@ def quality_checks(records: List[Dict[str, Any]]) -> List[str]:
         peer, peer_ppl = min(peers4.items(), key=lambda kv: kv[1])
         checks.append(f"{'PASS' if best_ppl < peer_ppl else 'MISS'} smollm2: best llmopt 4-bit <= 4.5 b/w "
                       f"{best} ppl {best_ppl:.2f} vs best 4-bit peer {peer} {peer_ppl:.2f}")
+    # Issue 17: the presets, within a perplexity ratio of fp32, at most so many stored bits per weight.
+    apply_s = {r["method"]: r.get("apply_s") for r in records if r["model"] == "smollm2"}
+    for name, limit, max_bits, max_s in (("w4-best", 1.06, 4.5, 600), ("w3-best", 1.5, 3.5, 600),
+                                         ("w2-best", 3.0, 2.5, None), ("w4-fast", None, 4.5, 10)):
+        m = f"preset {name}"
+        if m not in ppl:
+            continue
+        b, t = bits.get(m), apply_s.get(m)
+        if limit is not None:
+            ok = ppl[m] / base <= limit and (b is None or b <= max_bits + 1e-9)
+            checks.append(f"{'PASS' if ok else 'MISS'} smollm2: {m} ppl {ppl[m]:.2f} = {ppl[m] / base:.3f}x fp32 "
+                          f"at {b if b is None else round(b, 3)} b/w; target <= {limit}x at <= {max_bits} b/w")
+        if max_s is not None and t is not None:
+            checks.append(f"{'PASS' if t <= max_s else 'MISS'} smollm2: {m} applied in {t:.1f} s; target <= {max_s} s")
     for m, v in ppl.items():
         if m.startswith("llmopt smoothquant"):
             inc = v / base - 1
