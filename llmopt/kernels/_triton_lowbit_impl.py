@@ -160,7 +160,8 @@ def lowbit_gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
                       N, K, words_per_row, n_groups, group_size, mid, stride_xm, stride_ym,
                       n_vgroups, vgroups_per_split,
                       BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WPG: tl.constexpr):
+                      SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, WPG: tl.constexpr,
+                      CPW: tl.constexpr, VG: tl.constexpr, CODE_MASK: tl.constexpr):
     """The decode GEMV for 1/2/4/8-bit codes, reading the packed rows as 32-bit words.
 
     A row is cut into "virtual groups" of ``VG = WPG * 32 / BITS`` codes, each inside one real group
@@ -169,9 +170,8 @@ def lowbit_gemv_words(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
     (loaded with a stride of ``32 / BITS``); the scale (and zero point times the group's activation sum)
     is applied once per virtual group and row, not per weight.
     """
-    CPW: tl.constexpr = 32 // BITS
-    VG: tl.constexpr = WPG * CPW
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    # CPW = 32 // BITS codes per word, VG = WPG * CPW codes per virtual group, CODE_MASK = 2**BITS - 1:
+    # derived by the launcher and passed as constants (portable across Triton versions).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)

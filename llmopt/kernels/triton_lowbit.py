@@ -176,7 +176,8 @@ def _gemv_words(impl, x, qdata, scale, z, table, b, has_zero, bias, bits, kind, 
         x, qdata.view(torch.int32), scale, z, table, b, y, n, k, qdata.shape[1] // 4, scale.shape[1],
         group_size, mid, x.stride(0), y.stride(0), n_vgroups, per_split,
         BITS=bits, KIND=kind, HAS_ZERO=has_zero, HAS_BIAS=bias is not None, SPLIT_K=split,
-        BLOCK_N=block_n, GROUPS=groups, WPG=wpg, num_warps=4)
+        BLOCK_N=block_n, GROUPS=groups, WPG=wpg, CPW=32 // bits, VG=vgroup, CODE_MASK=(1 << bits) - 1,
+        num_warps=4)
     return _gemv_finish(y, x, bias, split)
 
 
