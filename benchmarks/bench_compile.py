@@ -50,7 +50,7 @@ from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.kernels.int4_cpu import int4_kernel_group  # noqa: E402
 from llmopt.models import speed_model  # noqa: E402
 
-from timing import _LoadProbe, measure_read_bandwidth, weight_bytes_per_step  # noqa: E402
+from timing import _LoadProbe, measure_read_bandwidth, profile_decode, weight_bytes_per_step  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 TARGET = 1.3
@@ -153,25 +153,13 @@ def matmul_floor_ms(model: torch.nn.Module, repeats: int = 7) -> float:
 
 def profile_step(runner: DecodeRunner, steps: int = 6) -> Dict[str, Any]:
     """torch.profiler over ``steps`` decode steps: ms per step in the weight matmuls vs the rest."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = runner.model
-    model.eval()
-    with runner.context():
-        token = runner._prefill()
-        token = runner.step(token)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                token = runner.step(token)
-            int(token)
-            wall = time.perf_counter() - start
-    ops = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    events, step_ms = profile_decode(runner, steps)
+    ops = {e.key: e.self_cpu_time_total / 1000 / steps for e in events}
     int4 = ops.get("aten::_weight_int4pack_mm_for_cpu", 0.0)
     dense = ops.get("aten::mm", 0.0) + ops.get("aten::addmm", 0.0)
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:10]
-    return {"ms_per_step": 1000 * wall / steps, "int4_mm_ms": int4, "dense_mm_ms": dense,
-            "other_ms": 1000 * wall / steps - int4 - dense, "top_self_ms": top}
+    return {"ms_per_step": step_ms, "int4_mm_ms": int4, "dense_mm_ms": dense,
+            "other_ms": step_ms - int4 - dense, "top_self_ms": top}
 
 
 def markdown(header: Dict[str, Any], rows: List[Dict[str, Any]], checks: List[str]) -> str:

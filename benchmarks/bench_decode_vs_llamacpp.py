@@ -56,7 +56,7 @@ from llmopt.evaluate import DecodeRunner  # noqa: E402
 from llmopt.io.gguf import export_gguf, gguf_scheme  # noqa: E402
 from llmopt.models import load_causal_lm  # noqa: E402
 
-from timing import _LoadProbe, measure_read_bandwidth, weight_bytes_per_step  # noqa: E402
+from timing import _LoadProbe, measure_read_bandwidth, profile_decode, weight_bytes_per_step  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DATA = os.path.join(HERE, "data")
@@ -131,34 +131,17 @@ def layer_kernels(model: torch.nn.Module) -> Dict[str, int]:
 def profile_steps(runner: DecodeRunner, steps: int = 8, top: int = 12) -> Dict[str, Any]:
     """``torch.profiler`` over ``steps`` decode steps of ``runner``: ms per step in quantized matmuls, in
     dense matmuls (the bf16 lm_head) and in everything else, and the top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = runner.model
-    model.eval()
-    with runner.context():
-        if runner._cache is not None:
-            runner._cache.reset()
-        runner._dynamic = None
-        token = runner._forward(runner.prompt)
-        token = runner.step(token)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                token = runner.step(token)
-            int(token)
-            wall = time.perf_counter() - start
-        runner._dynamic = None
-    ops = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    events, step_ms = profile_decode(runner, steps)
+    ops = {e.key: e.self_cpu_time_total / 1000 / steps for e in events}
     quant = sum(v for k, v in ops.items() if any(m in k for m in QUANT_MM_MARKERS))
     dense = sum(ops.get(k, 0.0) for k in DENSE_MM_OPS)
-    step_ms = 1000 * wall / steps
     all_ops = sum(ops.values())
     top_ops = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
     # "outside ops": wall time no operator accounts for (Python, module calls, dispatch, the profiler's own
     # cost), which is what a compiled decoder or fewer, fused ops can remove.
     return {"ms_per_step_profiled": step_ms, "quant_mm_ms": quant, "dense_mm_ms": dense,
             "other_ops_ms": all_ops - quant - dense, "outside_ops_ms": step_ms - all_ops,
-            "ops_per_step": sum(e.count for e in prof.key_averages()) / steps, "top_self_ms": top_ops}
+            "ops_per_step": sum(e.count for e in events) / steps, "top_self_ms": top_ops}
 
 
 # ----------------------------------------------------------------------------------------------- main

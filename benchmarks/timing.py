@@ -437,3 +437,20 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
         elif isinstance(module, torch.nn.Linear):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total
+
+
+def profile_decode(runner: Any, steps: int) -> "tuple[Any, float]":
+    """``torch.profiler`` over ``steps`` decode steps of an ``llmopt.evaluate.DecodeRunner`` (after its
+    prefill and one untimed step): ``(prof.key_averages(), wall ms per step)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.model.eval()
+    with runner.context():
+        token = runner.step(runner.prefill())
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = runner.step(token)
+            int(token[0, 0])  # a host read: the steps have really finished
+            wall = time.perf_counter() - start
+    return prof.key_averages(), 1000 * wall / steps

@@ -455,16 +455,21 @@ class DecodeRunner:
     def _eager_step(self, token: torch.Tensor) -> torch.Tensor:
         return self._forward(token)
 
+    def prefill(self) -> torch.Tensor:
+        """Reset the cache and run the prompt (always eagerly: its shape differs from a step's); returns
+        the first new token ``[batch, 1]``, what :attr:`step` takes. Call it under :attr:`context`."""
+        if self._cache is not None:
+            self._cache.reset()
+        self._dynamic = None
+        return self._forward(self.prompt)
+
     def _generate(self) -> "tuple[list, list]":
         """Prefill then the decode steps; returns (per-step seconds, generated token ids)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with self.context():
-                if self._cache is not None:
-                    self._cache.reset()
-                self._dynamic = None
-                token = self._forward(self.prompt)  # the prefill: always eager (its shape differs)
+                token = self.prefill()
                 tokens, times = [int(token[0, 0])], []
                 for _ in range(self.new_tokens - 1):
                     _sync(token.device)
