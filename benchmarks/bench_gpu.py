@@ -236,6 +236,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _event_ms(fn: Callable[[], Any]) -> float:
+    """Milliseconds of one ``fn()`` on the current CUDA stream, between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def gpu_bandwidth(device: torch.device, size_mib: int = 2048, reps: int = 9) -> Dict[str, float]:
     """HBM read bandwidth: ``x.sum()`` over ``size_mib`` of float32 (reads every byte once), and a
     ``copy_`` of half that size (read + write bytes). Medians of CUDA-event timings after warm-up."""
@@ -245,15 +255,7 @@ def gpu_bandwidth(device: torch.device, size_mib: int = 2048, reps: int = 9) -> 
     def timed(fn: Callable[[], Any]) -> float:
         for _ in range(3):
             fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return statistics.median(_event_ms(fn) for _ in range(reps))
 
     read_ms = timed(x.sum)
     copy_ms = timed(lambda: dst.copy_(x[: dst.numel()]))
@@ -300,15 +302,7 @@ def time_calls(calls: Sequence[Callable[[], Any]], device: torch.device, reps: i
             us = statistics.median(times) / n_calls * 1e6
             return Timing(us, us, "perf_counter (CPU)")
         torch.cuda.synchronize(device)
-        eager = []
-        for _ in range(max(3, reps // 2)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            eager.append(start.elapsed_time(end))
-        eager_us = statistics.median(eager) / n_calls * 1e3
+        eager_us = statistics.median(_event_ms(run) for _ in range(max(3, reps // 2))) / n_calls * 1e3
         try:
             graph = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream(device)
@@ -320,16 +314,9 @@ def time_calls(calls: Sequence[Callable[[], Any]], device: torch.device, reps: i
                 run()
             graph.replay()
             torch.cuda.synchronize(device)
-            replays = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                replays.append(start.elapsed_time(end))
+            replay_ms = statistics.median(_event_ms(graph.replay) for _ in range(reps))
             del graph
-            return Timing(statistics.median(replays) / n_calls * 1e3, eager_us, "cuda graph")
+            return Timing(replay_ms / n_calls * 1e3, eager_us, "cuda graph")
         except Exception as error:  # noqa: BLE001 - an uncapturable kernel is a finding, not a crash
             try:
                 torch.cuda.synchronize(device)
