@@ -162,7 +162,9 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
     # With calibration_device, a block's layers are swapped out while the block sits on that device,
     # and ``run_blocks`` then moves only the block (now holding the new layers) back. The originals,
     # kept for a rollback, would stay on the device: every block's worth of memory there, and a
-    # rollback would put device modules into the model. They are sent home once their block is.
+    # rollback would put device modules into the model. They are sent home once their block is, not
+    # at the swap: a replacement may hold the original as a submodule (a wrapper around its base), and
+    # that must stay on the device while the block still runs there.
     homes = {name: _module_home(module) for name, module in targets.items()} if calibration_device else {}
     pending: List[Tuple[nn.Module, torch.device]] = []
 
