@@ -43,6 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from llmopt.evaluate import sync_device
+
 __all__ = [
     "MiB",
     "TimingResult",
@@ -185,11 +187,8 @@ def time_fn(
         raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")
     # CUDA work is asynchronous: once this process has used CUDA, every timed call is bracketed by a
     # device synchronisation so that the clock measures the work, not its launch (a no-op on CPU).
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
     def clock() -> float:
-        sync()
+        sync_device()
         return time.perf_counter()
 
     gc_was_enabled = gc.isenabled()

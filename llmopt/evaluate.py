@@ -33,6 +33,7 @@ from .calibration.runner import _release_freed_memory
 from .core.measure import memory_report
 
 __all__ = [
+    "sync_device",
     "perplexity",
     "decode_throughput",
     "prefill_throughput",
@@ -65,7 +66,7 @@ def _logits(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def _sync(device: "torch.device | str | None" = None) -> None:
+def sync_device(device: "torch.device | str | None" = None) -> None:
     """Wait for the queued work of a CUDA ``device`` before a clock is read (no-op elsewhere).
 
     CUDA kernels run asynchronously: without this a timer stops when the work is queued, not done.
@@ -118,7 +119,7 @@ def perplexity(
     previous_end = 0  # tokens [0, previous_end) already scored (position 0 is never scored)
     was_training = model.training
     model.eval()
-    _sync(device)
+    sync_device(device)
     start_time = time.perf_counter()
     try:
         with context():
@@ -140,7 +141,7 @@ def perplexity(
                     break
     finally:
         model.train(was_training)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start_time
     mean_nll = total_nll / scored
     return {
@@ -167,12 +168,12 @@ def _greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, cach
     """Prefill then ``new_tokens`` greedy steps with the model's KV cache; returns decode seconds."""
     output = model(input_ids=prompt, use_cache=True)
     next_token = _logits(output)[:, -1:].argmax(-1)
-    _sync(prompt.device)  # the prefill is not timed: let it finish first
+    sync_device(prompt.device)  # the prefill is not timed: let it finish first
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         output = model(input_ids=next_token, use_cache=True, **{cache_arg: getattr(output, cache_arg)})
         next_token = _logits(output)[:, -1:].argmax(-1)
-    _sync(prompt.device)
+    sync_device(prompt.device)
     return time.perf_counter() - start
 
 
@@ -248,10 +249,10 @@ def prefill_throughput(
     ids = _random_prompt(model, vocab_size, prompt_tokens, seed).repeat(batch_size, 1)
 
     def forward() -> float:
-        _sync(ids.device)
+        sync_device(ids.device)
         start = time.perf_counter()
         model(ids)
-        _sync(ids.device)
+        sync_device(ids.device)
         return time.perf_counter() - start
 
     median = statistics.median(_repeat_timed(model, forward, warmup, repeats, context))
@@ -311,12 +312,12 @@ class PeakMemory:
 def timed() -> Iterator[Dict[str, float]]:
     """``with timed() as t: ...`` then ``t["seconds"]``: wall time of the block (e.g. applying a method)."""
     result: Dict[str, float] = {}
-    _sync()  # CUDA work queued before the block is not the block's
+    sync_device()  # CUDA work queued before the block is not the block's
     start = time.perf_counter()
     try:
         yield result
     finally:
-        _sync()
+        sync_device()
         result["seconds"] = time.perf_counter() - start
 
 
@@ -472,7 +473,7 @@ class DecodeRunner:
                 token = self.prefill()
                 tokens, times = [int(token[0, 0])], []
                 for _ in range(self.new_tokens - 1):
-                    _sync(token.device)
+                    sync_device(token.device)
                     start = time.perf_counter()
                     if self.compiled:
                         # Under CUDA graphs a step's output lives in the graph's memory, which the next
@@ -480,7 +481,7 @@ class DecodeRunner:
                         token = token.clone()
                         torch.compiler.cudagraph_mark_step_begin()
                     token = self.step(token)
-                    _sync(token.device)
+                    sync_device(token.device)
                     tokens.append(int(token[0, 0]))  # reads the token: the step has really finished
                     times.append(time.perf_counter() - start)
         finally:

@@ -285,10 +285,10 @@ def test_sync_waits_for_cuda_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    evaluate._sync("cpu")
-    evaluate._sync(torch.device("meta"))
+    evaluate.sync_device("cpu")
+    evaluate.sync_device(torch.device("meta"))
     assert calls == []
-    evaluate._sync("cuda:0")
+    evaluate.sync_device("cuda:0")
     assert calls == [torch.device("cuda:0")]
 
 
@@ -297,7 +297,7 @@ def test_prefill_timer_synchronizes(device, monkeypatch):
     from llmopt import evaluate
 
     calls = []
-    monkeypatch.setattr(evaluate, "_sync", lambda device=None: calls.append(torch.device(device).type))
+    monkeypatch.setattr(evaluate, "sync_device", lambda device=None: calls.append(torch.device(device).type))
     model = _toy(device)
     result = evaluate.prefill_throughput(model, prompt_tokens=8, warmup=0, repeats=2, vocab_size=128)
     assert result["tokens_per_s"] > 0
