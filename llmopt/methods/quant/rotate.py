@@ -93,9 +93,13 @@ def rotation_matrix(n: int, kind: str = "hadamard", generator: Optional[torch.Ge
         raise ValueError(f"rotation size must be a positive int, got {n!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if kind == "hadamard" and _is_power_of_two(n):
-        signs = torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-        return signs[:, None] * hadamard_matrix(n)
+        return _RandomHadamard(_random_signs(n, generator)).dense()
     return random_orthogonal(n, generator)
+
+
+def _random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random +-1 (float64): the diagonal of a randomised Hadamard."""
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
 
 
 def _kind_of(n: int, kind: str) -> str:
@@ -144,7 +148,7 @@ def _residual_rotation(n: int, kind: str, generator: torch.Generator) -> Rotatio
     """The residual rotation, drawing exactly what :func:`rotation_matrix` draws (so it is the same ``Q``),
     kept in the fast form when it is a randomised Hadamard."""
     if kind == "hadamard" and _is_power_of_two(n):
-        return _RandomHadamard(torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1)
+        return _RandomHadamard(_random_signs(n, generator))
     return rotation_matrix(n, kind, generator)
 
 
