@@ -90,23 +90,24 @@ def _kind_of(fmt) -> Optional[int]:
     return None
 
 
-def _block_k(group_size: int, widest: int) -> Tuple[int, bool]:
-    """K tile and whether every tile lies inside one group (one scale per row per tile)."""
+def _block_k(group_size: int, n_groups: int, widest: int) -> Tuple[int, bool]:
+    """K tile and whether every tile lies inside one group (one scale per row per tile); a row that is
+    one group (per-channel) is aligned whatever the tile."""
     for block in (256, 128, 64, 32, 16):
         if block <= widest and group_size % block == 0:
             return block, True
-    return min(64, widest), False
+    return min(64, widest), n_groups == 1
 
 
-def gemv_config(group_size: int) -> Tuple[int, int, bool]:
-    """``(BLOCK_N, BLOCK_K, group_aligned)`` of the decode kernel for a group size."""
-    block_k, aligned = _block_k(group_size, 128)
+def gemv_config(group_size: int, n_groups: int) -> Tuple[int, int, bool]:
+    """``(BLOCK_N, BLOCK_K, group_aligned)`` of the byte-reading decode kernel."""
+    block_k, aligned = _block_k(group_size, n_groups, 128)
     return max(16, min(64, 2048 // block_k)), block_k, aligned
 
 
-def gemm_config(group_size: int, m: int) -> Tuple[int, int, int, bool]:
+def gemm_config(group_size: int, n_groups: int, m: int) -> Tuple[int, int, int, bool]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, group_aligned)`` of the prefill/training kernel."""
-    block_k, aligned = _block_k(group_size, 64)
+    block_k, aligned = _block_k(group_size, n_groups, 64)
     return (32 if m <= 32 else 64), 64, max(block_k, 16), aligned
 
 
@@ -200,8 +201,7 @@ def _launch(x: Tensor, qdata: Tensor, scale: Tensor, zero: Optional[Tensor], lut
         if words is not None and qdata.stride(0) == row_bytes and qdata.data_ptr() % 4 == 0:
             return _gemv_words(impl, x, qdata, scale, z, table, b, zero is not None, bias, bits, kind,
                                group_size, n, mid, *words)
-        block_n, block_k, aligned = gemv_config(group_size)
-        aligned = aligned or n_groups == 1
+        block_n, block_k, aligned = gemv_config(group_size, n_groups)
         programs = -(-n // block_n) * m
         split = _split_k(x.device, programs, k, block_k)
         k_per_split = -(-k // (split * block_k)) * block_k
@@ -213,8 +213,7 @@ def _launch(x: Tensor, qdata: Tensor, scale: Tensor, zero: Optional[Tensor], lut
             BITS=bits, KIND=kind, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
             GROUP_ALIGNED=aligned, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
         return _gemv_finish(y, x, bias, split)
-    block_m, block_n, block_k, aligned = gemm_config(group_size, m)
-    aligned = aligned or n_groups == 1
+    block_m, block_n, block_k, aligned = gemm_config(group_size, n_groups, m)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     impl.lowbit_gemm[(-(-m // block_m), -(-n // block_n))](
         x, qdata, scale, z, table, b, y, m, n, k, row_bytes, n_groups, group_size, mid,
