@@ -47,6 +47,7 @@ from .methods.prune.sparsegpt import SparseGPT  # noqa: E402
 from .methods.prune.structured import PruneChannels, PruneHeads  # noqa: E402
 from .methods.prune.wanda import Wanda  # noqa: E402
 from .methods.quant.awq import AWQ  # noqa: E402
+from .methods.quant.learned_round import LearnedRound  # noqa: E402
 from .methods.quant.gptq import GPTQ  # noqa: E402
 from .methods.quant.hqq import HQQ  # noqa: E402
 from .methods.quant.qat import QAT  # noqa: E402
@@ -66,7 +67,7 @@ __all__ = [
     "save_pretrained", "load_pretrained", "export_gguf", "export_compressed_tensors", "load_quantized", "Recipe", "Stage",
     "list_presets",
     "MethodConfig", "register_method", "list_methods",
-    "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "Rotate", "SVD", "QuantLowRank", "LoRA",
+    "RTN", "HQQ", "GPTQ", "AWQ", "SmoothQuant", "QAT", "Rotate", "LearnedRound", "SVD", "QuantLowRank", "LoRA",
     "Magnitude", "Wanda", "SparseGPT", "PruneChannels", "PruneHeads",
     "merge_lora_", "unmerge_lora_", "save_adapters", "load_adapters",
     "memory_report", "allocate", "Allocation",

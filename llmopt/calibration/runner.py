@@ -41,12 +41,13 @@ from .stats import LayerStats, StatsSpec, compute_increment
 
 __all__ = [
     "find_blocks", "capture_block_inputs", "run_blocks", "collect_stats", "CalibrationRun",
-    "linear_like_modules", "check_calibration_data", "forward_keywords",
+    "linear_like_modules", "check_calibration_data", "forward_keywords", "BlockIO",
 ]
 
 Batch = Union[torch.Tensor, Mapping]
 PROPAGATE = ("quantized", "float")
 ProcessBlock = Callable[[int, nn.Module, Dict[str, LayerStats]], Any]
+TEACHERS = ("local", "float")
 
 _EXPECTED = ("a tensor of token ids of shape (batch, seq), or a dict of keyword arguments for the "
              "model's forward (input_ids, attention_mask, ...)")
@@ -540,6 +541,34 @@ def _first_output(out: Any, index: int) -> torch.Tensor:
 
 
 @dataclass
+class BlockIO:
+    """One block's calibration data, for methods that train the compressed block on it
+    (:func:`run_blocks` with ``block_io=``).
+
+    Attributes:
+        inputs: the hidden states fed to the block, one tensor per batch (what the compressed block
+            will see: the outputs of the already compressed previous blocks, with ``propagate="quantized"``).
+        targets: what the block should output for each of ``inputs``: the uncompressed block's outputs,
+            on ``inputs`` (``teacher="local"``) or on the uncompressed model's own hidden states
+            (``teacher="float"``: the block also learns to undo the error of the blocks before it).
+        dtype: the calibration dtype (``None``: the block's own); ``inputs`` and ``targets`` are in it.
+    """
+
+    inputs: List[torch.Tensor]
+    targets: List[torch.Tensor]
+    dtype: Optional[torch.dtype]
+    _call: Callable[[nn.Module, int], torch.Tensor]
+
+    def run(self, block: nn.Module, index: int) -> torch.Tensor:
+        """``block`` (a copy of this block, possibly modified) on batch ``index``'s inputs, with the batch's
+        other arguments (attention mask, position embeddings, ...); gradients flow."""
+        return self._call(block, index)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
 class CalibrationRun:
     """What :func:`run_blocks` did."""
 
@@ -550,6 +579,10 @@ class CalibrationRun:
     seconds: float = 0.0
     capture_seconds: float = 0.0
     block_seconds: List[float] = field(default_factory=list)
+
+
+def _call_block(call: Callable, block: nn.Module, j: int, *, i: int, dev: Optional[torch.device]) -> torch.Tensor:
+    return call(block, j, i, dev)
 
 
 def run_blocks(
@@ -567,6 +600,7 @@ def run_blocks(
     trace_sources: bool = False,
     dtype: Optional[torch.dtype] = None,
     propagate: str = "quantized",
+    block_io: Optional[str] = None,
 ) -> CalibrationRun:
     """Calibrate ``model`` block by block, each block seeing the outputs of the compressed previous one.
 
@@ -598,9 +632,18 @@ def run_blocks(
     block ``i`` *after* ``process_block`` compressed it, which costs a second forward per block.
     ``"float"`` (AWQ's and SmoothQuant's reference choice): the outputs of the uncompressed block,
     taken from the statistics pass itself, so each block runs once.
+
+    ``block_io`` (``"local"`` or ``"float"``): ``process_block`` also gets ``io=``, a :class:`BlockIO`
+    with the block's inputs and the outputs the uncompressed block gives on them (``"local"``) or on
+    the uncompressed model's hidden states (``"float"``, which keeps a second stream of hidden states
+    and runs each uncompressed block once more on it).
     """
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    if block_io is not None and block_io not in TEACHERS:
+        raise ValueError(f"block_io must be None or one of {TEACHERS}, got {block_io!r}")
+    # Float-stream targets differ from the local ones only when the stream the block sees is quantized.
+    float_stream = block_io == "float" and propagate == "quantized"
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype or None, got {dtype!r}")
     spec = stats_spec if stats_spec is not None else StatsSpec()
@@ -625,13 +668,15 @@ def run_blocks(
             hidden.append(kwargs.pop(slot))
             rest.append((args, kwargs))
     del captured
+    teacher_hidden = list(hidden) if float_stream else None
     run = CalibrationRun(path=path, num_blocks=len(blocks), num_batches=len(hidden),
                          tokens=sum(h.numel() // h.shape[-1] for h in hidden),
                          capture_seconds=time.perf_counter() - start)
 
-    def call(block: nn.Module, j: int, index: int, dev: Optional[torch.device]) -> torch.Tensor:
+    def call(block: nn.Module, j: int, index: int, dev: Optional[torch.device],
+             source: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         args, kwargs = _to(rest[j], dev)
-        h = _to(hidden[j], dev)
+        h = _to((hidden if source is None else source)[j], dev)
         if isinstance(slot, int):
             out = block(h, *args, **kwargs)
         else:
@@ -661,11 +706,17 @@ def run_blocks(
                     runner = copy.deepcopy(block).to(dtype) if dtype is not None else block
                     hooks = _StatsHooks(linear_like_modules(runner, prefix, include, exclude), spec)
                     sources = None
+                    io = None
+                    if block_io is not None:
+                        io = BlockIO(inputs=list(hidden), targets=[], dtype=dtype,
+                                     _call=functools.partial(_call_block, call, i=i, dev=dev))
                     with torch.no_grad():
                         for j in range(len(hidden)):
                             tracer = SourceTracer(runner, prefix) if trace_sources and j == 0 else None
                             with tracer if tracer is not None else contextlib.nullcontext():
                                 out = call(runner, j, i, dev)
+                            if io is not None and not float_stream:
+                                io.targets.append(out.to(keep))
                             if propagate == "float" and i + 1 < len(blocks):
                                 hidden[j] = out.to(keep)  # this (uncompressed) output feeds block i+1
                             del out
@@ -674,11 +725,20 @@ def run_blocks(
                                 tracer.clear()
                             hooks.new_pass()
                     hooks.remove()
+                    if teacher_hidden is not None:
+                        # The uncompressed model's own stream: its block i output is the target, and
+                        # the input of block i+1's target.
+                        with torch.no_grad():
+                            for j in range(len(teacher_hidden)):
+                                teacher_hidden[j] = call(runner, j, i, dev, source=teacher_hidden).to(keep)
+                        io.targets.extend(teacher_hidden)
                     stats, hooks.stats = hooks.stats, {}
+                    extra = {"io": io} if io is not None else {}
                     if trace_sources:
-                        process_block(i, block, stats, sources or {})
+                        process_block(i, block, stats, sources or {}, **extra)
                     else:
-                        process_block(i, block, stats)
+                        process_block(i, block, stats, **extra)
+                    del io
                     del stats
                     if propagate == "quantized" and i + 1 < len(blocks):
                         # the compressed block's outputs feed the next block

@@ -14,6 +14,8 @@ declarations below, each with a default, so a simple layer-by-layer method decla
 ``needs_calibration``       ``compress_`` refuses to run it without ``calibration=``
 ``stats_spec()``            the calibration statistics a layer/block handler needs
 ``propagate``               ``"quantized"`` | ``"float"``: what feeds the next block during calibration
+``block_io``                ``None`` | ``"local"`` | ``"float"``: a block handler also gets ``io=``, the
+                            block's inputs and float targets (:class:`~llmopt.calibration.runner.BlockIO`)
 ``select_targets()``        which modules a stage of this method applies to (default: uncompressed
                             ``nn.Linear``), ``accepts_compressed()`` which llmopt wrappers it composes with
 ``after_stage()``           a model-level step once a stage is applied (LoRA freezes the base)
@@ -66,6 +68,9 @@ class MethodConfig:
     # an annotated base attribute keeps its place in the field order, so a subclass's `propagate`
     # field would become its first positional argument.
     propagate = "quantized"
+    # Block-scope methods that train the compressed block (learned rounding): the runner hands the
+    # handler the block's calibration inputs and targets as ``io=`` (see run_blocks' block_io).
+    block_io = None
     # Trainable adapters on top of the (compressed) layers: every compression stage of a recipe comes
     # before such a stage, and the two kinds never override each other's layers.
     adds_adapters: ClassVar[bool] = False

@@ -155,6 +155,8 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
     spec = merged_stats_spec(distinct)
     spec = spec_for_dtype(spec, calibration_dtype)  # bf16 calibration: bf16 products, float32 sums
     propagate = distinct[0].propagate
+    # Layers of one stage share the method; a training method's teacher is the first config's.
+    block_io = getattr(distinct[0], "block_io", None) if entry.scope == "block" else None
 
     skipped = {} if skipped is None else skipped
     replaced: Set[str] = set()
@@ -183,18 +185,21 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
 
     block_scope = entry.scope == "block"
 
-    def run_block_handler(prefix: str, names: List[str], stats, sources, root: nn.Module) -> None:
+    def run_block_handler(prefix: str, names: List[str], stats, sources, root: nn.Module, io=None) -> None:
+        extra = {"io": io} if block_io is not None else {}
         for cfg, members in _group_by_config(names, configs):
             swap(_handle_block(entry, cfg, prefix, {name: targets[name] for name in members},
-                               stats={name: stats[name] for name in members}, sources=sources, root=root))
+                               stats={name: stats[name] for name in members}, sources=sources, root=root,
+                               **extra))
 
-    def process_block(index: int, block: nn.Module, stats, sources=None) -> None:
+    def process_block(index: int, block: nn.Module, stats, sources=None, io=None) -> None:
         send_originals_home()  # the previous block is home by now
         names = [name for name in stats if name in targets]
         processed.update(names)
         if block_scope:
             if names:
-                run_block_handler(f"{path}.{index}" if path else str(index), names, stats, sources or {}, block)
+                run_block_handler(f"{path}.{index}" if path else str(index), names, stats, sources or {}, block,
+                                  io)
             return
         swap({name: _handle(entry, configs[name], name, targets[name], skipped, stats=stats[name])
               for name in names})
@@ -207,7 +212,7 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
         try:
             run_blocks(model, calibration, process_block, stats_spec=spec, include=sorted(targets),
                        trace_sources=block_scope, dtype=calibration_dtype, propagate=propagate,
-                       device=calibration_device)
+                       device=calibration_device, block_io=block_io)
         finally:
             send_originals_home()  # run_blocks has moved the last (or failed) block back already
     rest = [name for name in targets if name not in processed]

@@ -33,14 +33,14 @@ from ...calibration import LayerStats, StatsSpec
 from ...calibration.graph import InputSource
 from ...core.checks import check_choice, check_flag, check_int, check_linear_weight, check_number
 from ...core.formats import WeightFormat
-from ...core.primitives import dequantize_weight, num_groups, quantize_weight, resolve_group_size
+from ...core.primitives import QuantizedWeight, dequantize_weight, num_groups, quantize_weight, resolve_group_size
 from ...nn.quant_linear import QuantLinear
 from ..base import MethodConfig, register_method
 from ..quantized import WeightQuantFields
 from .gptq import gptq_quantize
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
-__all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error"]
+__all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error", "awq_block_plan", "LayerPlan"]
 
 
 def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
@@ -256,34 +256,60 @@ def _stats_of(name: str, stats: Dict[str, LayerStats]) -> LayerStats:
     return st
 
 
-@register_method(AWQ, scope="block")
-def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, LayerStats],
-               sources: Dict[str, InputSource], root: nn.Module, prefix: str = "",
-               **_: Any) -> Dict[str, nn.Module]:
+@dataclasses.dataclass
+class LayerPlan:
+    """How one layer of a block is quantized: the weight the quantizer saw (``W * s``, float32), its
+    quantization, and the ``1 / s`` the layer keeps on its input (``None`` when folded into a norm)."""
+
+    weight: Tensor
+    quantized: QuantizedWeight
+    input_scale: Optional[Tensor]
+
+    def to_module(self, layer: nn.Linear, kernel: str, fmt: WeightFormat) -> QuantLinear:
+        """The :class:`QuantLinear` replacing ``layer``."""
+        q = self.quantized
+        return QuantLinear.from_codes(
+            q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
+            bias=layer.bias.detach() if layer.bias is not None else None, dtype=layer.weight.dtype,
+            kernel=kernel, input_scale=self.input_scale,
+        )
+
+
+def awq_block_plan(layers: Dict[str, nn.Module], config: AWQ, stats: Dict[str, LayerStats],
+                   sources: Dict[str, InputSource], root: nn.Module, prefix: str = "", *,
+                   search_scales: bool = True) -> Tuple[Dict[str, LayerPlan], Dict[str, nn.Module]]:
+    """AWQ (scale search, clip search, RTN or GPTQ rounding) on the targeted linears of one block,
+    without changing anything: ``({layer name: LayerPlan}, {norm name: norm with 1/s folded in})``.
+
+    ``search_scales=False`` keeps ``s = 1`` (clipping and rounding only: GPTQ with AWQ's clip search).
+    """
     scheme = config.scheme
     fmt, group_size, scale_dtype = scheme.weight_format(), scheme.group_size, scheme.scale_torch_dtype
     weights = {name: _layer_weight(name, layer) for name, layer in layers.items()}
-    out: Dict[str, nn.Module] = {}
+    plans: Dict[str, LayerPlan] = {}
+    norms: Dict[str, nn.Module] = {}
     for group in input_groups(list(layers), sources):
-        producer = fold_candidate(group, sources, root, prefix) if config.fold else None
+        producer = fold_candidate(group, sources, root, prefix) if config.fold and search_scales else None
         # A foldable group shares one scale; otherwise each layer gets its own (more freedom, same cost).
         subgroups = [group] if producer is not None else [[name] for name in group]
         for members in subgroups:
             st = _stats_of(members[0], stats)
             hessian = st.mean_hessian().to(torch.float32)
             act_mean = st.col_abs_mean().to(torch.float32)
-            s, _info = awq_search_scale([weights[m] for m in members], hessian, act_mean, fmt,
-                                        group_size, grid=config.grid, duo_scaling=config.duo_scaling,
-                                        scale_dtype=scale_dtype)
+            if search_scales:
+                s, _info = awq_search_scale([weights[m] for m in members], hessian, act_mean, fmt,
+                                            group_size, grid=config.grid, duo_scaling=config.duo_scaling,
+                                            scale_dtype=scale_dtype)
+            else:
+                s = torch.ones_like(act_mean)
             folded = None
             if producer is not None:
                 norm = root.get_submodule(relative_name(producer, prefix))
                 folded = fold_inverse_scale(norm, s.to(norm.weight.device))
                 if folded is not None:
-                    out[producer] = folded
+                    norms[producer] = folded
             h_scaled = hessian / s.unsqueeze(0) / s.unsqueeze(1)
             for name in members:
-                layer = layers[name]
                 w_scaled = weights[name].to(torch.float32) * s
                 ratio = None
                 if config.clip:
@@ -295,9 +321,18 @@ def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, La
                                          scale_dtype=scale_dtype, clip_ratio=ratio)
                 else:
                     q = quantize_weight(w_scaled, fmt, group_size, scale_dtype, clip_ratio=ratio)
-                out[name] = QuantLinear.from_codes(
-                    q.codes, q.scale, q.zero_point, format=fmt, group_size=q.group_size,
-                    bias=layer.bias.detach() if layer.bias is not None else None, dtype=layer.weight.dtype,
-                    kernel=scheme.kernel, input_scale=None if folded is not None else 1.0 / s,
-                )
+                keep_scale = None if folded is not None or not search_scales else 1.0 / s
+                plans[name] = LayerPlan(w_scaled, q, keep_scale)
+    return plans, norms
+
+
+@register_method(AWQ, scope="block")
+def _apply_awq(layers: Dict[str, nn.Module], config: AWQ, *, stats: Dict[str, LayerStats],
+               sources: Dict[str, InputSource], root: nn.Module, prefix: str = "",
+               **_: Any) -> Dict[str, nn.Module]:
+    plans, norms = awq_block_plan(layers, config, stats, sources, root, prefix)
+    fmt = config.scheme.weight_format()
+    out: Dict[str, nn.Module] = dict(norms)
+    for name, plan in plans.items():
+        out[name] = plan.to_module(layers[name], config.scheme.kernel, fmt)
     return out

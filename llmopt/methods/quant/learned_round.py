@@ -1,0 +1,346 @@
+"""Learned rounding and clipping by block-wise reconstruction (issue 17), after AutoRound's idea
+(Cheng et al., 2023: signed-gradient descent on rounding offsets and range scales) and OmniQuant's
+learnable clipping, written for llmopt's formats.
+
+For each block, in calibration order:
+
+1. **Start** from AWQ's plan for the block (activation-aware scales folded into the norms, clip
+   search, GPTQ's rounding: the ``w4-best`` quantization), or from a plainer one (``init=``).
+2. **Train** a copy of the block whose targeted linears compute ``W_hat`` from learnable parameters,
+   so that its outputs on the calibration inputs match the uncompressed block's (mean squared error):
+
+   * a rounding offset ``v`` per weight, in units of the group's starting scale: the codes are those
+     the format picks for ``W_start + v * scale0`` (any format, codebooks included; straight-through
+     gradient). ``v`` starts where it reproduces the starting codes exactly and moves at most
+     ``max_offset`` away;
+   * a multiplier of each group's scale (``[1 - scale_range, 1 + scale_range]``) and a shift of its
+     zero point (asymmetric formats): learnable clipping. The stored form of the parameters
+     (bf16 scales, integer or GGUF "min" zero points) is applied in every forward, so training sees
+     exactly what will be stored.
+
+   Updates are signed gradient steps with a linearly decaying step size, as AutoRound's: each
+   parameter moves by at most ``lr`` per step, so the result stays near the (already good) start.
+3. **Keep** the trained parameters only if they lower the block's loss on the whole calibration
+   set; otherwise the starting quantization stays (never worse than ``init`` on the calibration loss).
+
+The block's inputs are the outputs of the already compressed previous blocks, and its targets
+(``teacher="float"``, default) the uncompressed model's own outputs at this block, so each block also
+learns to undo part of the error of the blocks before it. Training runs in the calibration dtype
+(bf16 on CPUs that have it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...calibration import LayerStats, StatsSpec
+from ...calibration.graph import InputSource
+from ...calibration.runner import BlockIO
+from ...core.checks import check_choice, check_int, check_number
+from ...core.formats import WeightFormat
+from ...core.primitives import QuantizedWeight, dequantize_weight, to_groups
+from ..base import MethodConfig, register_method
+from ..quantized import WeightQuantFields
+from .awq import AWQ, LayerPlan, awq_block_plan
+from .scaling import relative_name
+
+__all__ = ["LearnedRound", "RoundingLinear"]
+
+INITS = ("awq+gptq", "awq", "gptq", "rtn")
+
+
+class RoundingLinear(nn.Module):
+    """A linear layer whose weight is a quantized weight with learnable rounding and group parameters.
+
+    ``weight`` is the float weight the quantizer sees (``W * s`` after AWQ scaling), ``start`` the
+    starting quantization of it. ``refresh()`` recomputes the dequantized weight from the parameters
+    (call it once per training step); ``quantized()`` gives the codes and stored parameters.
+    """
+
+    def __init__(self, weight: Tensor, start: QuantizedWeight, fmt: WeightFormat, scale_dtype: torch.dtype,
+                 bias: Optional[Tensor], input_scale: Optional[Tensor], *, max_offset: float = 1.0,
+                 scale_range: float = 0.5):
+        super().__init__()
+        self.fmt, self.scale_dtype, self.group_size = fmt, scale_dtype, start.group_size
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.max_offset, self.scale_range = max_offset, scale_range
+        w = weight.detach().to(torch.float32)
+        scale0 = start.scale.to(torch.float32)
+        self.register_buffer("scale0", scale0.abs().clamp_min(1e-12))  # the unit of the offsets
+        self.register_buffer("scale_start", scale0)
+        self.register_buffer("zero_start", start.zero_point.to(torch.float32) if start.zero_point is not None
+                             else None)
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.register_buffer("input_scale", input_scale.detach().to(torch.float32)
+                             if input_scale is not None else None)
+        # The rounding target starts on the starting code's value, so the format picks that code again.
+        self.register_buffer("start_values", dequantize_weight(start.codes, start.scale, start.zero_point, fmt,
+                                                               start.group_size))
+        self.offset = nn.Parameter(torch.zeros_like(w))  # in steps of scale0, from the start
+        self.log_scale = nn.Parameter(torch.zeros_like(scale0))
+        self.zero_shift = nn.Parameter(torch.zeros_like(scale0)) if start.zero_point is not None else None
+        self._w_hat: Optional[Tensor] = None
+
+    def _expand(self, per_group: Tensor) -> Tensor:
+        """``[N, G]`` -> ``[N, K]`` (each group's value over its columns)."""
+        return per_group.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+
+    def _params(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """Group scale and zero point ``[N, G, 1]`` as they will be stored (straight-through rounding)."""
+        scale = self.scale_start * self.log_scale.exp()
+        zero = None
+        if self.zero_start is not None:
+            zero = self.zero_start + self.zero_shift * self.scale0
+        stored_scale, stored_zero = self.fmt.finalize_params(scale.detach(), zero.detach() if zero is not None
+                                                             else None, self.scale_dtype)
+        scale = scale + (stored_scale.to(torch.float32) - scale).detach()
+        if zero is not None:
+            zero = zero + (stored_zero.to(torch.float32) - zero).detach()
+        return scale.unsqueeze(-1), zero.unsqueeze(-1) if zero is not None else None
+
+    def _target(self) -> Tensor:
+        """The float weight the codes are chosen for: the starting value plus ``offset * scale0``."""
+        return self.start_values + self.offset * self._expand(self.scale0)
+
+    def compute_weight(self) -> Tensor:
+        """The dequantized weight ``[N, K]`` (float32), differentiable in every learnable parameter."""
+        target = self._target()
+        scale, zero = self._params()
+        groups = to_groups(target, self.group_size)  # [N, G, gs], padded
+        with torch.no_grad():
+            codes = self.fmt.quantize(groups, scale.detach(), zero.detach() if zero is not None else None)
+        values = self.fmt.dequantize(codes, scale, zero)  # gradients to the scale and zero point
+        w_hat = values.reshape(groups.shape[0], -1)[:, : self.in_features]
+        return w_hat + (target - target.detach())  # straight through to the offsets
+
+    def refresh(self) -> None:
+        self._w_hat = self.compute_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._w_hat if self._w_hat is not None else self.compute_weight()
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the parameters in their ranges (after each step)."""
+        self.offset.clamp_(-self.max_offset, self.max_offset)
+        bound = math.log1p(self.scale_range)
+        self.log_scale.clamp_(math.log1p(-self.scale_range) if self.scale_range < 1 else -bound, bound)
+        if self.zero_shift is not None:
+            self.zero_shift.clamp_(-self.max_offset, self.max_offset)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedWeight:
+        """Codes and stored parameters of the current state (what the :class:`QuantLinear` gets)."""
+        scale, zero = self._params()
+        groups = to_groups(self._target(), self.group_size)
+        codes = self.fmt.quantize(groups, scale, zero).reshape(groups.shape[0], -1)[:, : self.in_features]
+        stored_scale = scale.squeeze(-1).to(self.scale_dtype)
+        stored_zero = (zero.squeeze(-1).to(self.fmt.zero_point_dtype(self.scale_dtype))
+                       if zero is not None else None)
+        return QuantizedWeight(codes=codes.contiguous(), scale=stored_scale.contiguous(),
+                               zero_point=stored_zero.contiguous() if stored_zero is not None else None,
+                               group_size=self.group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedRound(WeightQuantFields, MethodConfig):
+    """Learned rounding and clipping by block-wise reconstruction, on top of AWQ + GPTQ.
+
+    Args:
+        format, group_size, symmetric, scale_dtype, kernel: the quantization (as :class:`RTN`).
+        init: the starting quantization of each block: ``"awq+gptq"`` (AWQ scales and clipping, GPTQ
+            rounding; default), ``"awq"`` (AWQ with round-to-nearest), ``"gptq"`` (GPTQ with AWQ's clip
+            search, no scales) or ``"rtn"`` (round to nearest).
+        iters: training steps per block (0: the starting quantization, no training).
+        lr: the step of the signed updates at the start (it decays linearly to 0); ``None``: ``1.5 / iters``,
+            so an offset can move by up to about ``0.75`` of a step in all.
+        batch_size: calibration batches per step.
+        max_offset: how far (in quantization steps) a weight's rounding target may move from its start.
+        scale_range: each group's scale stays within ``[1 - r, 1 + r]`` times its start.
+        teacher: ``"float"`` (the uncompressed model's outputs at each block, so a block also makes up for
+            the error of the ones before it) or ``"local"`` (the uncompressed block on the same inputs).
+        grid, duo_scaling, clip, clip_grid, max_shrink, fold, act_order, damp: the starting AWQ/GPTQ's options.
+        seed: the order of the calibration batches.
+    """
+
+    name = "learned_round"
+    SCOPE = "block"
+    needs_calibration = True
+
+    init: str = "awq+gptq"
+    iters: int = 100
+    lr: Optional[float] = None
+    batch_size: int = 4
+    max_offset: float = 1.0
+    scale_range: float = 0.5
+    teacher: str = "float"
+    grid: int = 20
+    duo_scaling: bool = False
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    fold: bool = True
+    act_order: bool = True
+    damp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("init", self.init, INITS)
+        check_choice("teacher", self.teacher, ("float", "local"))
+        check_int("iters", self.iters, 0)
+        if self.lr is not None:
+            check_number("lr", self.lr, 0, 1, low_open=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_number("max_offset", self.max_offset, 0, 8)
+        check_number("scale_range", self.scale_range, 0, 1, high_open=True)
+        check_int("seed", self.seed, 0)
+        super().__post_init__()
+        # The starting AWQ validates its own options (grid, clip_grid, max_shrink, damp, flags).
+        self.start_config()
+
+    # The runner's block data: inputs and the float targets.
+    @property
+    def block_io(self) -> str:  # type: ignore[override]
+        return self.teacher
+
+    def start_config(self) -> AWQ:
+        """The :class:`AWQ` config whose plan is each block's starting point."""
+        return AWQ(self.format, self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
+                   kernel=self.kernel, grid=self.grid, duo_scaling=self.duo_scaling,
+                   clip=self.clip and self.init != "rtn", clip_grid=self.clip_grid, max_shrink=self.max_shrink,
+                   fold=self.fold, propagate="quantized",
+                   rounding="gptq" if self.init in ("awq+gptq", "gptq") else "rtn",
+                   act_order=self.act_order, damp=self.damp)
+
+    def stats_spec(self) -> StatsSpec:
+        return self.start_config().stats_spec()
+
+    @classmethod
+    def examples(cls):
+        return [cls("int4", 32, iters=4, batch_size=2), cls("int3", 64, iters=3, init="rtn", teacher="local"),
+                cls("nf4", 64, iters=2)]
+
+    @classmethod
+    def benchmark_configs(cls):
+        return [cls("int4", 64), cls("int3", 64)]
+
+    def label(self) -> str:
+        return f"learned-round {self.format} {self.scheme.group_label()} ({self.init}, {self.iters} steps)"
+
+
+def block_loss(block: nn.Module, io: BlockIO, indices: List[int]) -> Tensor:
+    """Sum over batches ``indices`` of the mean squared error of ``block``'s outputs against the targets."""
+    total = None
+    for j in indices:
+        out = io.run(block, j)
+        loss = F.mse_loss(out.to(torch.float32), io.targets[j].to(out.device, torch.float32))
+        total = loss if total is None else total + loss
+    return total
+
+
+def _train_block(train: nn.Module, modules: List[RoundingLinear], io: BlockIO, config: LearnedRound) -> Tuple[float, float]:
+    """Signed-gradient training of ``modules`` (inside ``train``); returns the whole-set losses before and
+    after. The parameters are left at the end state (the caller compares and decides)."""
+    everything = list(range(len(io)))
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            for m in modules:
+                m.refresh()
+            return float(block_loss(train, io, everything)) / len(everything)
+
+    before = full_loss()
+    params = [p for m in modules for p in (m.offset, m.log_scale, m.zero_shift) if p is not None]
+    lr0 = config.lr if config.lr is not None else 1.5 / config.iters
+    generator = torch.Generator().manual_seed(config.seed)
+    order: List[int] = []
+    for step in range(config.iters):
+        if len(order) < config.batch_size:
+            order += torch.randperm(len(io), generator=generator).tolist()
+        batch, order = order[: config.batch_size], order[config.batch_size:]
+        for m in modules:
+            m.refresh()
+        loss = block_loss(train, io, batch)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lr = lr0 * (1.0 - step / config.iters)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-lr)
+            for m in modules:
+                m.clamp_()
+        del loss
+    for m in modules:
+        m._w_hat = None
+    after = full_loss()
+    for m in modules:
+        m._w_hat = None
+    return before, after
+
+
+def _training_copy(root: nn.Module, prefix: str, plans: Dict[str, LayerPlan], norms: Dict[str, nn.Module],
+                   layers: Dict[str, nn.Module], config: LearnedRound, dtype: Optional[torch.dtype]
+                   ) -> Tuple[nn.Module, Dict[str, RoundingLinear]]:
+    """A copy of the block with the folded norms and a :class:`RoundingLinear` per planned layer; every
+    other parameter frozen, in the calibration dtype."""
+    import copy
+
+    train = copy.deepcopy(root)
+    if dtype is not None:
+        train.to(dtype)
+    for p in train.parameters():
+        p.requires_grad_(False)
+    fmt, scale_dtype = config.scheme.weight_format(), config.scheme.scale_torch_dtype
+    for name, norm in norms.items():
+        replacement = copy.deepcopy(norm)
+        if dtype is not None:
+            replacement.to(dtype)
+        for p in replacement.parameters():
+            p.requires_grad_(False)
+        _set_submodule(train, relative_name(name, prefix), replacement)
+    modules: Dict[str, RoundingLinear] = {}
+    for name, plan in plans.items():
+        layer = layers[name]
+        m = RoundingLinear(plan.weight, plan.quantized, fmt, scale_dtype, layer.bias, plan.input_scale,
+                           max_offset=config.max_offset, scale_range=config.scale_range)
+        _set_submodule(train, relative_name(name, prefix), m)
+        modules[name] = m
+    return train, modules
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+@register_method(LearnedRound)
+def _apply_learned_round(layers: Dict[str, nn.Module], config: LearnedRound, *, stats: Dict[str, LayerStats],
+                         sources: Dict[str, InputSource], root: nn.Module, prefix: str = "",
+                         io: Optional[BlockIO] = None, **_: Any) -> Dict[str, nn.Module]:
+    start = config.start_config()
+    plans, norms = awq_block_plan(layers, start, stats, sources, root, prefix,
+                                  search_scales=config.init in ("awq+gptq", "awq"))
+    fmt = config.scheme.weight_format()
+    if io is not None and len(io) and config.iters > 0:
+        train, modules = _training_copy(root, prefix, plans, norms, layers, config, io.dtype)
+        before, after = _train_block(train, list(modules.values()), io, config)
+        if after < before:  # else the starting quantization stays (never worse on the calibration loss)
+            plans = {name: dataclasses.replace(plans[name], quantized=m.quantized()) for name, m in modules.items()}
+        del train, modules
+    out: Dict[str, nn.Module] = dict(norms)
+    for name, plan in plans.items():
+        out[name] = plan.to_module(layers[name], config.scheme.kernel, fmt)
+    return out
