@@ -172,7 +172,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model!r} has no tokenizer saved with it; cannot tokenize the calibration text")
     calibration = None
     if text is not None:
-        calibration = calibration_batches(_token_ids(tokenizer, text), args.calib_samples, args.calib_seqlen)
+        samples = args.calib_samples
+        if samples is None:
+            # Methods that train on the calibration data (LearnedRound) overfit a few thousand tokens.
+            trains = any(cfg.block_io is not None for stage in recipe.stages for cfg in stage.configs())
+            samples = 64 if trains else 16
+        calibration = calibration_batches(_token_ids(tokenizer, text), samples, args.calib_seqlen)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; recipe: "
           f"{recipe.label()}", file=sys.stderr)
     try:
@@ -315,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="recipe file (.yaml, .yml or .json) or a preset name (w4-fast, w4-best, w3-best, w2-best)")
     p.add_argument("--calib", help="calibration text file (needed by calibrated methods: GPTQ, AWQ, Wanda, ...)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration windows (default 16; 64 for recipes that train on them, as LearnedRound)")
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--calibration-dtype", type=_dtype, default=None,
                    help="dtype of the calibration forwards (bf16 is ~2.5x faster on CPU); default: the model's")
