@@ -40,7 +40,7 @@ from ..quantized import WeightQuantFields
 from .gptq import gptq_quantize
 from .scaling import fold_candidate, fold_inverse_scale, input_groups, relative_name
 
-__all__ = ["AWQ", "awq_search_scale", "awq_search_clip", "output_error", "awq_block_plan", "LayerPlan"]
+__all__ = ["AWQ", "AWQSearchFields", "awq_search_scale", "awq_search_clip", "output_error", "awq_block_plan", "LayerPlan"]
 
 
 def output_error(delta: Tensor, hessian: Tensor) -> Tensor:
@@ -170,7 +170,20 @@ def awq_search_clip(
 
 
 @dataclasses.dataclass(frozen=True)
-class AWQ(WeightQuantFields, MethodConfig):
+class AWQSearchFields:
+    """AWQ's scale and clip search options, shared by :class:`AWQ` and the methods that start from its
+    plan (:class:`~llmopt.methods.quant.learned_round.LearnedRound`); see :class:`AWQ` for their meaning."""
+
+    grid: int = 20
+    duo_scaling: bool = False
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    fold: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ(AWQSearchFields, WeightQuantFields, MethodConfig):
     """AWQ: activation-aware per-channel scaling plus range clipping, then round to nearest.
 
     Args:
@@ -193,12 +206,7 @@ class AWQ(WeightQuantFields, MethodConfig):
     name = "awq"
     needs_calibration = True
 
-    grid: int = 20
-    duo_scaling: bool = False
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    fold: bool = True
+    # (grid, duo_scaling, clip, clip_grid, max_shrink, fold: from AWQSearchFields)
     propagate: str = "float"
     rounding: str = "rtn"
     act_order: bool = True

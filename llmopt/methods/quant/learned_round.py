@@ -48,7 +48,7 @@ from ...core.formats import WeightFormat
 from ...core.primitives import QuantizedWeight, dequantize_weight, to_groups
 from ..base import MethodConfig, register_method
 from ..quantized import WeightQuantFields
-from .awq import AWQ, LayerPlan, awq_block_plan
+from .awq import AWQ, AWQSearchFields, LayerPlan, awq_block_plan
 from .scaling import relative_name
 
 __all__ = ["LearnedRound", "RoundingLinear"]
@@ -153,7 +153,7 @@ class RoundingLinear(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnedRound(WeightQuantFields, MethodConfig):
+class LearnedRound(AWQSearchFields, WeightQuantFields, MethodConfig):
     """Learned rounding and clipping by block-wise reconstruction, on top of AWQ + GPTQ.
 
     Args:
@@ -187,12 +187,7 @@ class LearnedRound(WeightQuantFields, MethodConfig):
     scale_range: float = 0.5
     teacher: str = "float"
     loss: str = "mse"
-    grid: int = 20
-    duo_scaling: bool = False
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    fold: bool = True
+    # (grid, duo_scaling, clip, clip_grid, max_shrink, fold: from AWQSearchFields)
     act_order: bool = True
     damp: float = 0.01
     seed: int = 0
