@@ -581,10 +581,6 @@ class CalibrationRun:
     block_seconds: List[float] = field(default_factory=list)
 
 
-def _call_block(call: Callable, block: nn.Module, j: int, *, i: int, dev: Optional[torch.device]) -> torch.Tensor:
-    return call(block, j, i, dev)
-
-
 def run_blocks(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -709,7 +705,7 @@ def run_blocks(
                     io = None
                     if block_io is not None:
                         io = BlockIO(inputs=list(hidden), targets=[], dtype=dtype,
-                                     _call=functools.partial(_call_block, call, i=i, dev=dev))
+                                     _call=functools.partial(call, index=i, dev=dev))
                     with torch.no_grad():
                         for j in range(len(hidden)):
                             tracer = SourceTracer(runner, prefix) if trace_sources and j == 0 else None

@@ -156,7 +156,7 @@ def _compress_with_calibration(model: nn.Module, entry: MethodEntry, configs: Di
     spec = spec_for_dtype(spec, calibration_dtype)  # bf16 calibration: bf16 products, float32 sums
     propagate = distinct[0].propagate
     # Layers of one stage share the method; a training method's teacher is the first config's.
-    block_io = getattr(distinct[0], "block_io", None) if entry.scope == "block" else None
+    block_io = distinct[0].block_io if entry.scope == "block" else None
 
     skipped = {} if skipped is None else skipped
     replaced: Set[str] = set()

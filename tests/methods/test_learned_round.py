@@ -44,7 +44,7 @@ def _layer(fmt, n, k, gs, seed, scale_dtype=torch.bfloat16, bias=True):
     w = torch.randn(n, k, generator=_gen(seed))
     q = quantize_weight(w, fmt, gs, scale_dtype)
     b = torch.randn(n, generator=_gen(seed + 1)) if bias else None
-    return w, q, RoundingLinear(w, q, fmt, scale_dtype, b, None)
+    return w, q, RoundingLinear(q, fmt, scale_dtype, b, None)
 
 
 def _perturb(m: RoundingLinear, seed: int) -> None:
@@ -102,7 +102,7 @@ def test_parameters_stay_in_their_ranges():
     fmt = get_format("int3")
     w = torch.randn(8, 64, generator=_gen(0))
     q = quantize_weight(w, fmt, 32, torch.bfloat16)
-    m = RoundingLinear(w, q, fmt, torch.bfloat16, None, None, max_offset=0.75, scale_range=0.2)
+    m = RoundingLinear(q, fmt, torch.bfloat16, None, None, max_offset=0.75, scale_range=0.2)
     with torch.no_grad():
         m.offset.add_(5.0)
         m.log_scale.add_(3.0)
@@ -126,12 +126,14 @@ def test_gradients_match_the_straight_through_float64_reference():
     x64, t64 = x.to(F64), target.to(F64)
     grad_w = 2 * (x64 @ w_hat.T - t64).T @ x64  # dL/dW_hat [N, K]
     scale = q.scale.to(F64).repeat_interleave(16, dim=1)
-    assert torch.allclose(m.offset.grad.to(F64), grad_w * scale, rtol=1e-4, atol=1e-4 * float(grad_w.abs().max()))
+    # (the layer keeps its parameters per group: offsets [N, G, gs], group parameters [N, G, 1])
+    offset_grad = m.offset.grad.reshape(5, -1)[:, :48].to(F64)
+    assert torch.allclose(offset_grad, grad_w * scale, rtol=1e-4, atol=1e-4 * float(grad_w.abs().max()))
     centred = q.codes.to(F64) - fmt.mid
     grad_scale = (grad_w * centred).view(5, 3, 16).sum(-1) * q.scale.to(F64)  # d/d log_scale
-    assert torch.allclose(m.log_scale.grad.to(F64), grad_scale, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(m.log_scale.grad.squeeze(-1).to(F64), grad_scale, rtol=1e-4, atol=1e-3)
     grad_zero = grad_w.view(5, 3, 16).sum(-1) * q.scale.to(F64)  # zero shift in units of scale0
-    assert torch.allclose(m.zero_shift.grad.to(F64), grad_zero, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(m.zero_shift.grad.squeeze(-1).to(F64), grad_zero, rtol=1e-4, atol=1e-3)
 
 
 def test_input_scale_and_bias_are_applied():
@@ -140,7 +142,7 @@ def test_input_scale_and_bias_are_applied():
     q = quantize_weight(w, fmt, 32, torch.bfloat16)
     s = torch.rand(32, generator=_gen(2)) + 0.5
     b = torch.randn(6, generator=_gen(3))
-    m = RoundingLinear(w, q, fmt, torch.bfloat16, b, s)
+    m = RoundingLinear(q, fmt, torch.bfloat16, b, s)
     x = torch.randn(4, 32, generator=_gen(4))
     w_hat = dequantize_weight(q.codes, q.scale, q.zero_point, fmt, 32, F64)
     expected = (x.to(F64) * s.to(F64)) @ w_hat.T + b.to(F64)
@@ -282,3 +284,20 @@ def test_config_round_trip():
     assert isinstance(cfg.start_config(), llmopt.AWQ) and cfg.start_config().rounding == "gptq"
     rtn_start = LearnedRound("int4", 64, init="rtn").start_config()
     assert rtn_start.rounding == "rtn" and not rtn_start.clip
+
+
+def test_layers_outside_blocks_warn_and_keep_the_start():
+    """A model without repeated blocks has no block data to train on: LearnedRound says so and gives
+    exactly its starting quantization."""
+    torch.manual_seed(0)
+    from llmopt.testing import ToyMLP
+
+    base = ToyMLP()
+    calib = [torch.randn(4, 96, generator=_gen(i)) for i in range(4)]
+    start = copy.deepcopy(base)
+    llmopt.compress_(start, LearnedRound("int4", 32, iters=0), calibration=calib)
+    trained = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="outside the model's repeated blocks"):
+        llmopt.compress_(trained, LearnedRound("int4", 32, iters=5), calibration=calib)
+    a, b = start.state_dict(), trained.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

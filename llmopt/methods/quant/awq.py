@@ -266,10 +266,9 @@ def _stats_of(name: str, stats: Dict[str, LayerStats]) -> LayerStats:
 
 @dataclasses.dataclass
 class LayerPlan:
-    """How one layer of a block is quantized: the weight the quantizer saw (``W * s``, float32), its
-    quantization, and the ``1 / s`` the layer keeps on its input (``None`` when folded into a norm)."""
+    """How one layer of a block is quantized: its quantization (of ``W * s``) and the ``1 / s`` the layer
+    keeps on its input (``None`` when folded into a norm)."""
 
-    weight: Tensor
     quantized: QuantizedWeight
     input_scale: Optional[Tensor]
 
@@ -330,7 +329,7 @@ def awq_block_plan(layers: Dict[str, nn.Module], config: AWQ, stats: Dict[str, L
                 else:
                     q = quantize_weight(w_scaled, fmt, group_size, scale_dtype, clip_ratio=ratio)
                 keep_scale = None if folded is not None or not search_scales else 1.0 / s
-                plans[name] = LayerPlan(w_scaled, q, keep_scale)
+                plans[name] = LayerPlan(q, keep_scale)
     return plans, norms
 
 

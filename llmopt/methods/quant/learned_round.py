@@ -31,8 +31,10 @@ learns to undo part of the error of the blocks before it. Training runs in the c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -46,6 +48,7 @@ from ...calibration.runner import BlockIO
 from ...core.checks import check_choice, check_int, check_number
 from ...core.formats import WeightFormat
 from ...core.primitives import QuantizedWeight, dequantize_weight, to_groups
+from ...core.targets import set_submodule
 from ..base import MethodConfig, register_method
 from ..quantized import WeightQuantFields
 from .awq import AWQ, AWQSearchFields, LayerPlan, awq_block_plan
@@ -54,71 +57,69 @@ from .scaling import relative_name
 __all__ = ["LearnedRound", "RoundingLinear"]
 
 INITS = ("awq+gptq", "awq", "gptq", "rtn")
+LOSSES = ("mse", "relative")
 
 
 class RoundingLinear(nn.Module):
     """A linear layer whose weight is a quantized weight with learnable rounding and group parameters.
 
-    ``weight`` is the float weight the quantizer sees (``W * s`` after AWQ scaling), ``start`` the
-    starting quantization of it. ``refresh()`` recomputes the dequantized weight from the parameters
-    (call it once per training step); ``quantized()`` gives the codes and stored parameters.
+    ``start`` is the starting quantization. ``refresh()`` recomputes the dequantized weight from the
+    parameters once per training step (every forward of the step reuses it); ``quantized()`` gives the
+    codes and stored parameters. Everything is kept per group (``[N, G, group_size]``, the last group
+    padded), the shape the format quantizes, so no step regroups or expands per-group values.
     """
 
-    def __init__(self, weight: Tensor, start: QuantizedWeight, fmt: WeightFormat, scale_dtype: torch.dtype,
+    def __init__(self, start: QuantizedWeight, fmt: WeightFormat, scale_dtype: torch.dtype,
                  bias: Optional[Tensor], input_scale: Optional[Tensor], *, max_offset: float = 1.0,
                  scale_range: float = 0.5):
         super().__init__()
         self.fmt, self.scale_dtype, self.group_size = fmt, scale_dtype, start.group_size
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features = start.codes.shape[1]
         self.max_offset, self.scale_range = max_offset, scale_range
-        w = weight.detach().to(torch.float32)
-        scale0 = start.scale.to(torch.float32)
-        self.register_buffer("scale0", scale0.abs().clamp_min(1e-12))  # the unit of the offsets
+        scale0 = start.scale.to(torch.float32).unsqueeze(-1)  # [N, G, 1]
         self.register_buffer("scale_start", scale0)
-        self.register_buffer("zero_start", start.zero_point.to(torch.float32) if start.zero_point is not None
-                             else None)
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.register_buffer("step", scale0.abs().clamp_min(1e-12))  # the unit of the offsets
+        self.register_buffer("zero_start", start.zero_point.to(torch.float32).unsqueeze(-1)
+                             if start.zero_point is not None else None)
+        self.register_buffer("bias", bias.detach() if bias is not None else None)
         self.register_buffer("input_scale", input_scale.detach().to(torch.float32)
                              if input_scale is not None else None)
         # The rounding target starts on the starting code's value, so the format picks that code again.
-        self.register_buffer("start_values", dequantize_weight(start.codes, start.scale, start.zero_point, fmt,
-                                                               start.group_size))
-        self.offset = nn.Parameter(torch.zeros_like(w))  # in steps of scale0, from the start
+        values = dequantize_weight(start.codes, start.scale, start.zero_point, fmt, start.group_size)
+        self.register_buffer("start_groups", to_groups(values, self.group_size))
+        self.offset = nn.Parameter(torch.zeros_like(self.start_groups))  # in steps, from the start
         self.log_scale = nn.Parameter(torch.zeros_like(scale0))
         self.zero_shift = nn.Parameter(torch.zeros_like(scale0)) if start.zero_point is not None else None
         self._w_hat: Optional[Tensor] = None
 
-    def _expand(self, per_group: Tensor) -> Tensor:
-        """``[N, G]`` -> ``[N, K]`` (each group's value over its columns)."""
-        return per_group.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-
     def _params(self) -> Tuple[Tensor, Optional[Tensor]]:
         """Group scale and zero point ``[N, G, 1]`` as they will be stored (straight-through rounding)."""
         scale = self.scale_start * self.log_scale.exp()
-        zero = None
-        if self.zero_start is not None:
-            zero = self.zero_start + self.zero_shift * self.scale0
+        zero = self.zero_start + self.zero_shift * self.step if self.zero_start is not None else None
         stored_scale, stored_zero = self.fmt.finalize_params(scale.detach(), zero.detach() if zero is not None
                                                              else None, self.scale_dtype)
         scale = scale + (stored_scale.to(torch.float32) - scale).detach()
         if zero is not None:
             zero = zero + (stored_zero.to(torch.float32) - zero).detach()
-        return scale.unsqueeze(-1), zero.unsqueeze(-1) if zero is not None else None
+        return scale, zero
 
-    def _target(self) -> Tensor:
-        """The float weight the codes are chosen for: the starting value plus ``offset * scale0``."""
-        return self.start_values + self.offset * self._expand(self.scale0)
+    def _quantize(self) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """``(target, codes, scale, zero)``: the grouped float target ``start + offset * step``, the codes
+        the format picks for it under the (stored) group parameters, and those parameters."""
+        target = self.start_groups + self.offset * self.step
+        scale, zero = self._params()
+        with torch.no_grad():
+            codes = self.fmt.quantize(target, scale.detach(), zero.detach() if zero is not None else None)
+        return target, codes, scale, zero
+
+    def _ungroup(self, grouped: Tensor) -> Tensor:
+        return grouped.reshape(grouped.shape[0], -1)[:, : self.in_features]
 
     def compute_weight(self) -> Tensor:
         """The dequantized weight ``[N, K]`` (float32), differentiable in every learnable parameter."""
-        target = self._target()
-        scale, zero = self._params()
-        groups = to_groups(target, self.group_size)  # [N, G, gs], padded
-        with torch.no_grad():
-            codes = self.fmt.quantize(groups, scale.detach(), zero.detach() if zero is not None else None)
+        target, codes, scale, zero = self._quantize()
         values = self.fmt.dequantize(codes, scale, zero)  # gradients to the scale and zero point
-        w_hat = values.reshape(groups.shape[0], -1)[:, : self.in_features]
-        return w_hat + (target - target.detach())  # straight through to the offsets
+        return self._ungroup(values + (target - target.detach()))  # straight through to the offsets
 
     def refresh(self) -> None:
         self._w_hat = self.compute_weight()
@@ -133,21 +134,18 @@ class RoundingLinear(nn.Module):
     def clamp_(self) -> None:
         """Keep the parameters in their ranges (after each step)."""
         self.offset.clamp_(-self.max_offset, self.max_offset)
-        bound = math.log1p(self.scale_range)
-        self.log_scale.clamp_(math.log1p(-self.scale_range) if self.scale_range < 1 else -bound, bound)
+        self.log_scale.clamp_(math.log1p(-self.scale_range), math.log1p(self.scale_range))
         if self.zero_shift is not None:
             self.zero_shift.clamp_(-self.max_offset, self.max_offset)
 
     @torch.no_grad()
     def quantized(self) -> QuantizedWeight:
         """Codes and stored parameters of the current state (what the :class:`QuantLinear` gets)."""
-        scale, zero = self._params()
-        groups = to_groups(self._target(), self.group_size)
-        codes = self.fmt.quantize(groups, scale, zero).reshape(groups.shape[0], -1)[:, : self.in_features]
-        stored_scale = scale.squeeze(-1).to(self.scale_dtype)
+        _, codes, scale, zero = self._quantize()
         stored_zero = (zero.squeeze(-1).to(self.fmt.zero_point_dtype(self.scale_dtype))
                        if zero is not None else None)
-        return QuantizedWeight(codes=codes.contiguous(), scale=stored_scale.contiguous(),
+        return QuantizedWeight(codes=self._ungroup(codes).contiguous(),
+                               scale=scale.squeeze(-1).to(self.scale_dtype).contiguous(),
                                zero_point=stored_zero.contiguous() if stored_zero is not None else None,
                                group_size=self.group_size)
 
@@ -236,8 +234,6 @@ class LearnedRound(AWQSearchFields, WeightQuantFields, MethodConfig):
         return f"learned-round {self.format} {self.scheme.group_label()} ({self.init}, {self.iters} steps)"
 
 
-LOSSES = ("mse", "relative")
-
 
 def block_loss(block: nn.Module, io: BlockIO, indices: List[int], kind: str = "mse") -> Tensor:
     """Sum over batches ``indices`` of the error of ``block``'s outputs against the targets: the mean
@@ -270,7 +266,6 @@ def _train_block(train: nn.Module, modules: List[RoundingLinear], io: BlockIO, c
 
     before = full_loss()
     params = [p for m in modules for p in (m.offset, m.log_scale, m.zero_shift) if p is not None]
-    lr0 = config.lr
     generator = torch.Generator().manual_seed(config.seed)
     order: List[int] = []
     for step in range(config.iters):
@@ -283,7 +278,7 @@ def _train_block(train: nn.Module, modules: List[RoundingLinear], io: BlockIO, c
         for p in params:
             p.grad = None
         loss.backward()
-        lr = lr0 * (1.0 - step / config.iters)
+        lr = config.lr * (1.0 - step / config.iters)
         with torch.no_grad():
             for p in params:
                 if p.grad is not None:
@@ -291,11 +286,9 @@ def _train_block(train: nn.Module, modules: List[RoundingLinear], io: BlockIO, c
             for m in modules:
                 m.clamp_()
         del loss
-    for m in modules:
-        m._w_hat = None
     after = full_loss()
     for m in modules:
-        m._w_hat = None
+        m._w_hat = None  # the training copy is dropped next; free the cached weights now
     return before, after
 
 
@@ -304,8 +297,6 @@ def _training_copy(root: nn.Module, prefix: str, plans: Dict[str, LayerPlan], no
                    ) -> Tuple[nn.Module, Dict[str, RoundingLinear]]:
     """A copy of the block with the folded norms and a :class:`RoundingLinear` per planned layer; every
     other parameter frozen, in the calibration dtype."""
-    import copy
-
     train = copy.deepcopy(root)
     if dtype is not None:
         train.to(dtype)
@@ -318,21 +309,15 @@ def _training_copy(root: nn.Module, prefix: str, plans: Dict[str, LayerPlan], no
             replacement.to(dtype)
         for p in replacement.parameters():
             p.requires_grad_(False)
-        _set_submodule(train, relative_name(name, prefix), replacement)
+        set_submodule(train, relative_name(name, prefix), replacement)
     modules: Dict[str, RoundingLinear] = {}
     for name, plan in plans.items():
         layer = layers[name]
-        m = RoundingLinear(plan.weight, plan.quantized, fmt, scale_dtype, layer.bias, plan.input_scale,
+        m = RoundingLinear(plan.quantized, fmt, scale_dtype, layer.bias, plan.input_scale,
                            max_offset=config.max_offset, scale_range=config.scale_range)
-        _set_submodule(train, relative_name(name, prefix), m)
+        set_submodule(train, relative_name(name, prefix), m)
         modules[name] = m
     return train, modules
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, leaf, module)
 
 
 @register_method(LearnedRound)
@@ -343,6 +328,10 @@ def _apply_learned_round(layers: Dict[str, nn.Module], config: LearnedRound, *, 
     plans, norms = awq_block_plan(layers, start, stats, sources, root, prefix,
                                   search_scales=config.init in ("awq+gptq", "awq"))
     fmt = config.scheme.weight_format()
+    if io is None and config.iters > 0:
+        # Layers outside the repeated blocks (or a model without any) have no block to train on.
+        warnings.warn(f"LearnedRound: {', '.join(layers)} lie outside the model's repeated blocks; they keep "
+                      f"the starting {config.init} quantization, untrained", stacklevel=2)
     if io is not None and len(io) and config.iters > 0:
         train, modules = _training_copy(root, prefix, plans, norms, layers, config, io.dtype)
         before, after = _train_block(train, list(modules.values()), io, config)
