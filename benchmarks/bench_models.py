@@ -135,39 +135,33 @@ def _baseline(dtype: torch.dtype) -> Callable:
     return apply
 
 
+def _compress_row(model, config, calibration: List[torch.Tensor], needs: bool, **kwargs) -> Dict[str, Any]:
+    """Compress ``model`` with a config or a recipe (bf16 calibration when it needs data), cast it to bf16
+    and say what it got."""
+    report = llmopt.compress_(model, config, calibration=calibration if needs else None,
+                              calibration_dtype=torch.bfloat16 if needs else None, **kwargs)
+    model.to(torch.bfloat16)
+    kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
+    # Which kernel every layer got (QuantLinear.describe(): "int4 g64 [int4pack_cpu]"), counted, so
+    # a kernel="auto" fallback on some layers only is visible.
+    layers: Dict[str, int] = {}
+    for m in model.modules():
+        if hasattr(m, "kernel") and hasattr(m, "describe"):
+            layers[m.describe()] = layers.get(m.describe(), 0) + 1
+    return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
+            "layers_total": len(report.replaced) + len(report.skipped),
+            "kernels": kernels, "layer_kernels": layers, "notes": report.notes}
+
+
 def _llmopt(config, calibration: List[torch.Tensor]) -> Callable:
-    def apply(model):
-        report = llmopt.compress_(model, config, exclude=["lm_head"],
-                                  calibration=calibration if config.needs_calibration else None,
-                                  calibration_dtype=torch.bfloat16 if config.needs_calibration else None)
-        model.to(torch.bfloat16)
-        kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
-        # Which kernel every layer got (QuantLinear.describe(): "int4 g64 [int4pack_cpu]"), counted, so
-        # a kernel="auto" fallback on some layers only is visible.
-        layers: Dict[str, int] = {}
-        for m in model.modules():
-            if hasattr(m, "kernel") and hasattr(m, "describe"):
-                layers[m.describe()] = layers.get(m.describe(), 0) + 1
-        return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
-                "layers_total": len(report.replaced) + len(report.skipped),
-                "kernels": kernels, "layer_kernels": layers, "notes": report.notes}
-    return apply
+    return lambda model: _compress_row(model, config, calibration, config.needs_calibration, exclude=["lm_head"])
 
 
 def _preset(name: str, calibration: List[torch.Tensor]) -> Callable:
     """A named recipe (``llmopt.Recipe.preset``), applied as a user would: its own excludes, bf16 calibration."""
     recipe = llmopt.Recipe.preset(name)
     needs = any(stage.config.needs_calibration for stage in recipe.stages)
-
-    def apply(model):
-        report = llmopt.compress_(model, recipe, calibration=calibration if needs else None,
-                                  calibration_dtype=torch.bfloat16 if needs else None)
-        model.to(torch.bfloat16)
-        kernels = sorted({m.kernel.name for m in model.modules() if hasattr(m, "kernel")})
-        return {"compute_dtype": "bfloat16", "layers_quantized": len(report.replaced),
-                "layers_total": len(report.replaced) + len(report.skipped), "kernels": kernels,
-                "notes": report.notes}
-    return apply
+    return lambda model: _compress_row(model, recipe, calibration, needs)
 
 
 def _peer(peer) -> Callable:
